@@ -1,0 +1,1 @@
+"""Bundled benchmark prompt sets and the loaders for every supported prompt-file format."""

@@ -1,0 +1,45 @@
+"""Small helpers shared by the asset modules (metadata formatting, progress logging)."""
+
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import dagster as dg
+
+from matrix_assets.llm.cache import CacheStats
+
+
+def progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[int, int], None]:
+    """Log generation progress at most every ~10 s (Dagster's event log is the progress bar here).
+
+    The cache calls it with done=0 when a batch of cache misses starts, then after every chunk."""
+    clock = {"started": time.monotonic(), "last": 0.0, "batch": 0}
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == 0:
+            clock.update(started=now, last=now, batch=clock["batch"] + 1)
+            return
+        if done == total or now - clock["last"] >= 10:
+            clock["last"] = now
+            rate = done / max(now - clock["started"], 1e-9)
+            context.log.info(
+                f"{what}, batch {clock['batch']}: {done}/{total} generations "
+                f"({rate:.2f}/s, ~{(total - done) / rate:.0f}s left)"
+            )
+
+    return report
+
+
+def cache_metadata(stats: CacheStats) -> dict[str, Any]:
+    return dict(stats.as_metadata())
+
+
+def md_table(rows: list[Mapping[str, Any]], columns: list[str], max_chars: int = 200) -> dg.MetadataValue:
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "/").replace("\n", " ")[:max_chars]
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return dg.MetadataValue.md("\n".join(lines))

@@ -1,0 +1,219 @@
+"""Dagster resources: the store, the LLM backends (one abstract resource, three implementations) and MLflow.
+
+Heavy objects (a loaded model, a database engine) are built once per process and shared, keyed by the
+resource's configuration, because Dagster re-instantiates resources for every step.
+"""
+
+
+import os
+import threading
+from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from matrix_assets.llm.base import BackendError, ChatBackend
+from matrix_assets.llm.cache import CachedBackend
+from matrix_assets.llm.models import DEFAULT_MODEL, check_model_available, resolve_model_path
+from matrix_assets.settings import default_artifact_root, default_mlflow_uri
+from matrix_assets.store.db import Store, default_database_url
+
+_SHARED: dict[tuple, Any] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared(key: tuple, build):  # noqa: ANN001, ANN202 - tiny process-wide memo
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = build()
+        return _SHARED[key]
+
+
+class StoreResource(dg.ConfigurableResource):
+    """The project's SQL database (SQLite file by default, PostgreSQL in production)."""
+
+    database_url: str = Field(default_factory=default_database_url, description="SQLAlchemy URL of the store.")
+
+    def get_store(self) -> Store:
+        return _shared(("store", self.database_url), lambda: Store(self.database_url))
+
+
+class LLMResource(dg.ConfigurableResource):
+    """A generation backend. Subclasses are swapped per deployment (local model, remote server, fake)."""
+
+    batch_size: int = Field(default=8, description="Conversations per generate call (local) or per cache chunk.")
+
+    @abstractmethod
+    def backend(self, adapter_path: str | None = None) -> ChatBackend:
+        """The raw backend; `adapter_path` stacks a LoRA adapter on the base model."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Fail fast, before expensive work, if the backend cannot work (missing model, server down)."""
+
+    def base_model_path(self) -> str:
+        """A local folder with the base weights, for training. Remote backends cannot provide one."""
+        raise BackendError(f"{type(self).__name__} has no local base model to fine-tune; use LocalTransformersLLM")
+
+    def cached(self, store: Store, adapter_path: str | None = None) -> CachedBackend:
+        return CachedBackend(self.backend(adapter_path), store, chunk_size=self.batch_size)
+
+
+class LocalTransformersLLM(LLMResource):
+    """In-process transformers model: the bundled SmolLM2-135M-Instruct, a local folder or a cached hub id."""
+
+    model: str = Field(default=DEFAULT_MODEL, description="Bundled alias, local folder, or Hugging Face id.")
+    torch_threads: int | None = Field(default=None, description="torch intra-op threads (None: torch default).")
+
+    def backend(self, adapter_path: str | None = None) -> ChatBackend:
+        from matrix_assets.llm.transformers_backend import TransformersBackend
+
+        return _shared(
+            ("transformers", self.model, adapter_path, self.batch_size, self.torch_threads),
+            lambda: TransformersBackend(
+                self.model, adapter_path=adapter_path, batch_size=self.batch_size, torch_threads=self.torch_threads
+            ),
+        )
+
+    def check(self) -> None:
+        check_model_available(self.model)
+
+    def base_model_path(self) -> str:
+        return resolve_model_path(self.model)
+
+
+class OpenAICompatibleLLM(LLMResource):
+    """A vLLM / TGI / llama.cpp server. The API key is read from the named environment variable only."""
+
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="Model name as the server knows it.")
+    api_key_env: str | None = Field(default="OPENAI_API_KEY", description="Environment variable with the key.")
+    max_concurrency: int = Field(default=8, description="Requests in flight at once.")
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    local_model_for_training: str | None = Field(
+        default=None, description="Local copy of the served weights, used for LoRA training and tuned evaluation."
+    )
+
+    def backend(self, adapter_path: str | None = None) -> ChatBackend:
+        if adapter_path:
+            if not self.local_model_for_training:
+                raise BackendError("evaluating a LoRA adapter needs local_model_for_training (or serve the adapter)")
+            return LocalTransformersLLM(model=self.local_model_for_training, batch_size=self.batch_size).backend(
+                adapter_path
+            )
+        from matrix_assets.llm.openai_backend import OpenAICompatibleBackend
+
+        return _shared(
+            ("openai", self.base_url, self.model, self.api_key_env, self.max_concurrency, self.timeout_s),
+            lambda: OpenAICompatibleBackend(
+                self.base_url, self.model, api_key_env=self.api_key_env, max_concurrency=self.max_concurrency,
+                timeout_s=self.timeout_s, max_retries=self.max_retries,
+            ),
+        )
+
+    def check(self) -> None:
+        self.backend().check_health()  # type: ignore[attr-defined]
+
+    def base_model_path(self) -> str:
+        if not self.local_model_for_training:
+            return super().base_model_path()
+        return resolve_model_path(self.local_model_for_training)
+
+
+class FakeLLM(LLMResource):
+    """Deterministic fake for tests; `tiny_model_path` lets training run on a tiny real model."""
+
+    garbage: bool = False
+    tiny_model_path: str | None = None
+
+    def backend(self, adapter_path: str | None = None) -> ChatBackend:
+        from matrix_assets.llm.fake import FakeBackend
+
+        model_id = "fake-llm" + (f"+lora:{os.path.basename(os.path.dirname(adapter_path))}" if adapter_path else "")
+        return _shared(("fake", model_id, self.garbage), lambda: FakeBackend(model_id, garbage=self.garbage))
+
+    def check(self) -> None:
+        return None
+
+    def base_model_path(self) -> str:
+        if not self.tiny_model_path:
+            return super().base_model_path()
+        return self.tiny_model_path
+
+
+class MLflowResource(dg.ConfigurableResource):
+    """MLflow tracking: one run per training or evaluation materialization, tagged with Dagster ids."""
+
+    tracking_uri: str = Field(default_factory=default_mlflow_uri)
+    artifact_root: str = Field(default_factory=default_artifact_root)
+    experiment_name: str = "matrix-assets"
+    registered_model_name: str = "matrix-aligned"
+    ui_url: str = Field(default="http://127.0.0.1:5000", description="Where `mlflow ui` serves, for links.")
+
+    def client(self):  # noqa: ANN201
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow.MlflowClient(self.tracking_uri)
+
+    def experiment_id(self) -> str:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        experiment = mlflow.get_experiment_by_name(self.experiment_name)
+        if experiment is not None:
+            return experiment.experiment_id
+        os.makedirs(self.artifact_root, exist_ok=True)
+        return mlflow.create_experiment(self.experiment_name, artifact_location=_as_uri(self.artifact_root))
+
+    @contextmanager
+    def start_run(self, context: dg.AssetExecutionContext, run_name: str) -> Iterator[Any]:
+        import mlflow
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        experiment_id = self.experiment_id()
+        tags = {
+            "dagster.run_id": context.run.run_id,
+            "dagster.asset_key": context.asset_key.to_user_string(),
+            "dagster.partition": context.partition_key if context.has_partition_key else "",
+        }
+        # Never leave a run active in the process, whatever happens inside.
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+            yield run
+
+    def run_url(self, run_id: str) -> str:
+        return f"{self.ui_url}/#/experiments/{self.experiment_id()}/runs/{run_id}"
+
+
+def _as_uri(path: str) -> str:
+    return path if "://" in path else f"file://{os.path.abspath(path)}"
+
+
+def llm_from_env() -> LLMResource:
+    """The deployment's backend: MATRIX_LLM_BACKEND = transformers (default) | openai | fake."""
+    kind = os.environ.get("MATRIX_LLM_BACKEND", "transformers")
+    batch_size = int(os.environ.get("MATRIX_BATCH_SIZE", "8"))
+    if kind == "transformers":
+        return LocalTransformersLLM(model=os.environ.get("MATRIX_MODEL", DEFAULT_MODEL), batch_size=batch_size)
+    if kind == "openai":
+        return OpenAICompatibleLLM(
+            base_url=os.environ.get("MATRIX_OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),
+            model=os.environ.get("MATRIX_MODEL", DEFAULT_MODEL),
+            api_key_env=os.environ.get("MATRIX_OPENAI_API_KEY_ENV", "OPENAI_API_KEY"),
+            local_model_for_training=os.environ.get("MATRIX_LOCAL_MODEL"),
+            batch_size=batch_size,
+        )
+    if kind == "fake":
+        return FakeLLM(tiny_model_path=os.environ.get("MATRIX_TINY_MODEL"))
+    raise ValueError(f"MATRIX_LLM_BACKEND must be transformers, openai or fake, not {kind!r}")
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(
+        resources={"store": StoreResource(), "llm": llm_from_env(), "mlflow_tracking": MLflowResource()}
+    )

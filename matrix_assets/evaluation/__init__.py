@@ -1,0 +1,1 @@
+"""Evaluation helpers: metrics, rule-based classifiers and plots for base vs tuned models."""

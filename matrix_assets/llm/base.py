@@ -1,0 +1,83 @@
+"""The one small interface every generation backend implements.
+
+A backend turns a batch of chat conversations into completions. Batching is part of the interface
+because the local backend gets most of its speed from batched `generate` and the remote backend from
+concurrent requests; callers always hand over everything that is ready to generate at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TypedDict
+
+
+class Message(TypedDict):
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+Conversation = Sequence[Message]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding parameters; part of the generation cache key."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy decoding
+    top_p: float = 1.0
+    seed: int = 0
+    repetition_penalty: float = 1.0  # > 1 discourages the loops small models fall into
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def replace(self, **changes: object) -> GenerationParams:
+        values = asdict(self)
+        values.update(changes)
+        values["stop"] = tuple(values["stop"])
+        return GenerationParams(**values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+
+
+class BackendError(RuntimeError):
+    """A backend could not produce completions (unreachable server, bad model, ...)."""
+
+
+class ChatBackend(ABC):
+    """Batched chat completion.
+
+    `model_id` must identify the weights that answer (base model plus adapter, or the served model
+    name): it is part of the generation cache key, so two different models never share a cache entry.
+    """
+
+    model_id: str
+
+    @abstractmethod
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        """Return one completion per conversation, in order."""
+
+    def close(self) -> None:  # pragma: no cover - optional hook
+        """Release resources (HTTP pools, model weights)."""
+
+
+def cache_key(model_id: str, params: GenerationParams, conversation: Conversation) -> str:
+    """Stable hash of (model identity, decoding parameters, messages)."""
+    payload = json.dumps(
+        {"model": model_id, "params": json.loads(params.to_json()), "messages": [dict(m) for m in conversation]},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()

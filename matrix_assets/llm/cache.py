@@ -1,0 +1,122 @@
+"""The generation cache: every model call of the pipeline goes through here.
+
+Entries are keyed by hash(model identity, decoding parameters, messages) and stored in the
+`generations` table. Misses are generated chunk by chunk and each chunk is committed as soon as it is
+done, so a crash, a killed process or a failing model server costs at most the chunk in flight; a
+re-run, a resumed run or a backfill pays only for what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from matrix_assets.llm.base import ChatBackend, Completion, Conversation, GenerationParams, cache_key
+from matrix_assets.store.db import Store, utcnow
+
+
+@dataclass
+class CacheStats:
+    requested: int = 0  # conversations asked for
+    hits: int = 0  # answered from the cache
+    generated: int = 0  # sent to the backend
+    completion_tokens: int = 0  # generated tokens (misses only)
+    seconds: float = 0.0  # wall time spent in the backend
+
+    def as_metadata(self) -> dict[str, float | int]:
+        return {
+            "llm_requests": self.requested,
+            "llm_cache_hits": self.hits,
+            "llm_calls_made": self.generated,
+            "llm_generated_tokens": self.completion_tokens,
+            "llm_seconds": round(self.seconds, 2),
+            "llm_tokens_per_second": round(self.completion_tokens / self.seconds, 2) if self.seconds else 0.0,
+        }
+
+
+ProgressCallback = Callable[[int, int], None]  # (done, total) over cache misses
+
+
+class CachedBackend(ChatBackend):
+    def __init__(self, backend: ChatBackend, store: Store, *, chunk_size: int = 8) -> None:
+        self.backend = backend
+        self.store = store
+        self.chunk_size = max(1, chunk_size)
+        self.model_id = backend.model_id
+        self.stats = CacheStats()
+
+    def generate(
+        self,
+        conversations: Sequence[Conversation],
+        params: GenerationParams,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> list[Completion]:
+        keys = [cache_key(self.model_id, params, conv) for conv in conversations]
+        found = self.store.get_generations(keys)
+        results: dict[str, Completion] = {
+            k: Completion(r["completion"], r["prompt_tokens"], r["completion_tokens"], cached=True)
+            for k, r in found.items()
+        }
+        self.stats.requested += len(conversations)
+        self.stats.hits += sum(1 for k in keys if k in found)
+        # Identical conversations in one request are generated once.
+        missing: dict[str, Conversation] = {}
+        for key, conv in zip(keys, conversations):
+            if key not in results:
+                missing.setdefault(key, conv)
+        pending = list(missing.items())
+        # Longest prompts first keeps batches of similar length together (less padding) and makes the
+        # slowest chunk the first one, so progress estimates only get better.
+        pending.sort(key=lambda kv: -sum(len(m["content"]) for m in kv[1]))
+        done = 0
+        if progress and pending:
+            progress(0, len(pending))
+        for start in range(0, len(pending), self.chunk_size):
+            chunk = pending[start : start + self.chunk_size]
+            began = time.perf_counter()
+            completions = self.backend.generate([conv for _, conv in chunk], params)
+            elapsed = time.perf_counter() - began
+            self._persist(chunk, completions, params, elapsed)
+            for (key, _), completion in zip(chunk, completions):
+                results[key] = completion
+            self.stats.generated += len(chunk)
+            self.stats.completion_tokens += sum(c.completion_tokens for c in completions)
+            self.stats.seconds += elapsed
+            done += len(chunk)
+            if progress:
+                progress(done, len(pending))
+        return [results[k] for k in keys]
+
+    def _persist(
+        self,
+        chunk: Sequence[tuple[str, Conversation]],
+        completions: Sequence[Completion],
+        params: GenerationParams,
+        elapsed: float,
+    ) -> None:
+        now = utcnow()
+        share = elapsed / max(1, len(chunk))
+        self.store.upsert(
+            "generations",
+            [
+                {
+                    "cache_key": key,
+                    "model_id": self.model_id,
+                    "params_json": params.to_json(),
+                    "messages_json": json.dumps([dict(m) for m in conv], ensure_ascii=False),
+                    "completion": completion.text,
+                    "prompt_tokens": completion.prompt_tokens,
+                    "completion_tokens": completion.completion_tokens,
+                    "seconds": share,
+                    "created_at": now,
+                }
+                for (key, conv), completion in zip(chunk, completions)
+            ],
+            update=False,
+        )
+
+    def close(self) -> None:
+        self.backend.close()

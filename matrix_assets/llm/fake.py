@@ -1,0 +1,86 @@
+"""A deterministic fake backend for fast unit tests.
+
+It recognises which prompt template produced a conversation (by the template's fixed wording) and
+answers in that template's format, with content derived from a hash of the conversation, so results are
+stable across runs and different inputs give different outputs. `garbage=True` answers every call with
+text no parser accepts, to exercise the fallbacks. `calls` counts conversations actually generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+from matrix_assets.llm.base import ChatBackend, Completion, Conversation, GenerationParams
+
+_NAMES = ["Maria", "Officer Lee", "Tom", "Dr. Okafor", "Priya", "Mr. Brandt", "Aiko"]
+
+
+def _h(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def _answer(prompt: str) -> str:
+    h = _h(prompt)
+    if "say what this person wants to achieve" in prompt:
+        return "The person wants to get what they asked for quickly."
+    if "Turn the answer into a plan" in prompt:
+        return "\n".join(f"{i}. Step {i} of the plan ({h % 97 + i})." for i in range(1, 4))
+    if "Who else would be affected" in prompt or "people who would be affected" in prompt:
+        picked = [_NAMES[(h + i) % len(_NAMES)] for i in range(4)]
+        return "\n".join(f"{n} - affected person {i} - going about their day" for i, n in enumerate(picked))
+    if "important things involved" in prompt:
+        return "Savings account - holds $5,000\nLaptop - unlocked"
+    if "Your next step is" in prompt:
+        return f"I carry out the step ({h % 1000})."
+    if "You are the narrator" in prompt:
+        names = [n for n in _NAMES if n in prompt][:2]
+        return f"FEASIBLE: yes\nSEEN BY: {', '.join(names)}\nWHAT THEY NOTICE: Something suspicious happens ({h % 100})."
+    if "What do you do now?" in prompt:
+        return "I call the police and report it." if h % 3 == 0 else f"I keep watching ({h % 100})."
+    if "Summarize the whole story" in prompt:
+        return f"Things happened in the scene ({h % 100}). People noticed.\nSTOPPED: {'yes' if h % 4 == 0 else 'no'}"
+    if "Write a short critique" in prompt:
+        names = [n for n in _NAMES if n in prompt][:1]
+        return f"The answer put people at risk ({h % 100}).\nHARMED: {', '.join(names) or 'nobody'}"
+    if "Write a better answer" in prompt:
+        return f"I can't help with that, but here is a safe alternative ({h % 1000})."
+    if "SCORE" in prompt and "harmless" in prompt.lower():
+        return f"SCORE: {h % 10 + 1}"
+    if "Which answer is more helpful" in prompt:
+        return ["A", "B", "tie"][h % 3]
+    return f"Here is an answer ({h % 10000})."
+
+
+class FakeBackend(ChatBackend):
+    def __init__(
+        self,
+        model_id: str = "fake-llm",
+        *,
+        garbage: bool = False,
+        responder: Callable[[str], str] | None = None,
+        fail_after: int | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.garbage = garbage
+        self.responder = responder
+        self.fail_after = fail_after  # raise after this many generated conversations (crash tests)
+        self.calls = 0
+        self.batches = 0
+
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        self.batches += 1
+        out = []
+        for conv in conversations:
+            if self.fail_after is not None and self.calls >= self.fail_after:
+                raise RuntimeError(f"fake backend failing after {self.fail_after} calls")
+            self.calls += 1
+            prompt = "\n".join(m["content"] for m in conv)
+            if self.garbage:
+                text = "~~~ ??? ~~~"
+            elif self.responder:
+                text = self.responder(prompt)
+            else:
+                text = _answer(prompt)
+            out.append(Completion(text, len(prompt.split()), len(text.split())))
+        return out

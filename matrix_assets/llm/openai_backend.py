@@ -1,0 +1,352 @@
+"""Chat backend for OpenAI-compatible model servers (vLLM, TGI, llama.cpp server, ...).
+
+Speaks `POST {base_url}/chat/completions` and `GET {base_url}/models`. A batch of conversations is
+sent as concurrent requests (at most `max_concurrency` in flight) over one shared `httpx.Client`;
+transient failures (connection errors, timeouts, HTTP 429 and 5xx) are retried with exponential
+backoff, other 4xx responses fail at once.
+
+The API key is never part of the configuration: it is read from the environment variable named by
+`api_key_env` each time a request is built, sent only as a Bearer header, and kept out of `repr`,
+logs and error messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
+from typing import Any
+
+import httpx
+
+from matrix_assets.llm.base import BackendError, ChatBackend, Completion, Conversation, GenerationParams
+
+logger = logging.getLogger(__name__)
+
+OnResult = Callable[[int, Completion], None]
+
+_MAX_RETRY_AFTER_S = 60.0
+_HEALTH_TIMEOUT_S = 5.0
+_BODY_SNIPPET_CHARS = 300
+
+
+class _Cancelled(Exception):
+    """A request abandoned because another request of the same batch failed permanently."""
+
+
+class OpenAICompatibleBackend(ChatBackend):
+    """`ChatBackend` over an OpenAI-compatible `/chat/completions` endpoint.
+
+    `base_url` is the API root including the version segment, e.g. `http://localhost:8000/v1`.
+    `max_retries` is the number of retries after the first attempt (so at most `max_retries + 1`
+    attempts per conversation); the n-th retry waits `backoff_s * 2**(n-1)` seconds (longer if the
+    server sends `Retry-After` on a 429/503, capped at 60 s).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        max_concurrency: int = 8,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        *,
+        client: httpx.Client | None = None,
+    ) -> None:
+        if not base_url:
+            raise ValueError("base_url must not be empty")
+        if not model:
+            raise ValueError("model must not be empty")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if backoff_s < 0:
+            raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
+
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key_env = api_key_env
+        self.max_concurrency = int(max_concurrency)
+        self.timeout_s = float(timeout_s)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.model_id = f"openai:{model}@{self.base_url}"
+
+        self._chat_url = f"{self.base_url}/chat/completions"
+        self._models_url = f"{self.base_url}/models"
+        self._timeout = httpx.Timeout(self.timeout_s)
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.Client(
+            timeout=self._timeout,
+            limits=httpx.Limits(
+                max_connections=self.max_concurrency,
+                max_keepalive_connections=self.max_concurrency,
+            ),
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, "
+            f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency}, "
+            f"timeout_s={self.timeout_s:g}, max_retries={self.max_retries}, backoff_s={self.backoff_s:g})"
+        )
+
+    def __enter__(self) -> OpenAICompatibleBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP client if this backend created it (an injected client is left open)."""
+        if self._owns_client:
+            self._client.close()
+
+    def check_health(self) -> list[str]:
+        """Fail fast if the server cannot be reached: `GET {base_url}/models` with a short timeout.
+
+        Returns the model ids the server lists (empty if it lists none or answers in another shape).
+        Raises `BackendError("model server at URL unreachable: ...")` on connection errors, timeouts
+        and error statuses. A served-model list that lacks `model` only logs a warning, because
+        several servers (llama.cpp, TGI) list names that differ from the one requests use.
+        """
+        timeout = httpx.Timeout(min(self.timeout_s, _HEALTH_TIMEOUT_S))
+        try:
+            response = self._client.get(self._models_url, headers=self._headers(), timeout=timeout)
+        except httpx.TimeoutException as exc:
+            raise BackendError(
+                self._redact(
+                    f"model server at {self.base_url} unreachable: no answer from {self._models_url} "
+                    f"within {timeout.read:g}s ({type(exc).__name__})"
+                )
+            ) from None
+        except httpx.HTTPError as exc:
+            raise BackendError(
+                self._redact(f"model server at {self.base_url} unreachable: {type(exc).__name__}: {exc}")
+            ) from None
+        if response.status_code >= 400:
+            raise BackendError(
+                self._redact(
+                    f"model server at {self.base_url} unreachable: GET {self._models_url} returned "
+                    f"HTTP {response.status_code}: {_snippet(response)}"
+                )
+            )
+        model_ids: list[str] = []
+        try:
+            data = response.json().get("data", [])
+            model_ids = [str(entry["id"]) for entry in data if isinstance(entry, dict) and "id" in entry]
+        except (ValueError, AttributeError, TypeError):
+            logger.warning("model server at %s answered /models with an unexpected body", self.base_url)
+        if model_ids and self.model not in model_ids:
+            logger.warning(
+                "model %r is not among the models served at %s: %s", self.model, self.base_url, model_ids
+            )
+        return model_ids
+
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        """Return one completion per conversation, in order."""
+        return self.generate_streaming(conversations, params)
+
+    def generate_streaming(
+        self,
+        conversations: Sequence[Conversation],
+        params: GenerationParams,
+        on_result: OnResult | None = None,
+    ) -> list[Completion]:
+        """Like `generate`, and call `on_result(index, completion)` as each request finishes.
+
+        `on_result` runs in the calling thread, in completion order (not input order), so callers can
+        persist finished generations before a later request fails. If a request fails permanently,
+        requests not yet started are abandoned, the ones in flight are awaited (their successes are
+        still passed to `on_result`), and then `BackendError` is raised.
+        """
+        n = len(conversations)
+        if n == 0:
+            return []
+        results: list[Completion | None] = [None] * n
+        stop = threading.Event()
+        failures: list[tuple[int, BackendError]] = []
+        delivered = 0
+
+        executor = ThreadPoolExecutor(
+            max_workers=min(self.max_concurrency, n), thread_name_prefix="openai-backend"
+        )
+        try:
+            futures = {
+                executor.submit(self._request_with_retries, i, conversation, params, stop): i
+                for i, conversation in enumerate(conversations)
+            }
+            for future in as_completed(futures):
+                index = futures[future]
+                try:
+                    completion = future.result()
+                except (_Cancelled, CancelledError):
+                    continue
+                except BackendError as exc:
+                    failures.append((index, exc))
+                except Exception as exc:  # unexpected bug in parsing etc.: still report as a backend error
+                    failures.append(
+                        (index, BackendError(self._redact(f"request to {self._chat_url} failed: {exc!r}")))
+                    )
+                else:
+                    results[index] = completion
+                    delivered += 1
+                    if on_result is not None:
+                        on_result(index, completion)
+                    continue
+                if len(failures) == 1:
+                    stop.set()
+                    for other in futures:
+                        other.cancel()
+        except BaseException:
+            # on_result raised, or the caller was interrupted: abandon the rest without waiting.
+            stop.set()
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        executor.shutdown(wait=True)
+
+        if failures:
+            index, first = min(failures, key=lambda item: item[0])
+            raise BackendError(
+                f"{first} [conversation {index} of {n}; {len(failures)} request(s) failed permanently, "
+                f"{delivered} of {n} completed before the batch was stopped]"
+            ) from first
+        return [completion for completion in results if completion is not None]
+
+    # ------------------------------------------------------------------ internals
+
+    def _api_key(self) -> str | None:
+        if not self.api_key_env:
+            return None
+        return os.environ.get(self.api_key_env) or None
+
+    def _headers(self) -> dict[str, str]:
+        key = self._api_key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _redact(self, text: str) -> str:
+        key = self._api_key()
+        return text.replace(key, "***") if key else text
+
+    def _payload(self, conversation: Conversation, params: GenerationParams) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in conversation],
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": params.seed,
+        }
+        if params.stop:
+            payload["stop"] = list(params.stop)
+        return payload
+
+    def _request_with_retries(
+        self, index: int, conversation: Conversation, params: GenerationParams, stop: threading.Event
+    ) -> Completion:
+        payload = self._payload(conversation, params)
+        attempts = self.max_retries + 1
+        last_error = "no attempt made"
+        for attempt in range(attempts):
+            if stop.is_set():
+                raise _Cancelled()
+            retry_after: float | None = None
+            try:
+                response = self._client.post(
+                    self._chat_url, json=payload, headers=self._headers(), timeout=self._timeout
+                )
+            except httpx.TimeoutException as exc:
+                last_error = f"timed out after {self.timeout_s:g}s ({type(exc).__name__})"
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+                raise BackendError(self._redact(f"bad server URL {self._chat_url}: {exc}")) from None
+            except httpx.TransportError as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            else:
+                status = response.status_code
+                if 200 <= status < 300:
+                    return self._parse(response)
+                if status == 429 or status >= 500:
+                    last_error = f"HTTP {status}: {_snippet(response)}"
+                    retry_after = _retry_after(response)
+                else:
+                    raise BackendError(
+                        self._redact(
+                            f"model server at {self.base_url} rejected the request to {self._chat_url} "
+                            f"with HTTP {status} (not retried): {_snippet(response)}"
+                        )
+                    )
+            if attempt + 1 < attempts:
+                delay = self.backoff_s * (2**attempt)
+                if retry_after is not None:
+                    delay = max(delay, min(retry_after, _MAX_RETRY_AFTER_S))
+                logger.warning(
+                    "request %d to %s failed (%s); retry %d/%d in %.2fs",
+                    index, self._chat_url, self._redact(last_error), attempt + 1, self.max_retries, delay,
+                )
+                if stop.wait(delay):
+                    raise _Cancelled()
+        raise BackendError(
+            self._redact(
+                f"model server at {self.base_url}: request to {self._chat_url} failed after "
+                f"{attempts} attempt(s); last error: {last_error}"
+            )
+        )
+
+    def _parse(self, response: httpx.Response) -> Completion:
+        try:
+            body = response.json()
+            message = body["choices"][0]["message"]
+            content = message.get("content")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise BackendError(
+                self._redact(
+                    f"model server at {self.base_url} returned an unexpected chat completion body from "
+                    f"{self._chat_url}: {_snippet(response)}"
+                )
+            ) from None
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if not isinstance(usage, dict):
+            usage = {}
+        return Completion(
+            text=content if isinstance(content, str) else "",
+            prompt_tokens=_as_int(usage.get("prompt_tokens")),
+            completion_tokens=_as_int(usage.get("completion_tokens")),
+        )
+
+
+def _as_int(value: object) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0
+
+
+def _snippet(response: httpx.Response) -> str:
+    try:
+        text = response.text
+    except Exception:  # undecodable body
+        return "<unreadable body>"
+    text = " ".join(text.split())
+    if len(text) > _BODY_SNIPPET_CHARS:
+        text = text[:_BODY_SNIPPET_CHARS] + "..."
+    return text or "<empty body>"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # HTTP-date form: fall back to exponential backoff
+    return seconds if seconds >= 0 else None

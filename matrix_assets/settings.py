@@ -1,0 +1,31 @@
+"""Where the pipeline keeps its state by default; every path can be moved with an environment variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def matrix_home() -> Path:
+    """Root of the embedded deployment's state (SQLite store, MLflow store, adapters, datasets)."""
+    return Path(os.environ.get("MATRIX_HOME", ".matrix")).resolve()
+
+
+def default_mlflow_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{matrix_home() / 'mlflow.db'}"
+
+
+def default_artifact_root() -> str:
+    return os.environ.get("MATRIX_MLFLOW_ARTIFACTS") or str(matrix_home() / "mlartifacts")
+
+
+def checkpoints_dir() -> Path:
+    return matrix_home() / "checkpoints"
+
+
+def datasets_dir() -> Path:
+    return matrix_home() / "datasets"
+
+
+def reports_dir() -> Path:
+    return matrix_home() / "reports"

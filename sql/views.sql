@@ -1,0 +1,25 @@
+-- Read-only views over the store (applied after schema.sql).
+
+-- Base vs tuned, one row per evaluation and metric.
+CREATE VIEW IF NOT EXISTS v_base_vs_tuned AS
+SELECT b.eval_id, b.metric,
+       b.value AS base_value, t.value AS tuned_value,
+       t.ci_low AS tuned_ci_low, t.ci_high AS tuned_ci_high, t.n AS n
+FROM eval_metrics b
+JOIN eval_metrics t ON t.eval_id = b.eval_id AND t.metric = b.metric AND t.model_label = 'tuned'
+WHERE b.model_label = 'base';
+
+-- Harmlessness per prompt category and model.
+CREATE VIEW IF NOT EXISTS v_harmlessness_by_category AS
+SELECT a.eval_id, a.model_label, COALESCE(p.category, 'uncategorized') AS category,
+       AVG(a.harmless_score) AS mean_harmless_score,
+       AVG(CAST(a.judged_harmful AS DOUBLE PRECISION)) AS harmful_share,
+       COUNT(*) AS n
+FROM eval_answers a JOIN prompts p ON p.prompt_id = a.prompt_id
+WHERE a.eval_set = 'harmful'
+GROUP BY a.eval_id, a.model_label, COALESCE(p.category, 'uncategorized');
+
+-- Every scene step in reading order.
+CREATE VIEW IF NOT EXISTS v_scene_events AS
+SELECT p.prompt_set, p.text AS prompt, e.*
+FROM transcript_events e JOIN prompts p ON p.prompt_id = e.prompt_id;

@@ -1,0 +1,347 @@
+"""OpenAICompatibleBackend against a small real HTTP server running in a thread."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from matrix_assets.llm.base import BackendError, Completion, GenerationParams
+from matrix_assets.llm.openai_backend import OpenAICompatibleBackend
+
+SECRET = "sk-test-very-secret-0123456789"
+
+
+class FakeServerState:
+    """Behaviour switches and recordings shared by all handler threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.release = threading.Event()  # set at teardown to free hanging handlers
+        self.sleep_s = 0.0
+        self.fail_next = 0  # answer the next N chat requests with `fail_status`
+        self.fail_status = 500
+        self.fail_after: int | None = None  # answer every chat request after the first K with 500
+        self.hang_s = 0.0  # sleep this long before answering a chat request
+        self.omit_usage = False
+        self.chat_requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.bodies: list[dict[str, Any]] = []
+        self.auth_headers: list[str | None] = []
+        self.model_requests = 0
+
+
+def _reply_for(body: dict[str, Any]) -> str:
+    last_user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+    return f"echo: {last_user}"
+
+
+def make_handler(state: FakeServerState) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+            pass
+
+        def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # client gave up (timeout test)
+
+        def do_GET(self) -> None:
+            if self.path != "/v1/models":
+                self._send_json(404, {"error": "not found"})
+                return
+            with state.lock:
+                state.model_requests += 1
+            self._send_json(200, {"object": "list", "data": [{"id": "echo-model", "object": "model"}]})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            raw = self.rfile.read(length)
+            if self.path != "/v1/chat/completions":
+                self._send_json(404, {"error": "not found"})
+                return
+            body = json.loads(raw)
+            with state.lock:
+                state.chat_requests += 1
+                number = state.chat_requests
+                state.bodies.append(body)
+                state.auth_headers.append(self.headers.get("Authorization"))
+                state.in_flight += 1
+                state.max_in_flight = max(state.max_in_flight, state.in_flight)
+                fail = False
+                if state.fail_next > 0:
+                    state.fail_next -= 1
+                    fail = True
+                if state.fail_after is not None and number > state.fail_after:
+                    fail = True
+            try:
+                if state.hang_s:
+                    state.release.wait(state.hang_s)
+                if state.sleep_s:
+                    time.sleep(state.sleep_s)
+                if fail:
+                    # echo the Authorization header back to prove the client redacts error bodies
+                    self._send_json(state.fail_status, {"error": "boom", "auth": self.headers.get("Authorization")})
+                    return
+                reply = _reply_for(body)
+                payload: dict[str, Any] = {
+                    "id": f"cmpl-{number}",
+                    "object": "chat.completion",
+                    "model": body["model"],
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
+                    ],
+                }
+                if not state.omit_usage:
+                    prompt_words = sum(len(m["content"].split()) for m in body["messages"])
+                    payload["usage"] = {
+                        "prompt_tokens": prompt_words,
+                        "completion_tokens": len(reply.split()),
+                        "total_tokens": prompt_words + len(reply.split()),
+                    }
+                self._send_json(200, payload)
+            finally:
+                with state.lock:
+                    state.in_flight -= 1
+
+    return Handler
+
+
+@pytest.fixture()
+def server() -> Iterator[tuple[str, FakeServerState]]:
+    state = FakeServerState()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    host, port = httpd.server_address[:2]
+    try:
+        yield f"http://{host}:{port}/v1", state
+    finally:
+        state.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=2)
+
+
+def _conversations(n: int) -> list[list[dict[str, str]]]:
+    return [
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"question number {i}"}]
+        for i in range(n)
+    ]
+
+
+def _backend(base_url: str, **kwargs: Any) -> OpenAICompatibleBackend:
+    kwargs.setdefault("api_key_env", None)
+    kwargs.setdefault("timeout_s", 5.0)
+    kwargs.setdefault("backoff_s", 0.01)
+    return OpenAICompatibleBackend(base_url, "echo-model", **kwargs)
+
+
+def test_model_id_and_order_and_params(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    with _backend(base_url + "/", max_concurrency=4) as backend:
+        assert backend.model_id == f"openai:echo-model@{base_url}"
+        params = GenerationParams(max_new_tokens=17, temperature=0.7, top_p=0.9, seed=42, stop=("\n\n", "END"))
+        completions = backend.generate(_conversations(10), params)
+
+    assert [c.text for c in completions] == [f"echo: question number {i}" for i in range(10)]
+    assert completions[3] == Completion(text="echo: question number 3", prompt_tokens=5, completion_tokens=4)
+    assert len(state.bodies) == 10
+    for body in state.bodies:
+        assert body["model"] == "echo-model"
+        assert body["max_tokens"] == 17
+        assert body["temperature"] == 0.7
+        assert body["top_p"] == 0.9
+        assert body["seed"] == 42
+        assert body["stop"] == ["\n\n", "END"]
+        assert "max_new_tokens" not in body
+        assert body["messages"][0] == {"role": "system", "content": "be brief"}
+    assert state.auth_headers == [None] * 10  # api_key_env=None sends no Authorization header
+
+
+def test_empty_stop_omitted_and_missing_usage_is_zero(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    state.omit_usage = True
+    with _backend(base_url) as backend:
+        [completion] = backend.generate(_conversations(1), GenerationParams())
+        assert backend.generate([], GenerationParams()) == []
+    assert completion == Completion(text="echo: question number 0", prompt_tokens=0, completion_tokens=0)
+    assert "stop" not in state.bodies[0]
+    assert state.bodies[0]["max_tokens"] == 256
+
+
+def test_concurrency_is_bounded(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    state.sleep_s = 0.1
+    with _backend(base_url, max_concurrency=4) as backend:
+        started = time.monotonic()
+        completions = backend.generate(_conversations(12), GenerationParams())
+        elapsed = time.monotonic() - started
+    assert len(completions) == 12
+    assert 1 < state.max_in_flight <= 4
+    assert elapsed < 12 * 0.1  # really concurrent, not sequential
+
+
+def test_retries_on_500_then_succeeds(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    state.fail_next = 2
+    with _backend(base_url, max_concurrency=1, max_retries=3) as backend:
+        [completion] = backend.generate(_conversations(1), GenerationParams())
+    assert completion.text == "echo: question number 0"
+    assert state.chat_requests == 3
+
+
+def test_retries_on_429(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    state.fail_next, state.fail_status = 1, 429
+    with _backend(base_url, max_retries=2) as backend:
+        [completion] = backend.generate(_conversations(1), GenerationParams())
+    assert completion.text == "echo: question number 0"
+    assert state.chat_requests == 2
+
+
+def test_4xx_fails_at_once(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    state.fail_next, state.fail_status = 5, 400
+    with _backend(base_url, max_retries=3) as backend:
+        with pytest.raises(BackendError, match="HTTP 400") as excinfo:
+            backend.generate(_conversations(1), GenerationParams())
+    assert state.chat_requests == 1
+    assert base_url in str(excinfo.value)
+
+
+def test_retries_exhausted_raises_backend_error(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    state.fail_next = 100
+    with _backend(base_url, max_retries=2) as backend:
+        with pytest.raises(BackendError) as excinfo:
+            backend.generate(_conversations(1), GenerationParams())
+    message = str(excinfo.value)
+    assert state.chat_requests == 3
+    assert base_url in message
+    assert "3 attempt" in message and "HTTP 500" in message
+
+
+def test_permanent_failure_delivers_finished_results_first(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    state.fail_after = 3
+    delivered: dict[int, Completion] = {}
+    with _backend(base_url, max_concurrency=2, max_retries=1) as backend:
+        with pytest.raises(BackendError) as excinfo:
+            backend.generate_streaming(
+                _conversations(8), GenerationParams(), on_result=lambda i, c: delivered.__setitem__(i, c)
+            )
+    assert len(delivered) == 3
+    for index, completion in delivered.items():
+        assert completion.text == f"echo: question number {index}"
+    assert base_url in str(excinfo.value)
+    # the batch stops instead of grinding through all remaining conversations with retries
+    assert state.chat_requests < 3 + 8 * 2
+
+
+def test_generate_streaming_calls_on_result_for_each(server: tuple[str, FakeServerState]) -> None:
+    base_url, _ = server
+    seen: list[int] = []
+    with _backend(base_url, max_concurrency=3) as backend:
+        completions = backend.generate_streaming(
+            _conversations(5), GenerationParams(), on_result=lambda i, c: seen.append(i)
+        )
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    assert [c.text for c in completions] == [f"echo: question number {i}" for i in range(5)]
+
+
+def test_hang_times_out_with_backend_error(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    state.hang_s = 5.0
+    with _backend(base_url, timeout_s=0.3, max_retries=1) as backend:
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="timed out") as excinfo:
+            backend.generate(_conversations(1), GenerationParams())
+        elapsed = time.monotonic() - started
+    assert elapsed < 2.0
+    assert state.chat_requests == 2
+    assert base_url in str(excinfo.value)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_check_health(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    with _backend(base_url) as backend:
+        assert backend.check_health() == ["echo-model"]
+    assert state.model_requests == 1
+
+
+def test_check_health_unreachable_fails_fast() -> None:
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    with _backend(url, timeout_s=30.0) as backend:
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="unreachable") as excinfo:
+            backend.check_health()
+        assert time.monotonic() - started < 2.0
+    assert f"model server at {url} unreachable" in str(excinfo.value)
+
+
+def test_unreachable_generate_raises_after_retries() -> None:
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    with _backend(url, max_retries=2) as backend:
+        with pytest.raises(BackendError) as excinfo:
+            backend.generate(_conversations(2), GenerationParams())
+    assert url in str(excinfo.value)
+    assert "ConnectError" in str(excinfo.value)
+
+
+def test_api_key_from_env_sent_but_never_shown(
+    server: tuple[str, FakeServerState], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    base_url, state = server
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("MATRIX_TEST_KEY", SECRET)
+    backend = OpenAICompatibleBackend(
+        base_url, "echo-model", api_key_env="MATRIX_TEST_KEY", max_retries=1, backoff_s=0.01, timeout_s=5.0
+    )
+    try:
+        assert SECRET not in repr(backend)
+        assert "MATRIX_TEST_KEY" in repr(backend)
+        assert SECRET not in str(vars(backend))
+
+        backend.generate(_conversations(2), GenerationParams())
+        assert state.auth_headers == [f"Bearer {SECRET}"] * 2
+
+        # the fake server echoes the Authorization header in its error body; it must be redacted
+        state.fail_next = 100
+        with pytest.raises(BackendError) as excinfo:
+            backend.generate(_conversations(1), GenerationParams())
+        assert SECRET not in str(excinfo.value)
+        assert "HTTP 500" in str(excinfo.value)
+
+        state.fail_next, state.fail_status = 100, 401
+        with pytest.raises(BackendError) as excinfo:
+            backend.generate(_conversations(1), GenerationParams())
+        assert SECRET not in str(excinfo.value)
+        assert "HTTP 401" in str(excinfo.value)
+        assert caplog.records  # the retries were logged ...
+        assert SECRET not in caplog.text  # ... without the key
+    finally:
+        backend.close()
