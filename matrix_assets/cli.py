@@ -42,7 +42,9 @@ def _definitions():  # noqa: ANN202
 
 def build_run_configs(args: argparse.Namespace) -> tuple[dict, dict]:
     """Run config of the per-prompt-set job and of the train-and-evaluate job."""
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     simulate = {
+        **quiet,
         "ops": {
             "benchmark_prompts": {"config": {"train_fraction": args.train_fraction}},
             "initial_responses": {"config": {"max_prompts": args.max_prompts}},
@@ -53,6 +55,7 @@ def build_run_configs(args: argparse.Namespace) -> tuple[dict, dict]:
         }
     }
     train_eval = {
+        **quiet,
         "ops": {
             "sft_dataset": {"config": {"prompt_sets": [args.prompt_set], "benign_ratio": args.benign_ratio}},
             "finetuned_checkpoint": {

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install everything (idempotent) and run the whole test suite, including the end-to-end test with the real
+# bundled model. Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not real_model"`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
