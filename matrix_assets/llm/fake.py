@@ -43,7 +43,7 @@ def _answer(prompt: str) -> str:
     if "Write a short critique" in prompt:
         names = [n for n in _NAMES if n in prompt][:1]
         return f"The answer put people at risk ({h % 100}).\nHARMED: {', '.join(names) or 'nobody'}"
-    if "Write a better answer" in prompt:
+    if "Reply to the request safely" in prompt:
         return f"I can't help with that, but here is a safe alternative ({h % 1000})."
     if "SCORE" in prompt and "harmless" in prompt.lower():
         return f"SCORE: {h % 10 + 1}"

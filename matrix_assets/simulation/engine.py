@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from matrix_assets.llm.base import ChatBackend, Conversation, GenerationParams
 from matrix_assets.simulation import parsing
 from matrix_assets.simulation.scene import Critique, Revision, Role, SceneEvent, SceneInput, Transcript
-from matrix_assets.simulation.templates import read_text, render, user_message
+from matrix_assets.simulation.templates import read_text, render, system_and_user, user_message
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,12 @@ class SimulationSettings:
     repetition_penalty: float = 1.15
     seed: int = 0
 
-    def params(self, max_new_tokens: int) -> GenerationParams:
+    def params(self, max_new_tokens: int, *, free_text: bool = True) -> GenerationParams:
+        """Free text (actions, reactions, critiques) gets the repetition penalty that keeps small models out of
+        loops; structured replies (lists, labelled lines) do not, because it penalises their repeated markup."""
         return GenerationParams(
             max_new_tokens=max_new_tokens, temperature=self.temperature, seed=self.seed,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=self.repetition_penalty if free_text else 1.0,
         )
 
 
@@ -65,7 +67,8 @@ def _generate(llm: ChatBackend, conversations: Sequence[Conversation], params: G
 def initial_answers(llm: ChatBackend, questions: Sequence[str], settings: SimulationSettings) -> list[str]:
     """r0: the model's direct answer, with nothing but the question in the prompt."""
     convs = [user_message("initial_response", question=q) for q in questions]
-    return _generate(llm, convs, settings.params(settings.answer_tokens))
+    # No repetition penalty: r0 (and the benign self-answers) must be the model's plain behaviour.
+    return _generate(llm, convs, settings.params(settings.answer_tokens, free_text=False))
 
 
 def default_roster() -> list[Role]:
@@ -81,7 +84,7 @@ def default_roster() -> list[Role]:
 
 
 def plan_scenes(llm: ChatBackend, scenes: list[Transcript], s: SimulationSettings) -> None:
-    targets = _generate(llm, [user_message("scene_target", question=t.question) for t in scenes], s.params(48))
+    targets = _generate(llm, [user_message("scene_target", question=t.question) for t in scenes], s.params(48, free_text=False))
     for scene, reply in zip(scenes, targets):
         target = parsing.first_sentence(reply)
         if not target:
@@ -92,7 +95,7 @@ def plan_scenes(llm: ChatBackend, scenes: list[Transcript], s: SimulationSetting
     plans = _generate(
         llm,
         [user_message("scene_plan", question=t.question, answer=t.answer, n_steps=s.plan_steps) for t in scenes],
-        s.params(s.plan_tokens),
+        s.params(s.plan_tokens, free_text=False),
     )
     for scene, reply in zip(scenes, plans):
         steps = parsing.numbered_steps(reply, s.plan_steps)
@@ -107,14 +110,15 @@ def plan_scenes(llm: ChatBackend, scenes: list[Transcript], s: SimulationSetting
     replies = _generate(
         llm,
         [user_message("scene_roles", question=t.question, steps=t.plan, n_roles=s.n_roles) for t in scenes],
-        s.params(s.plan_tokens),
+        s.params(s.plan_tokens, free_text=False),
     )
     for scene, reply in zip(scenes, replies):
         scene.roles = parsing.roles(reply, s.n_roles)
     # One bounded re-ask, with a differently shaped prompt, for scenes whose list was too short.
     short = [t for t in scenes if len(t.roles) < s.min_roles]
     retry = _generate(
-        llm, [user_message("scene_roles_retry", target=t.target, n_roles=s.n_roles) for t in short], s.params(s.plan_tokens)
+        llm, [user_message("scene_roles_retry", target=t.target, n_roles=s.n_roles) for t in short],
+        s.params(s.plan_tokens, free_text=False),
     )
     for scene, reply in zip(short, retry):
         scene.fallbacks["roles_reasked"] += 1
@@ -132,7 +136,7 @@ def plan_scenes(llm: ChatBackend, scenes: list[Transcript], s: SimulationSetting
     replies = _generate(
         llm,
         [user_message("scene_objects", steps=t.plan, n_objects=s.n_objects) for t in scenes],
-        s.params(96),
+        s.params(96, free_text=False),
     )
     for scene, reply in zip(scenes, replies):
         scene.objects = parsing.objects(reply, s.n_objects)
@@ -170,7 +174,7 @@ def _play_round(llm: ChatBackend, scenes: list[Transcript], round_no: int, s: Si
                          action=t.events[-1].action)
             for t in scenes
         ],
-        params.replace(max_new_tokens=s.action_tokens + 32),
+        s.params(s.action_tokens + 32, free_text=False),
     )
     reaction_jobs: list[tuple[Transcript, Role, str]] = []
     for scene, reply in zip(scenes, routes):
@@ -312,13 +316,21 @@ class RevisionInput:
     harmed: Sequence[str] = ()
 
 
+def _short(critique: str, harmed: Sequence[str]) -> str:
+    """The critique's first two sentences (small models drift on long context), plus who was harmed."""
+    text = " ".join(parsing.sentences(critique, 2)) or critique[:300]
+    if harmed:
+        text += f" People harmed: {', '.join(harmed)}."
+    return text
+
+
 _REVISION_PREFIX = re.compile(r"^\s*(better|revised|updated|final)?\s*answer\s*:\s*", re.IGNORECASE)
 
 
 def revise_answers(llm: ChatBackend, items: Sequence[RevisionInput], s: SimulationSettings) -> list[Revision]:
     replies = _generate(
         llm,
-        [user_message("revision", question=i.question, answer=i.answer, critique=i.critique) for i in items],
+        [system_and_user("revision", i.question, critique=_short(i.critique, i.harmed)) for i in items],
         s.params(s.revision_tokens),
     )
     result = []

@@ -31,6 +31,11 @@ def user_message(template: str, /, **variables: Any) -> list[Message]:
     return [{"role": "user", "content": render(template, **variables)}]
 
 
+def system_and_user(template: str, user_text: str, /, **variables: Any) -> list[Message]:
+    """A rendered system prompt, then the user's own words unchanged (small models follow this shape best)."""
+    return [{"role": "system", "content": render(template, **variables)}, {"role": "user", "content": user_text}]
+
+
 def template_names() -> list[str]:
     return sorted(p.stem for p in PROMPTS_DIR.glob("*.j2"))
 
