@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS transcript_events (
     kind         TEXT NOT NULL,             -- action | modulation | reaction | memory
     action       TEXT NOT NULL,
     observation  TEXT NOT NULL,             -- what the modulator routed, or ''
-    audience     TEXT NOT NULL,             -- comma-separated roles that observed it
+    audience     TEXT NOT NULL,             -- JSON list of the roles that observed it
     feasible     INTEGER,                   -- 1/0 for protagonist actions judged by the modulator
     PRIMARY KEY (prompt_id, method, model_id, seq)
 );

@@ -84,10 +84,6 @@ def test_roles_truncates_long_description() -> None:
     assert role.description == "d" * 200 and role.status == "at home"
 
 
-@pytest.mark.xfail(
-    reason="roles() takes the markdown table separator row '|---|---|---|' for a role named '---'",
-    strict=True,
-)
 def test_roles_markdown_table_separator_is_not_a_role() -> None:
     reply = "| Name | Who | Status |\n|---|---|---|\n| Maria | a neighbour | at home |"
     assert [r.name for r in parsing.roles(reply, 5)] == ["Maria"]
@@ -165,10 +161,6 @@ def test_yes_no(text: str, expected: bool | None) -> None:
     assert parsing.yes_no(text, "FEASIBLE") is expected
 
 
-@pytest.mark.xfail(
-    reason="yes_no/labelled_line miss markdown-bold labels '**FEASIBLE**: yes' that small models often write",
-    strict=True,
-)
 def test_yes_no_and_labelled_line_accept_bold_labels() -> None:
     assert parsing.yes_no("**FEASIBLE**: yes", "FEASIBLE") is True
     assert parsing.labelled_line("**SEEN BY**: Maria", "SEEN BY") == "Maria"
@@ -218,10 +210,6 @@ def test_mentioned_names_ignores_short_words() -> None:
     assert parsing.mentioned_names("the leeward side", ["Officer Lee"]) == []
 
 
-@pytest.mark.xfail(
-    reason="mentioned_names checks the full name as a bare substring: 'Tom' matches 'tomorrow', 'Sam' 'same'",
-    strict=True,
-)
 def test_mentioned_names_full_name_needs_word_boundaries() -> None:
     assert parsing.mentioned_names("See you tomorrow at the same place", ["Tom", "Sam"]) == []
     assert parsing.mentioned_names("He went back to sleep", ["Lee"]) == []

@@ -300,7 +300,7 @@ def critique_scenes(llm: ChatBackend, scenes: Sequence[Transcript], s: Simulatio
         body = parsing.without_label_lines(reply, ("HARMED",))
         harmed_line = parsing.labelled_line(reply, "HARMED")
         harmed = parsing.mentioned_names(harmed_line, names) if harmed_line else parsing.mentioned_names(body, names)
-        used_fallback = not body
+        used_fallback = not parsing.sentences(body, 1)  # empty, or no real sentence in it
         if used_fallback:
             body = f"If the person followed the answer: {scene.outcome} {scene.consequence}".strip()
         result.append(Critique(scene.prompt_id, body, harmed, used_fallback))

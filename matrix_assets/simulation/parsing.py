@@ -20,6 +20,10 @@ def clean(text: str) -> str:
     return _MARKDOWN.sub("", text).strip().strip('"').strip()
 
 
+# Words that head a line like a name but never name a person (format echoes, asides).
+_NOT_NAMES = {"name", "thing", "note", "example", "format", "here", "answer", "list", "step", "plan", "people"}
+
+
 def _is_prose(text: str) -> bool:
     """At least three real words and mostly letters: rejects '[1. [2. [3.' style garbage."""
     words = re.findall(r"[A-Za-z\u00C0-\uFFFF]{2,}", text)
@@ -74,7 +78,12 @@ def roles(text: str, max_roles: int, exclude: set[str] = frozenset()) -> list[Ro
                 continue
             parts = [paren.group(1), paren.group(2)]
         name = clean(parts[0]).rstrip(",.;")
-        if not (1 <= len(name.split()) <= 5) or name.lower() in seen or name.lower() in {"name", "thing"}:
+        if (
+            not re.search(r"[^\W\d_]", name)  # table rules such as |---|, bare numbers
+            or not (1 <= len(name.split()) <= 5)
+            or name.lower() in seen
+            or name.lower() in _NOT_NAMES
+        ):
             continue
         seen.add(name.lower())
         description = parts[1][:200]
@@ -93,14 +102,14 @@ def objects(text: str, max_objects: int) -> list[SceneObject]:
 
 
 def yes_no(text: str, label: str) -> bool | None:
-    match = re.search(rf"{label}\s*[:\-]?\s*\**\s*(yes|no)\b", text, re.IGNORECASE)
+    match = re.search(rf"{label}\**\s*[:\-]?\s*\**\s*(yes|no)\b", text, re.IGNORECASE)
     if match:
         return match.group(1).lower() == "yes"
     return None
 
 
 def labelled_line(text: str, label: str) -> str | None:
-    match = re.search(rf"{label}\s*[:\-]\s*(.+)", text, re.IGNORECASE)
+    match = re.search(rf"{label}\**\s*[:\-]\s*(.+)", text, re.IGNORECASE)
     if not match:
         return None
     value = clean(match.group(1))
@@ -113,7 +122,7 @@ def mentioned_names(text: str, names: list[str]) -> list[str]:
     hits = []
     for name in names:
         words = [w for w in re.findall(r"[\w']+", name.lower()) if len(w) > 2]
-        if name.lower() in lowered or any(re.search(rf"\b{re.escape(w)}\b", lowered) for w in words):
+        if re.search(rf"\b{re.escape(name.lower())}\b", lowered) or any(re.search(rf"\b{re.escape(w)}\b", lowered) for w in words):
             hits.append(name)
     return hits
 

@@ -38,7 +38,7 @@ def save_transcripts(store: Store, scenes: list[Transcript], *, method: str, mod
                     {
                         "prompt_id": scene.prompt_id, "method": method, "model_id": model_id, "seq": seq,
                         "round": e.round, "actor": e.actor, "kind": e.kind, "action": e.action,
-                        "observation": e.observation, "audience": ", ".join(e.audience),
+                        "observation": e.observation, "audience": json.dumps(list(e.audience), ensure_ascii=False),
                         "feasible": None if e.feasible is None else int(e.feasible),
                     }
                     for seq, e in enumerate(scene.events)
@@ -54,7 +54,7 @@ def load_transcripts(store: Store, prompt_set: str, *, method: str, model_id: st
             SceneEvent(
                 round=e["round"], actor=e["actor"], kind=e["kind"], action=e["action"],
                 observation=e["observation"],
-                audience=tuple(a.strip() for a in e["audience"].split(",") if a.strip()),
+                audience=tuple(json.loads(e["audience"])),
                 feasible=None if e["feasible"] is None else bool(e["feasible"]),
             )
             for e in store.events(row["prompt_id"], method, model_id)

@@ -1,0 +1,312 @@
+"""The SQLite store: schema, views, upserts, transcripts round trip, prompt sets and their sources."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from matrix_assets.llm.fake import FakeBackend
+from matrix_assets.simulation import SceneInput, SimulationSettings, run_scenes
+from matrix_assets.simulation.scene import Role, SceneEvent, Transcript
+from matrix_assets.store.db import SQL_DIR, Store
+from matrix_assets.store.prompt_sets import ensure_prompt_set, load_prompt_set, resolve_source
+from matrix_assets.store.scenes import load_transcripts, save_transcripts
+
+NOW = "2024-01-01T00:00:00+00:00"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path}/t.db")
+
+
+def _tables(store: Store, kind: str) -> set[str]:
+    return {r["name"] for r in store.query("SELECT name FROM sqlite_master WHERE type = :k", k=kind)}
+
+
+def _add_set(store: Store, name: str = "s") -> None:
+    store.upsert(
+        "prompt_sets",
+        [{"name": name, "source": "test", "file_sha256": "0", "role": "harmful", "n_prompts": 0, "n_train": 0,
+          "n_eval": 0, "train_fraction": 0.5, "loaded_at": NOW}],
+    )
+
+
+def _add_prompt(store: Store, prompt_id: str, text: str, position: int = 0, prompt_set: str = "s") -> None:
+    store.upsert(
+        "prompts",
+        [{"prompt_id": prompt_id, "prompt_set": prompt_set, "position": position, "text": text,
+          "category": "cat", "split": "train"}],
+    )
+
+
+# -- schema and views -------------------------------------------------------------------------------
+
+
+def test_schema_applies_twice_and_has_every_table(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/t.db"
+    first = Store(url)
+    _add_set(first)
+    second = Store(url)  # re-applies schema.sql and views.sql on an existing database
+    second.create_schema()
+    expected = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", (SQL_DIR / "schema.sql").read_text()))
+    assert len(expected) >= 14
+    assert expected <= _tables(second, "table")
+    assert {"v_base_vs_tuned", "v_harmlessness_by_category", "v_scene_events"} <= _tables(second, "view")
+    assert second.count("prompt_sets") == 1  # data survives re-application
+
+
+@pytest.mark.parametrize("view", ["v_base_vs_tuned", "v_harmlessness_by_category", "v_scene_events"])
+def test_views_are_queryable_when_empty(store: Store, view: str) -> None:
+    assert store.query(f"SELECT * FROM {view}") == []
+
+
+def test_views_compute_from_data(store: Store) -> None:
+    _add_set(store)
+    _add_prompt(store, "p1", "first", 0)
+    store.upsert("eval_metrics", [
+        {"eval_id": "e", "checkpoint_id": None, "model_label": label, "metric": "harmless", "value": value,
+         "ci_low": value - 0.1, "ci_high": value + 0.1, "n": 10, "created_at": NOW}
+        for label, value in (("base", 0.4), ("tuned", 0.8))
+    ])
+    (row,) = store.query("SELECT * FROM v_base_vs_tuned")
+    assert (row["base_value"], row["tuned_value"], row["n"]) == (0.4, 0.8, 10)
+
+    store.upsert("eval_answers", [
+        {"eval_id": "e", "model_label": "base", "checkpoint_id": None, "eval_set": "harmful", "prompt_id": "p1",
+         "answer": "a", "harmless_score": score, "judged_harmful": harmful, "rule_refusal": 0, "judge_parsed": 1}
+        for score, harmful in ((2.0, 1),)
+    ])
+    (row,) = store.query("SELECT * FROM v_harmlessness_by_category")
+    assert (row["category"], row["mean_harmless_score"], row["harmful_share"], row["n"]) == ("cat", 2.0, 1.0, 1)
+
+    store.upsert("transcript_events", [
+        {"prompt_id": "p1", "method": "matrix", "model_id": "m", "seq": 0, "round": 1, "actor": "Tom",
+         "kind": "reaction", "action": "I call the police.", "observation": "", "audience": "", "feasible": None}
+    ])
+    (row,) = store.query("SELECT * FROM v_scene_events")
+    assert (row["prompt_set"], row["prompt"], row["actor"]) == ("s", "first", "Tom")
+
+
+# -- upsert -----------------------------------------------------------------------------------------
+
+
+def test_upsert_replaces_non_key_columns(store: Store) -> None:
+    _add_set(store)
+    _add_prompt(store, "p1", "old text", 3)
+    _add_prompt(store, "p1", "new text", 4)
+    assert store.count("prompts") == 1
+    (row,) = store.prompts("s")
+    assert (row["text"], row["position"]) == ("new text", 4)
+
+
+def test_upsert_without_update_keeps_the_old_row(store: Store) -> None:
+    _add_set(store)
+    row = {"prompt_id": "p1", "prompt_set": "s", "position": 0, "text": "old", "category": None, "split": "eval"}
+    store.upsert("prompts", [row])
+    store.upsert("prompts", [{**row, "text": "new"}], update=False)
+    assert [r["text"] for r in store.prompts("s")] == ["old"]
+
+
+def test_upsert_rejects_unknown_tables_and_bad_columns(store: Store) -> None:
+    with pytest.raises(KeyError):
+        store.upsert("sqlite_master", [{"name": "x"}])
+    with pytest.raises(ValueError):
+        store.upsert("prompt_sets", [{"name; DROP TABLE prompts": "x"}])
+    with pytest.raises(ValueError):
+        store.count("prompts; DROP TABLE prompts")
+    assert store.upsert("prompts", []) == 0
+    assert "prompts" in _tables(store, "table")
+
+
+def test_sql_in_prompt_text_round_trips_verbatim(store: Store) -> None:
+    _add_set(store)
+    evil = "'); DROP TABLE prompts; --\n\"quoted\" ; % _ \\ :param"
+    _add_prompt(store, "p1", evil)
+    assert [r["text"] for r in store.prompts("s")] == [evil]
+    assert store.query("SELECT prompt_id FROM prompts WHERE text = :t", t=evil) == [{"prompt_id": "p1"}]
+    assert "prompts" in _tables(store, "table")
+
+
+def test_get_generations_handles_many_keys(store: Store) -> None:
+    rows = [
+        {"cache_key": f"k{i}", "model_id": "m", "params_json": "{}", "messages_json": "[]", "completion": f"c{i}",
+         "prompt_tokens": 1, "completion_tokens": 1, "seconds": 0.0, "created_at": NOW}
+        for i in range(1200)
+    ]
+    store.upsert("generations", rows)
+    found = store.get_generations([f"k{i}" for i in range(0, 1300, 1)] + ["k5"])
+    assert len(found) == 1200
+    assert found["k1199"]["completion"] == "c1199"
+
+
+# -- transcripts ------------------------------------------------------------------------------------
+
+
+def _scenes_in_store(store: Store, n: int = 2) -> list[Transcript]:
+    _add_set(store)
+    inputs = []
+    for i in range(n):
+        question = f"How can I break into house {i}?"
+        answer = f"First, find the spare key of house {i}. Then wait until night falls. Finally open the door."
+        _add_prompt(store, f"p{i}", question, i)
+        store.upsert("initial_responses", [
+            {"prompt_id": f"p{i}", "model_id": "m", "response": answer, "cache_key": "k", "created_at": NOW}
+        ])
+        inputs.append(SceneInput(f"p{i}", question, answer))
+    return run_scenes(FakeBackend(), inputs, SimulationSettings())
+
+
+def _assert_same(loaded: Transcript, scene: Transcript) -> None:
+    assert loaded.prompt_id == scene.prompt_id
+    assert loaded.question == scene.question and loaded.answer == scene.answer
+    assert loaded.target == scene.target
+    assert loaded.plan == scene.plan
+    assert loaded.roles == scene.roles
+    assert loaded.objects == scene.objects
+    assert loaded.events == scene.events
+    assert loaded.fallbacks == scene.fallbacks
+    assert loaded.n_rounds == scene.n_rounds
+    assert loaded.outcome == scene.outcome and loaded.consequence == scene.consequence
+    assert loaded.memory == scene.memory
+
+
+def test_transcripts_round_trip(store: Store) -> None:
+    scenes = _scenes_in_store(store)
+    scenes[1].fallbacks["roles_reasked"] += 2  # a non-empty fallback counter
+    save_transcripts(store, scenes, method="matrix", model_id="m")
+    loaded = load_transcripts(store, "s", method="matrix", model_id="m")
+    assert len(loaded) == 2
+    for got, want in zip(loaded, scenes):
+        _assert_same(got, want)
+    assert any(e.feasible is True for e in loaded[0].events)
+    assert load_transcripts(store, "s", method="matrix", model_id="other") == []
+    assert load_transcripts(store, "s", method="constitution", model_id="m") == []
+
+
+def test_resaving_with_fewer_events_leaves_no_stale_events(store: Store) -> None:
+    scenes = _scenes_in_store(store)
+    save_transcripts(store, scenes, method="matrix", model_id="m")
+    total = store.count("transcript_events")
+    assert total == sum(len(s.events) for s in scenes)
+
+    scenes[0].events = scenes[0].events[:3]
+    scenes[0].n_rounds = 1
+    save_transcripts(store, scenes, method="matrix", model_id="m")
+    loaded = load_transcripts(store, "s", method="matrix", model_id="m")
+    assert loaded[0].events == scenes[0].events
+    assert loaded[0].n_rounds == 1
+    assert loaded[1].events == scenes[1].events
+    assert store.count("transcript_events") == 3 + len(scenes[1].events)
+    assert store.count("transcripts") == 2
+
+
+def test_saving_is_per_method_and_model(store: Store) -> None:
+    scenes = _scenes_in_store(store, 1)
+    save_transcripts(store, scenes, method="matrix", model_id="m")
+    scenes[0].events = scenes[0].events[:1]
+    save_transcripts(store, scenes, method="matrix", model_id="m2")  # must not touch model m
+    (loaded,) = load_transcripts(store, "s", method="matrix", model_id="m")
+    assert len(loaded.events) > 1
+
+
+def test_audience_with_comma_in_a_name_round_trips(store: Store) -> None:
+    _add_set(store)
+    _add_prompt(store, "p0", "q")
+    store.upsert("initial_responses", [{"prompt_id": "p0", "model_id": "m", "response": "a", "cache_key": "k",
+                                        "created_at": NOW}])
+    role = Role("Jones, the landlord", "owns the flat", "at home")
+    scene = Transcript(
+        prompt_id="p0", question="q", answer="a", target="t", plan=["step"], roles=[role], n_rounds=1,
+        events=[SceneEvent(1, "modulator", "modulation", "route", "seen", (role.name,), True)],
+        outcome="o", consequence="c",
+    )
+    save_transcripts(store, [scene], method="matrix", model_id="m")
+    (loaded,) = load_transcripts(store, "s", method="matrix", model_id="m")
+    assert loaded.events[0].audience == (role.name,)
+
+
+# -- prompt sets ------------------------------------------------------------------------------------
+
+
+def test_load_bundled_prompt_set_is_deterministic(tmp_path: Path) -> None:
+    a, b = Store(f"sqlite:///{tmp_path}/a.db"), Store(f"sqlite:///{tmp_path}/b.db")
+    summary = load_prompt_set(a, "safe_rlhf", train_fraction=0.5)
+    load_prompt_set(b, "safe_rlhf", train_fraction=0.5)
+    load_prompt_set(a, "safe_rlhf", train_fraction=0.5)  # reloading upserts, never duplicates
+    rows_a, rows_b = a.prompts("safe_rlhf"), b.prompts("safe_rlhf")
+    key = [(r["prompt_id"], r["split"], r["position"], r["text"]) for r in rows_a]
+    assert key == [(r["prompt_id"], r["split"], r["position"], r["text"]) for r in rows_b]
+    assert len(rows_a) == summary["n_prompts"] == a.count("prompts")
+    assert summary["n_train"] > 0 and summary["n_eval"] > 0
+    assert summary["n_train"] + summary["n_eval"] == summary["n_prompts"]
+    assert len(a.prompts("safe_rlhf", split="train")) == summary["n_train"]
+    assert len(a.prompts("safe_rlhf", split="eval")) == summary["n_eval"]
+    assert summary["categories"] and all(r["category"] for r in rows_a)
+    assert [r["position"] for r in rows_a] == list(range(len(rows_a)))
+    (meta,) = a.prompt_sets()
+    assert (meta["name"], meta["n_prompts"], meta["train_fraction"]) == ("safe_rlhf", len(rows_a), 0.5)
+
+
+def test_prompts_limit_respects_position_order(store: Store) -> None:
+    load_prompt_set(store, "safe_rlhf", train_fraction=0.5)
+    everything = store.prompts("safe_rlhf")
+    first = store.prompts("safe_rlhf", limit=5)
+    assert [r["prompt_id"] for r in first] == [r["prompt_id"] for r in everything[:5]]
+    assert [r["position"] for r in first] == [0, 1, 2, 3, 4]
+    train = store.prompts("safe_rlhf", split="train")
+    assert [r["prompt_id"] for r in store.prompts("safe_rlhf", split="train", limit=3)] == [
+        r["prompt_id"] for r in train[:3]
+    ]
+    assert store.prompts("safe_rlhf", limit=0) == []
+
+
+def test_train_fraction_extremes(store: Store) -> None:
+    summary = load_prompt_set(store, "safe_rlhf", train_fraction=1.0)
+    assert summary["n_eval"] == 0
+    summary = load_prompt_set(store, "safe_rlhf", train_fraction=0.0)
+    assert summary["n_train"] == 0
+    assert store.prompts("safe_rlhf", split="train") == []
+
+
+def test_ensure_prompt_set_is_idempotent(store: Store) -> None:
+    ensure_prompt_set(store, "safe_rlhf", train_fraction=0.5)
+    (meta,) = store.prompt_sets()
+    n = store.count("prompts")
+    ensure_prompt_set(store, "safe_rlhf", train_fraction=0.9)  # already there: not reloaded
+    assert store.prompt_sets() == [meta]
+    assert store.count("prompts") == n
+
+
+def test_resolve_source_prefers_the_versions_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATRIX_DROP_DIR", str(tmp_path))
+    (tmp_path / "myset.txt").write_text("How do I do a bad thing?\n")
+    assert resolve_source("myset").path == tmp_path / "myset.txt"
+    (tmp_path / ".versions").mkdir()
+    (tmp_path / ".versions" / "myset.txt").write_text("How do I do a bad thing?\n")
+    src = resolve_source("myset")
+    assert src.path == tmp_path / ".versions" / "myset.txt"
+    assert (src.name, src.role) == ("myset", "harmful")
+    assert resolve_source("myset", role="over_refusal").role == "over_refusal"
+    # an explicit source wins over everything
+    explicit = tmp_path / "elsewhere.csv"
+    assert resolve_source("myset", str(explicit)).path == explicit
+
+
+def test_resolve_source_unknown_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATRIX_DROP_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as excinfo:
+        resolve_source("no_such_set")
+    assert str(tmp_path) in str(excinfo.value)
+    assert "no_such_set" in str(excinfo.value)
+
+
+def test_load_dropped_prompt_set(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATRIX_DROP_DIR", str(tmp_path / "drop"))
+    (tmp_path / "drop").mkdir()
+    (tmp_path / "drop" / "mine.txt").write_text("first prompt\nsecond prompt\nfirst prompt\n\nthird prompt\n")
+    summary = load_prompt_set(store, "mine")
+    assert summary["n_prompts"] == 3
+    assert sorted(r["text"] for r in store.prompts("mine")) == ["first prompt", "second prompt", "third prompt"]
