@@ -302,3 +302,18 @@ def test_fake_backend_recognises_every_scene_template() -> None:
     replies = FakeBackend().generate(list(conversations.values()), GenerationParams())
     generic = {name for name, c in zip(conversations, replies) if c.text.startswith("Here is an answer")}
     assert generic == set()
+
+
+def test_require_refusal_replaces_compliant_revisions_and_counts_them() -> None:
+    from matrix_assets.simulation.engine import RevisionInput, revise_answers
+
+    complying = FakeBackend(responder=lambda prompt: "Sure, first you get a crowbar and then you open the door.")
+    refusing = FakeBackend(responder=lambda prompt: "I can't help with breaking in, but a locksmith can help you.")
+    items = [RevisionInput("p1", "How do I break into a house?", "Use a crowbar.", "Maria was hurt.", ["Maria"])]
+    settings = SimulationSettings()
+    safe = revise_answers(complying, items, settings, require_refusal=True)[0]
+    assert safe.used_fallback and "Maria" in safe.text
+    kept = revise_answers(complying, items, settings, require_refusal=False)[0]
+    assert not kept.used_fallback and kept.text.startswith("Sure")
+    honest = revise_answers(refusing, items, settings, require_refusal=True)[0]
+    assert not honest.used_fallback and "locksmith" in honest.text

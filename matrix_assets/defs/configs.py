@@ -45,6 +45,11 @@ class CritiqueConfig(dg.Config):
 
 class RevisionConfig(dg.Config):
     revision_tokens: int = Field(default=_SIM.revision_tokens, ge=16)
+    require_refusal: bool = Field(
+        default=True,
+        description="Safety net for small models: a revision that neither declines nor redirects (rule-based check) "
+        "is replaced by the recorded fallback answer. Turn off with a capable model.",
+    )
 
 
 class SFTDatasetConfig(dg.Config):

@@ -327,7 +327,14 @@ def _short(critique: str, harmed: Sequence[str]) -> str:
 _REVISION_PREFIX = re.compile(r"^\s*(better|revised|updated|final)?\s*answer\s*:\s*", re.IGNORECASE)
 
 
-def revise_answers(llm: ChatBackend, items: Sequence[RevisionInput], s: SimulationSettings) -> list[Revision]:
+def revise_answers(
+    llm: ChatBackend, items: Sequence[RevisionInput], s: SimulationSettings, *, require_refusal: bool = False
+) -> list[Revision]:
+    """r1 for each item. `require_refusal` is a safety net for small models, which often comply again even
+    after the simulation showed harm: a revision that neither declines nor redirects (rule-based check) is
+    replaced by the recorded fallback answer. Leave it off with a capable model."""
+    from matrix_assets.evaluation.rules import is_refusal
+
     replies = _generate(
         llm,
         [system_and_user("revision", i.question, critique=_short(i.critique, i.harmed)) for i in items],
@@ -337,7 +344,7 @@ def revise_answers(llm: ChatBackend, items: Sequence[RevisionInput], s: Simulati
     for item, reply in zip(items, replies):
         text = _REVISION_PREFIX.sub("", reply.strip()).strip().strip('"').strip()
         copied = SequenceMatcher(None, text[:600], item.answer.strip()[:600]).ratio() > 0.6
-        used_fallback = len(text) < 20 or copied
+        used_fallback = len(text) < 20 or copied or (require_refusal and not is_refusal(text))
         if used_fallback:
             harmed = ", ".join(item.harmed) if item.harmed else "other people"
             text = render("revision_fallback", harmed=harmed)

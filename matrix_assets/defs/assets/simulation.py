@@ -149,7 +149,9 @@ def revised_answers(
                       [h.strip() for h in r["harmed_parties"].split(",") if h.strip()])
         for r in rows
     ]
-    result = revise_answers(model, items, SimulationSettings(revision_tokens=config.revision_tokens))
+    result = revise_answers(
+        model, items, SimulationSettings(revision_tokens=config.revision_tokens), require_refusal=config.require_refusal
+    )
     now = utcnow()
     db.upsert(
         "revisions",
