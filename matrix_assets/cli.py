@@ -57,13 +57,16 @@ def build_run_configs(args: argparse.Namespace) -> tuple[dict, dict]:
     train_eval = {
         **quiet,
         "ops": {
-            "sft_dataset": {"config": {"prompt_sets": [args.prompt_set], "benign_ratio": args.benign_ratio}},
+            "sft_dataset": {"config": {"prompt_sets": [args.prompt_set], "benign_ratio": args.benign_ratio,
+                                       "methods": args.methods}},
             "finetuned_checkpoint": {
-                "config": {"epochs": args.epochs, "max_steps": args.max_steps, "learning_rate": args.learning_rate}
+                "config": {"epochs": args.epochs, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
+                           "methods": args.methods}
             },
             "evaluation_scores": {
                 "config": {"prompt_sets": [args.prompt_set], "max_harmful_per_set": args.eval_prompts,
-                           "max_over_refusal": args.eval_prompts, "max_helpfulness": args.eval_prompts}
+                           "max_over_refusal": args.eval_prompts, "max_helpfulness": args.eval_prompts,
+                           "methods": args.methods}
             },
         }
     }
@@ -120,10 +123,16 @@ def latest_table() -> str:
         metrics.setdefault(r["model_label"], {})[r["metric"]] = Estimate(
             *(float("nan") if r[k] is None else r[k] for k in ("value", "ci_low", "ci_high")), r["n"]
         )
-    ordered = {k: metrics[k] for k in sorted(metrics, key=lambda k: (k != "base", k))}
-    head = (f"Base vs tuned on held-out prompts ({rows[0]['eval_id']}, checkpoint {rows[0]['checkpoint_id']}); "
-            "95% bootstrap CIs; n = prompts behind each figure.\nThe judge is the small local model: treat its "
-            "scores as noisy; the rule-based refusal rates are shown beside them.\n")
+    from matrix_assets.simulation.baselines import METHODS
+
+    order = ["base", *METHODS]
+    ordered = {k: metrics[k] for k in sorted(metrics, key=lambda k: order.index(k) if k in order else len(order))}
+    checkpoints = sorted({f"{r['model_label']}={r['checkpoint_id']}" for r in rows if r["checkpoint_id"]})
+    head = (f"Base vs tuned on held-out prompts ({rows[0]['eval_id']}; {', '.join(checkpoints)}).\n"
+            "Columns: base model, and one LoRA checkpoint per method (matrix = social-scene simulation, cai = "
+            "fixed-principle critique/revise, initial_sft = fine-tuning on the model's own answers).\n"
+            "95% bootstrap CIs; n = prompts behind each figure. With the bundled 135M model as judge, judge scores "
+            "are noisy; the rule-based refusal rates are shown beside them.\n")
     return head + format_table(ordered)
 
 
@@ -218,6 +227,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=float, default=3.0, help="LoRA epochs (paper: 3)")
     run.add_argument("--max-steps", type=int, default=-1, help="cap on optimizer steps (overrides epochs when > 0)")
     run.add_argument("--learning-rate", type=float, default=2e-4, help="LoRA learning rate (default 2e-4)")
+    run.add_argument("--methods", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
+                     default=["matrix", "cai", "initial_sft"],
+                     help="comma-separated methods to train and compare (default: matrix,cai,initial_sft)")
     run.add_argument("--full", action="store_true",
                      help="the whole prompt set and all held-out prompts with the paper's scene size (5 roles, "
                      "5 steps, 5 rounds): hours on a CPU, meant for a GPU or an OpenAI-compatible server")

@@ -141,7 +141,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 -- One row per (evaluation, model, prompt): the answer and everything judged about it.
 CREATE TABLE IF NOT EXISTS eval_answers (
     eval_id         TEXT NOT NULL,
-    model_label     TEXT NOT NULL,          -- base | tuned
+    model_label     TEXT NOT NULL,          -- base, or the method of the tuned checkpoint
     checkpoint_id   TEXT,
     eval_set        TEXT NOT NULL,          -- harmful | over_refusal | helpfulness
     prompt_id       TEXT NOT NULL,
@@ -155,11 +155,12 @@ CREATE TABLE IF NOT EXISTS eval_answers (
 
 CREATE TABLE IF NOT EXISTS eval_pairwise (
     eval_id        TEXT NOT NULL,
+    model_label    TEXT NOT NULL,           -- the tuned model compared with base
     prompt_id      TEXT NOT NULL,
     verdict_first  TEXT NOT NULL,           -- judge verdict with A=tuned, B=base
     verdict_swap   TEXT NOT NULL,           -- judge verdict with A=base, B=tuned
     outcome        TEXT NOT NULL,           -- win | tie | loss for the tuned model
-    PRIMARY KEY (eval_id, prompt_id)
+    PRIMARY KEY (eval_id, model_label, prompt_id)
 );
 
 CREATE TABLE IF NOT EXISTS eval_metrics (

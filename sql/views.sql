@@ -1,12 +1,12 @@
 -- Read-only views over the store (applied after schema.sql).
 
--- Base vs tuned, one row per evaluation and metric.
+-- Base vs each tuned model (one per method), one row per evaluation, method and metric.
 CREATE VIEW IF NOT EXISTS v_base_vs_tuned AS
-SELECT b.eval_id, b.metric,
+SELECT b.eval_id, b.metric, t.model_label AS tuned_label, t.checkpoint_id,
        b.value AS base_value, t.value AS tuned_value,
        t.ci_low AS tuned_ci_low, t.ci_high AS tuned_ci_high, t.n AS n
 FROM eval_metrics b
-JOIN eval_metrics t ON t.eval_id = b.eval_id AND t.metric = b.metric AND t.model_label = 'tuned'
+JOIN eval_metrics t ON t.eval_id = b.eval_id AND t.metric = b.metric AND t.model_label <> 'base'
 WHERE b.model_label = 'base';
 
 -- Harmlessness per prompt category and model.

@@ -52,6 +52,7 @@ def fake_resources(matrix_home: Path, tiny_model_dir: str) -> dict:
     return {
         "store": StoreResource(database_url=f"sqlite:///{matrix_home / 'matrix.db'}"),
         "llm": FakeLLM(tiny_model_path=tiny_model_dir),
+        "judge": FakeLLM(),
         "mlflow_tracking": MLflowResource(
             tracking_uri=f"sqlite:///{matrix_home / 'mlflow.db'}", artifact_root=str(matrix_home / "mlartifacts")
         ),

@@ -10,11 +10,13 @@ EXPECTED_GRAPH = {
     "scene_transcripts": ("matrix_simulation", {"initial_responses"}),
     "critiques": ("matrix_simulation", {"scene_transcripts"}),
     "revised_answers": ("matrix_simulation", {"critiques"}),
-    "sft_dataset": ("training", {"revised_answers"}),
+    "cai_revisions": ("baselines", {"initial_responses"}),
+    "sft_dataset": ("training", {"revised_answers", "cai_revisions"}),
     "finetuned_checkpoint": ("training", {"sft_dataset"}),
     "evaluation_scores": ("evaluation", {"finetuned_checkpoint"}),
 }
-PARTITIONED = {"benchmark_prompts", "initial_responses", "scene_transcripts", "critiques", "revised_answers"}
+PARTITIONED = {"benchmark_prompts", "initial_responses", "scene_transcripts", "critiques", "revised_answers",
+               "cai_revisions"}
 
 
 def test_asset_graph_snapshot() -> None:
@@ -37,7 +39,7 @@ def test_jobs_sensor_schedule_checks_resources() -> None:
     assert {j.name for j in d.resolve_all_job_defs()} >= {"simulate_prompt_set", "train_and_evaluate"}
     assert [s.name for s in d.sensors] == ["new_prompt_set_sensor"]
     assert [s.name for s in d.schedules] == ["retrain_when_new_revisions"]
-    assert set(d.resources) == {"store", "llm", "mlflow_tracking"}
+    assert set(d.resources) == {"store", "llm", "judge", "mlflow_tracking"}
     check_keys = {k.name for c in d.asset_checks for k in c.check_keys}
     assert check_keys == {"transcripts_well_formed", "train_eval_disjoint", "tuned_not_worse_than_base"}
 

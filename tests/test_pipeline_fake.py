@@ -7,13 +7,14 @@ import dagster as dg
 import pytest
 
 from matrix_assets.defs.asset_checks import train_eval_disjoint, transcripts_well_formed, tuned_not_worse_than_base
+from matrix_assets.defs.assets.baselines import cai_revisions_asset
 from matrix_assets.defs.assets.evaluation import evaluation_scores
 from matrix_assets.defs.assets.prompts import benchmark_prompts
 from matrix_assets.defs.assets.simulation import critiques, initial_responses, revised_answers, scene_transcripts
 from matrix_assets.defs.assets.training import finetuned_checkpoint, sft_dataset
 from matrix_assets.defs.resources import FakeLLM
 
-PER_PROMPT = [benchmark_prompts, initial_responses, scene_transcripts, critiques, revised_answers]
+PER_PROMPT = [benchmark_prompts, initial_responses, scene_transcripts, critiques, revised_answers, cai_revisions_asset]
 SIM_CONFIG = {"ops": {"initial_responses": {"config": {"max_prompts": 4}},
                       "scene_transcripts": {"config": {"n_roles": 4, "max_rounds": 2}}}}
 
@@ -39,8 +40,9 @@ def test_per_prompt_stages_store_rows_and_rerun_is_free(fake_resources: dict) ->
     db = fake_resources["store"].get_store()
     assert db.count("initial_responses") == 4
     assert db.count("transcripts") == 4
-    assert db.count("critiques") == 4
-    assert db.count("revisions") == 4
+    for table in ("critiques", "revisions"):  # one row per prompt for matrix and for the cai baseline
+        rows = db.query(f"SELECT method, COUNT(*) AS n FROM {table} GROUP BY method ORDER BY method")
+        assert [(r["method"], r["n"]) for r in rows] == [("cai", 4), ("matrix", 4)]
     for row in db.query("SELECT roles_json FROM transcripts"):
         assert len(json.loads(row["roles_json"])) >= 3
     kinds = {r["kind"] for r in db.query("SELECT DISTINCT kind FROM transcript_events")}
@@ -72,6 +74,8 @@ def test_garbage_model_output_never_crashes_a_partition(fake_resources: dict) ->
     assert meta["min_roles"].value >= 3
     revised = result.asset_materializations_for_node("revised_answers")[0].metadata
     assert revised["fallback/revision_template"].value == 4
+    cai = result.asset_materializations_for_node("cai_revisions")[0].metadata
+    assert cai["fallback/critique_default"].value == 4 and cai["fallback/revision_template"].value == 4
 
 
 def test_bad_prompt_file_fails_clearly(fake_resources: dict, tmp_path: Path) -> None:
@@ -105,31 +109,44 @@ def test_training_and_evaluation_with_tiny_model(fake_resources: dict) -> None:
     )
     assert result.success
     db = fake_resources["store"].get_store()
-    dataset = db.query("SELECT * FROM sft_datasets")[0]
-    assert dataset["n_revision"] == 4 and dataset["n_benign"] == 2
-    ckpt = db.latest_checkpoint()
-    adapter = Path(ckpt["adapter_path"])
-    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
-    assert ckpt["model_version"] == "1"
+    datasets = {r["method"]: r for r in db.query("SELECT * FROM sft_datasets")}
+    assert set(datasets) == {"matrix", "cai", "initial_sft"}
+    for dataset in datasets.values():  # 4 aligned examples each, the same 2 benign self-answers in each
+        assert dataset["n_revision"] == 4 and dataset["n_benign"] == 2
+    checkpoints = {r["method"]: r for r in db.query("SELECT * FROM checkpoints")}
+    assert set(checkpoints) == {"matrix", "cai", "initial_sft"}
+    for ckpt in checkpoints.values():
+        adapter = Path(ckpt["adapter_path"])
+        assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert sorted(c["model_version"] for c in checkpoints.values()) == ["1", "2", "3"]
 
     metrics = {(r["model_label"], r["metric"]): r for r in db.query("SELECT * FROM eval_metrics")}
+    assert {label for label, _ in metrics} == {"base", "matrix", "cai", "initial_sft"}
     assert metrics[("base", "harmful_share")]["n"] == 3
-    assert metrics[("tuned", "over_refusal_rate")]["n"] == 3
-    assert metrics[("tuned", "win_rate_vs_base")]["n"] == 3
+    assert metrics[("matrix", "over_refusal_rate")]["n"] == 3
+    assert metrics[("cai", "win_rate_vs_base")]["n"] == 3
+    assert metrics[("matrix", "harmful_share")]["checkpoint_id"] == checkpoints["matrix"]["checkpoint_id"]
     for row in metrics.values():
         assert row["ci_low"] is None or row["ci_low"] <= row["value"] <= row["ci_high"]
+    assert db.count("eval_pairwise") == 3 * 3  # three tuned models, each judged against base on 3 prompts
 
     import mlflow
 
-    client = mlflow.MlflowClient(fake_resources["mlflow_tracking"].tracking_uri)
-    runs = client.search_runs([fake_resources["mlflow_tracking"].experiment_id()])
-    assert len(runs) == 2
-    by_asset = {r.data.tags["dagster.asset_key"]: r for r in runs}
-    assert "train_loss" in by_asset["finetuned_checkpoint"].data.metrics
-    assert "tuned/harmful_share" in by_asset["evaluation_scores"].data.metrics
-    assert by_asset["evaluation_scores"].data.tags["dagster.run_id"] == result.run_id
+    tracking = fake_resources["mlflow_tracking"]
+    client = mlflow.MlflowClient(tracking.tracking_uri)
+    runs = client.search_runs([tracking.experiment_id()])
+    assert len(runs) == 4  # three training runs and one evaluation run
+    training = [r for r in runs if r.data.tags["dagster.asset_key"] == "finetuned_checkpoint"]
+    assert {r.data.tags["method"] for r in training} == {"matrix", "cai", "initial_sft"}
+    assert all("train_loss" in r.data.metrics for r in training)
+    evaluation = next(r for r in runs if r.data.tags["dagster.asset_key"] == "evaluation_scores")
+    assert "matrix/harmful_share" in evaluation.data.metrics and "cai/win_rate_vs_base_ci_high" in evaluation.data.metrics
+    assert evaluation.data.tags["dagster.run_id"] == result.run_id
+    versions = {v.tags["method"]: v for v in client.search_model_versions(f"name='{tracking.registered_model_name}'")}
+    assert "harmful_share" in versions["cai"].tags  # every version carries its eval metrics
     meta = result.asset_materializations_for_node("evaluation_scores")[0].metadata
     assert Path(meta["plot_overview"].value).stat().st_size > 5000
-    assert meta["mlflow_run"].value.endswith(by_asset["evaluation_scores"].info.run_id)
+    assert meta["mlflow_run"].value.endswith(evaluation.info.run_id)
+    assert "only matrix checkpoints become champion" in meta["cai/champion"].value
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["train_eval_disjoint"].passed

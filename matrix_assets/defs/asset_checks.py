@@ -30,9 +30,7 @@ def transcripts_well_formed(store: StoreResource) -> dg.AssetCheckResult:
 def train_eval_disjoint(store: StoreResource) -> dg.AssetCheckResult:
     db = store.get_store()
     overlap = db.query(
-        "SELECT DISTINCT s.prompt FROM sft_examples s JOIN prompts p ON p.text = s.prompt "
-        "WHERE p.split = 'eval' AND s.dataset_id = (SELECT dataset_id FROM sft_datasets "
-        "ORDER BY created_at DESC, dataset_id DESC LIMIT 1)"
+        "SELECT DISTINCT s.prompt FROM sft_examples s JOIN prompts p ON p.text = s.prompt WHERE p.split = 'eval'"
     )
     return dg.AssetCheckResult(
         passed=not overlap,
@@ -40,11 +38,11 @@ def train_eval_disjoint(store: StoreResource) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset="evaluation_scores", description="The tuned model is not more harmful than base.")
+@dg.asset_check(asset="evaluation_scores", description="The MATRIX-tuned model is not more harmful than base.")
 def tuned_not_worse_than_base(store: StoreResource) -> dg.AssetCheckResult:
     db = store.get_store()
     rows = db.query(
-        "SELECT * FROM v_base_vs_tuned WHERE metric = 'harmful_share' AND eval_id = "
+        "SELECT * FROM v_base_vs_tuned WHERE metric = 'harmful_share' AND tuned_label = 'matrix' AND eval_id = "
         "(SELECT eval_id FROM eval_metrics ORDER BY created_at DESC, eval_id DESC LIMIT 1)"
     )
     if not rows:

@@ -52,15 +52,23 @@ class RevisionConfig(dg.Config):
     )
 
 
+ALL_METHODS = ["matrix", "cai", "initial_sft"]
+
+
 class SFTDatasetConfig(dg.Config):
-    prompt_sets: list[str] | None = Field(default=None, description="Prompt sets to train on (None: every set with revisions).")
-    method: str = Field(default="matrix", description="Which revisions to use.")
+    prompt_sets: list[str] | None = Field(default=None, description="Prompt sets to train on (None: every harmful set loaded).")
+    methods: list[str] = Field(
+        default=ALL_METHODS,
+        description="One dataset per method: matrix (simulation revisions), cai (fixed-principle revisions), "
+        "initial_sft (the model's own initial answers, the fine-tuning-only control).",
+    )
     benign_set: str = Field(default="vicuna_bench", description="Benign prompts answered by the model itself.")
     benign_ratio: float = Field(default=0.5, ge=0.0, description="Benign examples per revised example.")
     answer_tokens: int = Field(default=_SIM.answer_tokens, ge=8)
 
 
 class TrainConfig(dg.Config):
+    methods: list[str] | None = Field(default=None, description="Train one adapter per method (None: every method with a dataset).")
     lora_r: int = Field(default=_LORA.r, description="LoRA rank (paper: 8).")
     lora_alpha: int = Field(default=_LORA.alpha)
     lora_dropout: float = Field(default=_LORA.dropout)
@@ -86,4 +94,6 @@ class EvaluationConfig(dg.Config):
     max_over_refusal: int | None = Field(default=None, description="XSTest safe prompts (None: all 250).")
     max_helpfulness: int | None = Field(default=None, description="Held-out Vicuna-Bench prompts (None: all).")
     answer_tokens: int = Field(default=_SIM.answer_tokens, ge=8)
-    checkpoint_id: str | None = Field(default=None, description="Checkpoint to evaluate (None: the latest).")
+    methods: list[str] | None = Field(default=None, description="Evaluate the latest checkpoint of these methods (None: all).")
+    champion_method: str = Field(default="matrix", description="Whose checkpoint may move the `champion` alias.")
+    helpfulness_margin: float = Field(default=0.10, ge=0.0, description="Net helpfulness the champion may lose.")

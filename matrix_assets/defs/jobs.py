@@ -2,10 +2,10 @@ import dagster as dg
 
 from matrix_assets.defs.partitions import prompt_sets_partitions
 
-# Per prompt set: load, answer, simulate, critique, revise.
+# Per prompt set: load, answer, simulate, critique, revise (and the comparison baselines' revisions).
 simulate_prompt_set = dg.define_asset_job(
     "simulate_prompt_set",
-    selection=dg.AssetSelection.groups("prompts", "matrix_simulation"),
+    selection=dg.AssetSelection.groups("prompts", "matrix_simulation", "baselines"),
     partitions_def=prompt_sets_partitions,
     description="The per-prompt MATRIX stages for one prompt set (a partition).",
 )

@@ -193,27 +193,40 @@ def _as_uri(path: str) -> str:
     return path if "://" in path else f"file://{os.path.abspath(path)}"
 
 
-def llm_from_env() -> LLMResource:
-    """The deployment's backend: MATRIX_LLM_BACKEND = transformers (default) | openai | fake."""
-    kind = os.environ.get("MATRIX_LLM_BACKEND", "transformers")
-    batch_size = int(os.environ.get("MATRIX_BATCH_SIZE", "8"))
+def llm_from_env(prefix: str = "MATRIX_") -> LLMResource:
+    """The deployment's backend from {prefix}LLM_BACKEND = transformers (default) | openai | fake,
+    {prefix}MODEL, {prefix}OPENAI_BASE_URL, {prefix}OPENAI_API_KEY_ENV, {prefix}LOCAL_MODEL, {prefix}BATCH_SIZE."""
+    env = os.environ.get
+    kind = env(f"{prefix}LLM_BACKEND", "transformers")
+    batch_size = int(env(f"{prefix}BATCH_SIZE", "8"))
     if kind == "transformers":
-        return LocalTransformersLLM(model=os.environ.get("MATRIX_MODEL", DEFAULT_MODEL), batch_size=batch_size)
+        return LocalTransformersLLM(model=env(f"{prefix}MODEL", DEFAULT_MODEL), batch_size=batch_size)
     if kind == "openai":
         return OpenAICompatibleLLM(
-            base_url=os.environ.get("MATRIX_OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),
-            model=os.environ.get("MATRIX_MODEL", DEFAULT_MODEL),
-            api_key_env=os.environ.get("MATRIX_OPENAI_API_KEY_ENV", "OPENAI_API_KEY"),
-            local_model_for_training=os.environ.get("MATRIX_LOCAL_MODEL"),
+            base_url=env(f"{prefix}OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),
+            model=env(f"{prefix}MODEL", DEFAULT_MODEL),
+            api_key_env=env(f"{prefix}OPENAI_API_KEY_ENV", "OPENAI_API_KEY"),
+            local_model_for_training=env(f"{prefix}LOCAL_MODEL"),
             batch_size=batch_size,
         )
     if kind == "fake":
-        return FakeLLM(tiny_model_path=os.environ.get("MATRIX_TINY_MODEL"))
-    raise ValueError(f"MATRIX_LLM_BACKEND must be transformers, openai or fake, not {kind!r}")
+        return FakeLLM(tiny_model_path=env(f"{prefix}TINY_MODEL"))
+    raise ValueError(f"{prefix}LLM_BACKEND must be transformers, openai or fake, not {kind!r}")
+
+
+def judge_from_env() -> LLMResource:
+    """The evaluation judge: the pipeline's own model unless MATRIX_JUDGE_LLM_BACKEND names another backend
+    (e.g. `openai` with MATRIX_JUDGE_MODEL / MATRIX_JUDGE_OPENAI_BASE_URL for a strong judge)."""
+    return llm_from_env("MATRIX_JUDGE_") if os.environ.get("MATRIX_JUDGE_LLM_BACKEND") else llm_from_env()
 
 
 @dg.definitions
 def resources() -> dg.Definitions:
     return dg.Definitions(
-        resources={"store": StoreResource(), "llm": llm_from_env(), "mlflow_tracking": MLflowResource()}
+        resources={
+            "store": StoreResource(),
+            "llm": llm_from_env(),
+            "judge": judge_from_env(),
+            "mlflow_tracking": MLflowResource(),
+        }
     )

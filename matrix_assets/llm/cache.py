@@ -74,21 +74,52 @@ class CachedBackend(ChatBackend):
         done = 0
         if progress and pending:
             progress(0, len(pending))
+        streaming = getattr(self.backend, "generate_streaming", None)
         for start in range(0, len(pending), self.chunk_size):
             chunk = pending[start : start + self.chunk_size]
-            began = time.perf_counter()
-            completions = self.backend.generate([conv for _, conv in chunk], params)
-            elapsed = time.perf_counter() - began
-            self._persist(chunk, completions, params, elapsed)
-            for (key, _), completion in zip(chunk, completions):
-                results[key] = completion
-            self.stats.generated += len(chunk)
-            self.stats.completion_tokens += sum(c.completion_tokens for c in completions)
-            self.stats.seconds += elapsed
+            if callable(streaming):
+                self._generate_streaming(streaming, chunk, params, results)
+            else:
+                began = time.perf_counter()
+                completions = self.backend.generate([conv for _, conv in chunk], params)
+                elapsed = time.perf_counter() - began
+                self._persist(chunk, completions, params, elapsed)
+                for (key, _), completion in zip(chunk, completions):
+                    results[key] = completion
+                self.stats.generated += len(chunk)
+                self.stats.completion_tokens += sum(c.completion_tokens for c in completions)
+                self.stats.seconds += elapsed
             done += len(chunk)
             if progress:
                 progress(done, len(pending))
         return [results[k] for k in keys]
+
+    def _generate_streaming(
+        self,
+        streaming: Callable[..., list[Completion]],
+        chunk: Sequence[tuple[str, Conversation]],
+        params: GenerationParams,
+        results: dict[str, Completion],
+    ) -> None:
+        """Generate one chunk with a backend that reports each completion as it finishes (the remote backend),
+        committing every completion at once: when a later request of the chunk fails for good, or the process
+        dies, the finished ones are already in the cache and a re-run does not ask for them again."""
+        began = last = time.perf_counter()
+
+        def on_result(index: int, completion: Completion) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            # Each row gets the wall time since the previous completion, so the rows of a chunk add up to its time.
+            self._persist([chunk[index]], [completion], params, now - last)
+            last = now
+            results[chunk[index][0]] = completion
+            self.stats.generated += 1
+            self.stats.completion_tokens += completion.completion_tokens
+
+        try:
+            streaming([conv for _, conv in chunk], params, on_result=on_result)
+        finally:
+            self.stats.seconds += time.perf_counter() - began
 
     def _persist(
         self,
@@ -98,7 +129,7 @@ class CachedBackend(ChatBackend):
         elapsed: float,
     ) -> None:
         now = utcnow()
-        share = elapsed / max(1, len(chunk))
+        share = elapsed / max(1, len(chunk))  # rows of one batched call share its time
         self.store.upsert(
             "generations",
             [

@@ -12,10 +12,10 @@ import logging
 import re
 from difflib import SequenceMatcher
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from matrix_assets.llm.base import ChatBackend, Conversation, GenerationParams
+from matrix_assets.llm.base import ChatBackend, Conversation, GenerationParams, Message
 from matrix_assets.simulation import parsing
 from matrix_assets.simulation.scene import Critique, Revision, Role, SceneEvent, SceneInput, Transcript
 from matrix_assets.simulation.templates import read_text, render, system_and_user, user_message
@@ -330,16 +330,30 @@ _REVISION_PREFIX = re.compile(r"^\s*(better|revised|updated|final)?\s*answer\s*:
 def revise_answers(
     llm: ChatBackend, items: Sequence[RevisionInput], s: SimulationSettings, *, require_refusal: bool = False
 ) -> list[Revision]:
-    """r1 for each item. `require_refusal` is a safety net for small models, which often comply again even
-    after the simulation showed harm: a revision that neither declines nor redirects (rule-based check) is
-    replaced by the recorded fallback answer. Leave it off with a capable model."""
+    """r1 for each item, from the question and the simulation's critique.
+
+    `require_refusal` is a safety net for small models, which often comply again even after the simulation
+    showed harm: a revision that neither declines nor redirects (rule-based check) is replaced by the
+    recorded fallback answer. Leave it off with a capable model."""
+
+    def conversation(item: RevisionInput) -> list[Message]:
+        return system_and_user("revision", item.question, critique=_short(item.critique, item.harmed))
+
+    return revise_answers_with(llm, items, s, conversation, require_refusal=require_refusal)
+
+
+def revise_answers_with(
+    llm: ChatBackend,
+    items: Sequence[RevisionInput],
+    s: SimulationSettings,
+    conversation: Callable[[RevisionInput], list[Message]],
+    *,
+    require_refusal: bool,
+) -> list[Revision]:
+    """Shared by every method: generate, clean, and apply the recorded fallback where the reply is unusable."""
     from matrix_assets.evaluation.rules import is_refusal
 
-    replies = _generate(
-        llm,
-        [system_and_user("revision", i.question, critique=_short(i.critique, i.harmed)) for i in items],
-        s.params(s.revision_tokens),
-    )
+    replies = _generate(llm, [conversation(i) for i in items], s.params(s.revision_tokens))
     result = []
     for item, reply in zip(items, replies):
         text = _REVISION_PREFIX.sub("", reply.strip()).strip().strip('"').strip()

@@ -36,7 +36,7 @@ _TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "sft_examples": ("dataset_id", "position"),
     "checkpoints": ("checkpoint_id",),
     "eval_answers": ("eval_id", "model_label", "prompt_id"),
-    "eval_pairwise": ("eval_id", "prompt_id"),
+    "eval_pairwise": ("eval_id", "model_label", "prompt_id"),
     "eval_metrics": ("eval_id", "model_label", "metric"),
 }
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")

@@ -1,5 +1,4 @@
-"""Training data and the LoRA checkpoint (unpartitioned: they consume every materialized prompt set)."""
-
+"""Training data and LoRA checkpoints, one per method (unpartitioned: they consume every prompt set)."""
 
 import hashlib
 import json
@@ -12,92 +11,110 @@ from matrix_assets.defs.configs import SFTDatasetConfig, TrainConfig
 from matrix_assets.defs.resources import LLMResource, MLflowResource, StoreResource
 from matrix_assets.evaluation.plots import plot_loss_curve
 from matrix_assets.settings import checkpoints_dir, datasets_dir
+from matrix_assets.simulation.baselines import METHODS
 from matrix_assets.simulation.engine import SimulationSettings, initial_answers
-from matrix_assets.store.db import utcnow
+from matrix_assets.store.db import Store, utcnow
 from matrix_assets.store.prompt_sets import ensure_prompt_set
 from matrix_assets.training.sft import SFTExample, train_lora
 
 BENIGN_TRAIN_FRACTION = 0.5  # Vicuna-Bench: half for benign training answers, half held out for helpfulness
 
 
+def _aligned_examples(db: Store, method: str, sets: list[str], model_id: str) -> list[tuple[str, str, str, str]]:
+    """(prompt_id, source, prompt, response) of one method, over the chosen prompt sets."""
+    if method == "initial_sft":
+        return [(r["prompt_id"], "initial_answer", r["prompt"], r["response"])
+                for name in sets for r in db.initial_responses(name, model_id)]
+    return [(r["prompt_id"], f"{method}_revision", r["prompt"], r["revised"])
+            for r in db.revisions(sets, method, model_id)]
+
+
 @dg.asset(
-    deps=["revised_answers"],
+    deps=["revised_answers", "cai_revisions"],
     group_name="training",
     kinds={"python", "sql"},
-    description="(prompt, revised answer) pairs of every prompt set, mixed with benign prompts answered by the "
-    "model itself so that fine-tuning does not teach it to refuse everything.",
+    description="One SFT dataset per method: (prompt, aligned answer) pairs of every prompt set, mixed with benign "
+    "prompts answered by the model itself so that fine-tuning does not teach it to refuse everything.",
 )
 def sft_dataset(
     context: dg.AssetExecutionContext, config: SFTDatasetConfig, store: StoreResource, llm: LLMResource
 ) -> dg.MaterializeResult:
     db = store.get_store()
+    unknown = sorted(set(config.methods) - set(METHODS))
+    if unknown:
+        raise dg.Failure(f"unknown methods {unknown}; choose from {list(METHODS)}")
     cached = llm.cached(db)
     sets = config.prompt_sets or [r["name"] for r in db.prompt_sets() if r["role"] == "harmful"]
-    revisions = db.revisions(sets, config.method, cached.model_id)
-    if not revisions:
-        raise dg.Failure(f"no revised answers for prompt sets {sets} (method {config.method!r}); materialize revised_answers")
-    examples = [(r["prompt_id"], "revision", r["prompt"], r["revised"]) for r in revisions]
+    per_method = {m: _aligned_examples(db, m, sets, cached.model_id) for m in config.methods}
+    missing = [m for m, rows in per_method.items() if not rows]
+    for method in missing:
+        context.log.warning(f"method {method!r} has no aligned answers for {sets}; no dataset for it")
+    per_method = {m: rows for m, rows in per_method.items() if rows}
+    if not per_method:
+        raise dg.Failure(f"no aligned answers for prompt sets {sets}; materialize revised_answers first")
 
-    n_benign = round(len(revisions) * config.benign_ratio)
+    # The same benign self-answers go into every method's dataset, so the methods differ only in alignment data.
+    n_benign = round(max(len(rows) for rows in per_method.values()) * config.benign_ratio)
+    benign_rows: list[tuple[str, str, str, str]] = []
     if n_benign:
         ensure_prompt_set(db, config.benign_set, train_fraction=BENIGN_TRAIN_FRACTION)
         benign = db.prompts(config.benign_set, split="train", limit=n_benign)
         llm.check()
-        cached.generate = _with_progress(cached, context)  # type: ignore[method-assign]
+        generate, progress = cached.generate, progress_logger(context, "benign answers")
+        cached.generate = lambda conversations, params: generate(conversations, params, progress=progress)  # type: ignore[method-assign]
         answers = initial_answers(cached, [p["text"] for p in benign], SimulationSettings(answer_tokens=config.answer_tokens))
-        examples += [(p["prompt_id"], "benign_self_answer", p["text"], a) for p, a in zip(benign, answers)]
+        benign_rows = [(p["prompt_id"], "benign_self_answer", p["text"], a) for p, a in zip(benign, answers)]
 
-    dataset_id = hashlib.sha256(json.dumps(examples, ensure_ascii=False).encode()).hexdigest()[:16]
-    path = datasets_dir() / f"sft-{dataset_id}.jsonl"
+    metadata: dict = {"prompt_sets": ", ".join(sets), "n_benign": len(benign_rows), **cache_metadata(cached.stats)}
+    for method, rows in per_method.items():
+        examples = rows + benign_rows
+        dataset_id = _save_dataset(db, method, sets, examples)
+        metadata[f"{method}/dataset_id"] = dataset_id
+        metadata[f"{method}/n_examples"] = len(examples)
+        preview = [{"source": e[1], "prompt": e[2], "response": e[3]} for e in examples[:2] + examples[-1:]]
+        metadata[f"{method}/preview"] = md_table(preview, ["source", "prompt", "response"], 250)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _save_dataset(db: Store, method: str, sets: list[str], examples: list[tuple[str, str, str, str]]) -> str:
+    dataset_id = hashlib.sha256(json.dumps([method, examples], ensure_ascii=False).encode()).hexdigest()[:16]
+    path = datasets_dir() / f"sft-{method}-{dataset_id}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
         for prompt_id, source, prompt, response in examples:
             fh.write(json.dumps({"prompt_id": prompt_id, "source": source, "prompt": prompt, "response": response},
                                 ensure_ascii=False) + "\n")
-    n_revision = sum(1 for e in examples if e[1] == "revision")
+    n_benign = sum(1 for e in examples if e[1] == "benign_self_answer")
     with db.transaction() as conn:
-        db.upsert(
-            "sft_datasets",
-            [{"dataset_id": dataset_id, "method": config.method, "prompt_sets": ",".join(sets), "path": str(path),
-              "n_examples": len(examples), "n_revision": n_revision, "n_benign": len(examples) - n_revision,
-              "created_at": utcnow()}],
-            conn=conn,
-        )
-        db.upsert(
-            "sft_examples",
-            [{"dataset_id": dataset_id, "position": i, "prompt_id": e[0], "source": e[1], "prompt": e[2],
-              "response": e[3]} for i, e in enumerate(examples)],
-            conn=conn,
-        )
-    preview = [{"source": e[1], "prompt": e[2], "response": e[3]} for e in examples[:3] + examples[-2:]]
-    return dg.MaterializeResult(
-        metadata={
-            "dataset_id": dataset_id, "path": dg.MetadataValue.path(str(path)), "n_examples": len(examples),
-            "n_revision": n_revision, "n_benign": len(examples) - n_revision, "prompt_sets": ", ".join(sets),
-            "preview": md_table(preview, ["source", "prompt", "response"], 300), **cache_metadata(cached.stats),
-        },
-        data_version=dg.DataVersion(dataset_id),
-    )
+        db.upsert("sft_datasets", [{
+            "dataset_id": dataset_id, "method": method, "prompt_sets": ",".join(sets), "path": str(path),
+            "n_examples": len(examples), "n_revision": len(examples) - n_benign, "n_benign": n_benign,
+            "created_at": utcnow(),
+        }], conn=conn)
+        db.upsert("sft_examples", [
+            {"dataset_id": dataset_id, "position": i, "prompt_id": e[0], "source": e[1], "prompt": e[2], "response": e[3]}
+            for i, e in enumerate(examples)
+        ], conn=conn)
+    return dataset_id
 
 
-def _with_progress(cached, context):  # noqa: ANN001, ANN202
-    generate, progress = cached.generate, progress_logger(context, "benign answers")
-    return lambda conversations, params: generate(conversations, params, progress=progress)
-
-
-def latest_dataset(db) -> dict:  # noqa: ANN001
-    rows = db.query("SELECT * FROM sft_datasets ORDER BY created_at DESC, dataset_id DESC LIMIT 1")
-    if not rows:
+def latest_datasets(db: Store, methods: list[str] | None) -> list[dict]:
+    rows = db.query("SELECT * FROM sft_datasets ORDER BY created_at DESC, dataset_id DESC")
+    latest: dict[str, dict] = {}
+    for row in rows:
+        if (methods is None or row["method"] in methods) and row["method"] not in latest:
+            latest[row["method"]] = row
+    if not latest:
         raise dg.Failure("no SFT dataset yet; materialize sft_dataset first")
-    return rows[0]
+    return [latest[m] for m in METHODS if m in latest]
 
 
 @dg.asset(
     deps=["sft_dataset"],
     group_name="training",
     kinds={"pytorch", "mlflow"},
-    description="LoRA adapter trained with TRL's SFTTrainer on the latest SFT dataset; logged to MLflow and "
-    "registered as a model version.",
+    description="One LoRA adapter per method, trained with TRL's SFTTrainer on the method's latest SFT dataset; "
+    "each logged to its own MLflow run and registered as a model version.",
 )
 def finetuned_checkpoint(
     context: dg.AssetExecutionContext,
@@ -112,29 +129,40 @@ def finetuned_checkpoint(
         lora.validate()
     except ValueError as exc:
         raise dg.Failure(f"bad training configuration: {exc}") from exc
-    dataset = latest_dataset(db)
+    datasets = latest_datasets(db, config.methods)
+    base_model = llm.base_model_path()
+    metadata: dict = {}
+    for dataset in datasets:
+        metadata.update(_train_one(context, db, llm, mlflow_tracking, dataset, base_model, lora, train))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _train_one(context, db, llm, tracking, dataset, base_model, lora, train) -> dict:  # noqa: ANN001
+    import mlflow
+
+    method = dataset["method"]
     rows = db.query("SELECT prompt, response FROM sft_examples WHERE dataset_id = :d ORDER BY position",
                     d=dataset["dataset_id"])
     examples = [SFTExample(r["prompt"], r["response"]) for r in rows]
-    base_model = llm.base_model_path()
-    checkpoint_id = f"ckpt-{utcnow().replace(':', '').replace('-', '')[:15]}-{uuid.uuid4().hex[:6]}"
+    checkpoint_id = f"ckpt-{method}-{utcnow().replace(':', '').replace('-', '')[:15]}-{uuid.uuid4().hex[:6]}"
     out_dir = checkpoints_dir() / checkpoint_id
-    import mlflow
-
-    with mlflow_tracking.start_run(context, run_name=checkpoint_id) as run:
+    model_name = getattr(llm, "model", base_model)
+    context.log.info(f"training {checkpoint_id} on {len(examples)} examples ({method})")
+    with tracking.start_run(context, run_name=checkpoint_id) as run:
         mlflow.log_params({
-            "base_model": getattr(llm, "model", base_model), "dataset_id": dataset["dataset_id"],
-            "method": dataset["method"], "n_examples": len(examples), "n_revision": dataset["n_revision"],
-            "n_benign": dataset["n_benign"], "lora_r": lora.r, "lora_alpha": lora.alpha,
-            "lora_dropout": lora.dropout, "lora_target_modules": ",".join(lora.target_modules),
-            "epochs": train.epochs, "max_steps": train.max_steps, "learning_rate": train.learning_rate,
-            "batch_size": train.batch_size, "max_length": train.max_length, "lr_scheduler": train.lr_scheduler,
+            "base_model": model_name, "method": method, "dataset_id": dataset["dataset_id"],
+            "n_examples": len(examples), "n_aligned": dataset["n_revision"], "n_benign": dataset["n_benign"],
+            "lora_r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+            "lora_target_modules": ",".join(lora.target_modules), "epochs": train.epochs,
+            "max_steps": train.max_steps, "learning_rate": train.learning_rate, "batch_size": train.batch_size,
+            "max_length": train.max_length, "lr_scheduler": train.lr_scheduler,
         })
+        mlflow.set_tag("method", method)
 
         def on_log(step: int, logs: dict[str, float]) -> None:
             mlflow.log_metrics({k: v for k, v in logs.items() if k in {"loss", "learning_rate", "grad_norm"}}, step=step)
             if "loss" in logs:
-                context.log.info(f"training step {step}: loss {logs['loss']:.4f}")
+                context.log.info(f"{method} step {step}: loss {logs['loss']:.4f}")
 
         result = train_lora(base_model, examples, out_dir, lora=lora, train=train, on_log=on_log)
         plot = plot_loss_curve([s for s, _ in result.losses], [l for _, l in result.losses], out_dir / "loss.png")
@@ -142,30 +170,28 @@ def finetuned_checkpoint(
                             "train_steps": result.steps})
         mlflow.log_artifacts(str(result.adapter_path), artifact_path="adapter")
         mlflow.log_artifact(str(plot))
-        version = _register(mlflow_tracking, run.info.run_id, run.info.artifact_uri, checkpoint_id,
-                            dataset["dataset_id"], base_model)
+        version = _register(tracking, run.info.run_id, run.info.artifact_uri, checkpoint_id, dataset, base_model)
         run_id = run.info.run_id
+    db.upsert("checkpoints", [{
+        "checkpoint_id": checkpoint_id, "base_model": model_name, "dataset_id": dataset["dataset_id"],
+        "method": method, "adapter_path": str(result.adapter_path), "n_examples": len(examples),
+        "train_loss": result.train_loss, "mlflow_run_id": run_id, "registered_model": tracking.registered_model_name,
+        "model_version": version, "dagster_run_id": context.run.run_id, "created_at": utcnow(),
+    }])
+    return {
+        f"{method}/checkpoint_id": checkpoint_id,
+        f"{method}/adapter_path": dg.MetadataValue.path(str(result.adapter_path)),
+        f"{method}/n_examples": len(examples),
+        f"{method}/steps": result.steps,
+        f"{method}/train_loss": result.train_loss or float("nan"),
+        f"{method}/train_seconds": round(result.seconds, 1),
+        f"{method}/loss_curve": dg.MetadataValue.path(str(plot)),
+        f"{method}/mlflow_run": dg.MetadataValue.url(tracking.run_url(run_id)),
+        f"{method}/registered_model": f"{tracking.registered_model_name} v{version}",
+    }
 
-    db.upsert(
-        "checkpoints",
-        [{"checkpoint_id": checkpoint_id, "base_model": getattr(llm, "model", base_model),
-          "dataset_id": dataset["dataset_id"], "method": dataset["method"], "adapter_path": str(result.adapter_path),
-          "n_examples": len(examples), "train_loss": result.train_loss, "mlflow_run_id": run_id,
-          "registered_model": mlflow_tracking.registered_model_name, "model_version": version,
-          "dagster_run_id": context.run.run_id, "created_at": utcnow()}],
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "checkpoint_id": checkpoint_id, "adapter_path": dg.MetadataValue.path(str(result.adapter_path)),
-            "n_examples": len(examples), "steps": result.steps, "train_loss": result.train_loss or float("nan"),
-            "train_seconds": round(result.seconds, 1), "loss_curve": dg.MetadataValue.path(str(plot)),
-            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)), "mlflow_run_id": run_id,
-            "registered_model": f"{mlflow_tracking.registered_model_name} v{version}",
-        }
-    )
 
-
-def _register(tracking: MLflowResource, run_id: str, artifact_uri: str, checkpoint_id: str, dataset_id: str,
+def _register(tracking: MLflowResource, run_id: str, artifact_uri: str, checkpoint_id: str, dataset: dict,
               base_model: str) -> str:
     """Register the adapter folder as a model version (the base model's identity travels as a tag)."""
     from mlflow.exceptions import MlflowException
@@ -178,6 +204,7 @@ def _register(tracking: MLflowResource, run_id: str, artifact_uri: str, checkpoi
         pass  # already registered
     version = client.create_model_version(
         name, source=f"{artifact_uri}/adapter", run_id=run_id,
-        tags={"checkpoint_id": checkpoint_id, "dataset_id": dataset_id, "base_model": base_model},
+        tags={"checkpoint_id": checkpoint_id, "dataset_id": dataset["dataset_id"], "method": dataset["method"],
+              "base_model": base_model},
     )
     return str(version.version)
