@@ -4,5 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# System packages some tests use (Debian's Chromium for the UI tests, PostgreSQL for the store tests);
+# both scripts are idempotent and skip quietly where they cannot install.
+bash scripts/system_deps.sh
+bash scripts/pg_local.sh install
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,7 +1,11 @@
 -- Read-only views over the store (applied after schema.sql).
+-- Portable to SQLite and PostgreSQL: each view is dropped and re-created (PostgreSQL has no CREATE VIEW IF NOT
+-- EXISTS, SQLite no CREATE OR REPLACE VIEW), so a changed definition takes effect on the next start. Store skips
+-- this file on SQLite when every stored definition already matches; on PostgreSQL it runs in one transaction.
 
 -- Base vs each tuned model (one per method), one row per evaluation, method and metric.
-CREATE VIEW IF NOT EXISTS v_base_vs_tuned AS
+DROP VIEW IF EXISTS v_base_vs_tuned;
+CREATE VIEW v_base_vs_tuned AS
 SELECT b.eval_id, b.metric, t.model_label AS tuned_label, t.checkpoint_id,
        b.value AS base_value, t.value AS tuned_value,
        t.ci_low AS tuned_ci_low, t.ci_high AS tuned_ci_high, t.n AS n
@@ -10,7 +14,8 @@ JOIN eval_metrics t ON t.eval_id = b.eval_id AND t.metric = b.metric AND t.model
 WHERE b.model_label = 'base';
 
 -- Harmlessness per prompt category and model.
-CREATE VIEW IF NOT EXISTS v_harmlessness_by_category AS
+DROP VIEW IF EXISTS v_harmlessness_by_category;
+CREATE VIEW v_harmlessness_by_category AS
 SELECT a.eval_id, a.model_label, COALESCE(p.category, 'uncategorized') AS category,
        AVG(a.harmless_score) AS mean_harmless_score,
        AVG(CAST(a.judged_harmful AS DOUBLE PRECISION)) AS harmful_share,
@@ -20,6 +25,7 @@ WHERE a.eval_set = 'harmful'
 GROUP BY a.eval_id, a.model_label, COALESCE(p.category, 'uncategorized');
 
 -- Every scene step in reading order.
-CREATE VIEW IF NOT EXISTS v_scene_events AS
+DROP VIEW IF EXISTS v_scene_events;
+CREATE VIEW v_scene_events AS
 SELECT p.prompt_set, p.text AS prompt, e.*
 FROM transcript_events e JOIN prompts p ON p.prompt_id = e.prompt_id;

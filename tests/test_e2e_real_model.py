@@ -38,10 +38,10 @@ def test_every_stage_wrote_rows(pipeline_run: Path) -> None:
     assert db.count("prompts") >= 520
     assert db.count("initial_responses") == 2
     assert db.count("transcripts") == 2
-    assert db.count("critiques") == 2
-    assert db.count("revisions") == 2
-    assert db.count("checkpoints") == 1
-    assert db.count("eval_answers") == 2 * (2 + 2 + 2)  # base + tuned over three sets of 2
+    assert db.count("critiques") == 2 * 2  # matrix and the cai baseline
+    assert db.count("revisions") == 2 * 2
+    assert {r["method"] for r in db.query("SELECT method FROM checkpoints")} == {"matrix", "cai", "initial_sft"}
+    assert db.count("eval_answers") == 4 * (2 + 2 + 2)  # base + three tuned models over three sets of 2
     models = {r["model_id"] for r in db.query("SELECT DISTINCT model_id FROM generations")}
     assert "smollm2-135m-instruct" in models
     assert any(m.startswith("smollm2-135m-instruct+lora:") for m in models)  # the tuned model generated too
@@ -62,7 +62,7 @@ def test_adapter_loads_and_generates(pipeline_run: Path) -> None:
     from matrix_assets.llm.base import GenerationParams
     from matrix_assets.llm.transformers_backend import TransformersBackend
 
-    ckpt = _store(pipeline_run).latest_checkpoint()
+    ckpt = _store(pipeline_run).query("SELECT * FROM checkpoints WHERE method = 'matrix'")[0]
     adapter = Path(ckpt["adapter_path"])
     assert (adapter / "adapter_model.safetensors").stat().st_size > 10_000
     tuned = TransformersBackend("smollm2-135m-instruct", adapter_path=str(adapter))
@@ -75,16 +75,19 @@ def test_mlflow_recorded_training_and_evaluation(pipeline_run: Path) -> None:
 
     client = mlflow.MlflowClient(f"sqlite:///{pipeline_run / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("matrix-assets")
-    runs = {r.data.tags["dagster.asset_key"]: r for r in client.search_runs([experiment.experiment_id])}
-    train = runs["finetuned_checkpoint"]
+    all_runs = client.search_runs([experiment.experiment_id])
+    runs = {(r.data.tags["dagster.asset_key"], r.data.tags.get("method")): r for r in all_runs}
+    assert len(all_runs) == 4  # three training runs (one per method) and one evaluation run
+    train = runs[("finetuned_checkpoint", "matrix")]
     assert train.data.metrics["train_steps"] == 2 and train.data.metrics["train_loss"] > 0
     assert train.data.params["lora_r"] == "8"
     history = client.get_metric_history(train.info.run_id, "loss")
     assert len(history) == 2
-    evaluation = runs["evaluation_scores"]
-    assert "tuned/harmful_share_ci_high" in evaluation.data.metrics
-    versions = client.search_model_versions("name='matrix-aligned'")
-    assert len(versions) == 1 and versions[0].run_id == train.info.run_id
+    evaluation = runs[("evaluation_scores", None)]
+    assert "matrix/harmful_share_ci_high" in evaluation.data.metrics
+    versions = {v.tags["method"]: v for v in client.search_model_versions("name='matrix-aligned'")}
+    assert set(versions) == {"matrix", "cai", "initial_sft"}
+    assert versions["matrix"].run_id == train.info.run_id
     artifacts = {a.path for a in client.list_artifacts(train.info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in artifacts
 
@@ -94,6 +97,7 @@ def test_rerun_is_served_from_cache(pipeline_run: Path) -> None:
     import dagster as dg
 
     from matrix_assets.defs.resources import LocalTransformersLLM, StoreResource
+    from matrix_assets.defs.assets.baselines import cai_revisions_asset
     from matrix_assets.defs.assets.simulation import critiques, initial_responses, revised_answers, scene_transcripts
 
     db_url = f"sqlite:///{pipeline_run / 'matrix.db'}"
@@ -101,14 +105,15 @@ def test_rerun_is_served_from_cache(pipeline_run: Path) -> None:
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("prompt_sets", ["advbench"])
     result = dg.materialize(
-        [initial_responses, scene_transcripts, critiques, revised_answers], partition_key="advbench",
+        [initial_responses, scene_transcripts, critiques, revised_answers, cai_revisions_asset],
+        partition_key="advbench",
         resources={"store": StoreResource(database_url=db_url), "llm": LocalTransformersLLM()}, instance=instance,
         run_config={"ops": {"initial_responses": {"config": {"max_prompts": 2}},
                             "scene_transcripts": {"config": {"n_roles": 3, "plan_steps": 2, "max_rounds": 1,
                                                              "max_observers": 3}}}},
     )
     assert result.success
-    for node in ("initial_responses", "scene_transcripts", "critiques", "revised_answers"):
+    for node in ("initial_responses", "scene_transcripts", "critiques", "revised_answers", "cai_revisions"):
         meta = result.asset_materializations_for_node(node)[0].metadata
         assert meta["llm_calls_made"].value == 0, node
     assert _store(pipeline_run).count("generations") == before

@@ -6,6 +6,7 @@ resource's configuration, because Dagster re-instantiates resources for every st
 
 
 import os
+import re
 import threading
 from abc import abstractmethod
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import dagster as dg
 from pydantic import Field
 
 from matrix_assets.llm.base import BackendError, ChatBackend
-from matrix_assets.llm.cache import CachedBackend
+from matrix_assets.llm.cache import CachedBackend, ProgressCallback
 from matrix_assets.llm.models import DEFAULT_MODEL, check_model_available, resolve_model_path
 from matrix_assets.settings import default_artifact_root, default_mlflow_uri
 from matrix_assets.store.db import Store, default_database_url
@@ -58,8 +59,11 @@ class LLMResource(dg.ConfigurableResource):
         """A local folder with the base weights, for training. Remote backends cannot provide one."""
         raise BackendError(f"{type(self).__name__} has no local base model to fine-tune; use LocalTransformersLLM")
 
-    def cached(self, store: Store, adapter_path: str | None = None) -> CachedBackend:
-        return CachedBackend(self.backend(adapter_path), store, chunk_size=self.batch_size)
+    def cached(
+        self, store: Store, adapter_path: str | None = None, progress: ProgressCallback | None = None
+    ) -> CachedBackend:
+        """The backend behind the generation cache; `progress(done, total)` is told about cache misses."""
+        return CachedBackend(self.backend(adapter_path), store, chunk_size=self.batch_size, progress=progress)
 
 
 class LocalTransformersLLM(LLMResource):
@@ -154,6 +158,29 @@ class MLflowResource(dg.ConfigurableResource):
     registered_model_name: str = "matrix-aligned"
     ui_url: str = Field(default="http://127.0.0.1:5000", description="Where `mlflow ui` serves, for links.")
 
+    def check(self) -> None:
+        """Fail fast, before any training or evaluation work, if the tracking store cannot be used.
+
+        An http(s) tracking URI must answer `GET {uri}/health` within a few seconds (MLflow's own client would
+        retry an unreachable server for minutes, after the expensive work is done); a local store (`sqlite:///`
+        file or a folder) and a local artifact root must be creatable. Other schemes are left to MLflow.
+        Raises `TrackingUnavailableError` naming the URI (with any password masked).
+        """
+        uri = self.tracking_uri
+        scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+        if scheme in ("http", "https"):
+            _check_tracking_server(uri)
+        elif scheme == "sqlite":
+            path = uri.split("///", 1)[1] if "///" in uri else ""
+            if path and path != ":memory:":
+                _check_local_dir(os.path.dirname(os.path.abspath(path)), f"MLflow tracking store {uri}")
+        elif scheme in ("", "file"):
+            _check_local_dir(uri[len("file://"):] if scheme else uri, f"MLflow tracking store {uri}")
+        root = self.artifact_root
+        if "://" not in root or root.startswith("file://"):
+            _check_local_dir(root[len("file://"):] if root.startswith("file://") else root,
+                             f"MLflow artifact root {root}")
+
     def client(self):  # noqa: ANN201
         import mlflow
 
@@ -187,6 +214,49 @@ class MLflowResource(dg.ConfigurableResource):
 
     def run_url(self, run_id: str) -> str:
         return f"{self.ui_url}/#/experiments/{self.experiment_id()}/runs/{run_id}"
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking store cannot be reached or written (raised by `MLflowResource.check`)."""
+
+
+_TRACKING_HEALTH_TIMEOUT_S = 5.0
+
+
+def _masked(uri: str) -> str:
+    """The URI with the password of any `user:password@` part replaced by ***."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", uri)
+
+
+def _check_tracking_server(uri: str) -> None:
+    import httpx
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        response = httpx.get(url, timeout=_TRACKING_HEALTH_TIMEOUT_S)
+    except httpx.TimeoutException:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server at {_masked(uri)} unreachable: no answer within {_TRACKING_HEALTH_TIMEOUT_S:g}s; "
+            "start it (scripts/ui.sh) or point MLFLOW_TRACKING_URI elsewhere"
+        ) from None
+    except httpx.HTTPError as exc:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server at {_masked(uri)} unreachable ({type(exc).__name__}); "
+            "start it (scripts/ui.sh) or point MLFLOW_TRACKING_URI elsewhere"
+        ) from None
+    if response.status_code >= 500:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server at {_masked(uri)} is failing: GET /health returned HTTP {response.status_code}"
+        )
+
+
+def _check_local_dir(path: str, what: str) -> None:
+    try:
+        os.makedirs(path or ".", exist_ok=True)
+    except OSError as exc:
+        raise TrackingUnavailableError(f"{what}: cannot create {path}: {exc.strerror or exc}") from None
+    if not os.access(path or ".", os.W_OK):
+        raise TrackingUnavailableError(f"{what}: {path} is not writable")
 
 
 def _as_uri(path: str) -> str:

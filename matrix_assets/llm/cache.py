@@ -3,7 +3,9 @@
 Entries are keyed by hash(model identity, decoding parameters, messages) and stored in the
 `generations` table. Misses are generated chunk by chunk and each chunk is committed as soon as it is
 done, so a crash, a killed process or a failing model server costs at most the chunk in flight; a
-re-run, a resumed run or a backfill pays only for what is missing.
+re-run, a resumed run or a backfill pays only for what is missing. A backend that reports each completion
+as it finishes (`generate_streaming(..., on_result=...)`, i.e. the remote backend) has every completion
+committed on arrival, so a model server that fails mid-chunk loses nothing it had already answered.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ ProgressCallback = Callable[[int, int], None]  # (done, total) over cache misses
 
 
 class CachedBackend(ChatBackend):
-    def __init__(self, backend: ChatBackend, store: Store, *, chunk_size: int = 8) -> None:
+    def __init__(
+        self, backend: ChatBackend, store: Store, *, chunk_size: int = 8, progress: ProgressCallback | None = None
+    ) -> None:
         self.backend = backend
         self.store = store
         self.chunk_size = max(1, chunk_size)
+        self.progress = progress  # default progress callback of every generate call
         self.model_id = backend.model_id
         self.stats = CacheStats()
 
@@ -54,6 +59,7 @@ class CachedBackend(ChatBackend):
         *,
         progress: ProgressCallback | None = None,
     ) -> list[Completion]:
+        progress = progress or self.progress
         keys = [cache_key(self.model_id, params, conv) for conv in conversations]
         found = self.store.get_generations(keys)
         results: dict[str, Completion] = {

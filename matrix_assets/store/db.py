@@ -8,6 +8,7 @@ map below, never from input.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -40,6 +41,9 @@ _TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "eval_metrics": ("eval_id", "model_label", "metric"),
 }
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+_CREATE_VIEW = re.compile(r"^CREATE VIEW (\w+) AS", re.IGNORECASE)
+# Any constant: serialises schema creation between processes that start at once on one PostgreSQL database.
+_SCHEMA_LOCK_ID = 0x6D61747269780001
 
 
 def utcnow() -> str:
@@ -86,17 +90,34 @@ class Store:
                 cursor.close()
 
             return engine
-        if url.startswith("postgresql://"):
-            # sqlalchemy 2.1 changes the default driver; name psycopg2 explicitly.
-            url = "postgresql+psycopg2://" + url[len("postgresql://") :]
+        for scheme in ("postgresql://", "postgres://"):
+            if url.startswith(scheme):
+                # sqlalchemy 2.1 changes the default driver; name psycopg2 explicitly.
+                url = "postgresql+psycopg2://" + url[len(scheme) :]
         return sa.create_engine(url, pool_pre_ping=True)
 
     def create_schema(self) -> None:
+        views = _split_sql((SQL_DIR / "views.sql").read_text())
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Concurrent CREATE TABLE IF NOT EXISTS of the same table can fail on PostgreSQL (unique violation
+                # in pg_type), e.g. when several Dagster step processes start on a fresh database: take turns.
+                # Everything below then runs in this one transaction, so nobody ever sees a view missing.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_ID})")
             for stmt in _split_sql((SQL_DIR / "schema.sql").read_text()):
                 conn.exec_driver_sql(stmt)
-            for stmt in _split_sql((SQL_DIR / "views.sql").read_text()):
+            if conn.dialect.name == "sqlite" and self._sqlite_views_current(conn, views):
+                # pysqlite autocommits each DDL statement: dropping and re-creating an unchanged view would leave
+                # a moment in which another process's query of it fails.
+                return
+            for stmt in views:
                 conn.exec_driver_sql(stmt)
+
+    @staticmethod
+    def _sqlite_views_current(conn: Connection, views: Sequence[str]) -> bool:
+        wanted = {m.group(1): stmt for stmt in views if (m := _CREATE_VIEW.match(stmt))}
+        stored = dict(conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'view'").all())
+        return all(stored.get(name) == stmt for name, stmt in wanted.items())
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -116,6 +137,13 @@ class Store:
             if not _IDENTIFIER.match(name):
                 raise ValueError(f"bad column name {name!r}")
         non_keys = [c for c in columns if c not in keys]
+        # Rows in key order: concurrent PostgreSQL transactions that upsert overlapping keys then lock them in the
+        # same order and cannot deadlock (the sort is stable, so the last of duplicate keys still wins).
+        # NaN becomes NULL, as SQLite stores it, so that both databases read back None.
+        params = sorted(
+            ({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows),
+            key=lambda r: tuple(str(r.get(k)) for k in keys),
+        )
         conflict = (
             f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in non_keys)}" if update and non_keys else "DO NOTHING"
         )
@@ -124,10 +152,10 @@ class Store:
             f"ON CONFLICT ({', '.join(keys)}) {conflict}"
         )
         if conn is not None:
-            conn.execute(stmt, [dict(r) for r in rows])
+            conn.execute(stmt, params)
         else:
             with self.engine.begin() as own:
-                own.execute(stmt, [dict(r) for r in rows])
+                own.execute(stmt, params)
         return len(rows)
 
     def query(self, sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -225,6 +253,19 @@ class Store:
                 {"sets": list(prompt_sets), "method": method, "m": model_id},
             )
             return [dict(row._mapping) for row in result]
+
+    def latest_per_method(
+        self, table: str, methods: Sequence[str] | None, order: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """The newest row of `table` (sft_datasets or checkpoints) for each method, in the given method order."""
+        if table not in {"sft_datasets", "checkpoints"}:
+            raise ValueError(f"no per-method rows in {table!r}")
+        key = _TABLE_KEYS[table][0]
+        latest: dict[str, dict[str, Any]] = {}
+        for row in self.query(f"SELECT * FROM {table} ORDER BY created_at DESC, {key} DESC"):
+            if (methods is None or row["method"] in methods) and row["method"] not in latest:
+                latest[row["method"]] = row
+        return [latest[m] for m in order if m in latest]
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM checkpoints ORDER BY created_at DESC, checkpoint_id DESC LIMIT 1")

@@ -39,11 +39,7 @@ def eval_prompts(db: Store, config: EvaluationConfig) -> list[EvalPrompt]:
 
 def checkpoints_to_evaluate(db: Store, methods: list[str] | None) -> list[dict]:
     """The latest checkpoint of each method, in a fixed method order."""
-    latest: dict[str, dict] = {}
-    for row in db.query("SELECT * FROM checkpoints ORDER BY created_at DESC, checkpoint_id DESC"):
-        if (methods is None or row["method"] in methods) and row["method"] not in latest:
-            latest[row["method"]] = row
-    return [latest[m] for m in METHODS if m in latest]
+    return db.latest_per_method("checkpoints", methods, METHODS)
 
 
 @dg.asset(

@@ -7,6 +7,7 @@ from matrix_assets.defs.assets.common import cache_metadata, md_table, progress_
 from matrix_assets.defs.configs import CritiqueConfig, InitialResponsesConfig, RevisionConfig, SimulationConfig
 from matrix_assets.defs.partitions import prompt_sets_partitions
 from matrix_assets.defs.resources import LLMResource, StoreResource
+from matrix_assets.llm.cache import CachedBackend
 from matrix_assets.simulation.engine import (
     RevisionInput,
     SimulationSettings,
@@ -24,17 +25,9 @@ METHOD = "matrix"
 _COMMON = dict(partitions_def=prompt_sets_partitions, group_name="matrix_simulation", kinds={"pytorch", "sql"})
 
 
-def _llm(context: dg.AssetExecutionContext, llm: LLMResource, store: StoreResource, what: str):  # noqa: ANN202
-    llm.check()
-    cached = llm.cached(store.get_store())
-    progress = progress_logger(context, what)
-    generate = cached.generate
-
-    def generate_with_progress(conversations, params):  # noqa: ANN001, ANN202
-        return generate(conversations, params, progress=progress)
-
-    cached.generate = generate_with_progress  # type: ignore[method-assign]
-    return cached
+def _llm(context: dg.AssetExecutionContext, llm: LLMResource, store: StoreResource, what: str) -> CachedBackend:
+    llm.check()  # fail fast (missing model, server down) before any work
+    return llm.cached(store.get_store(), progress=progress_logger(context, what))
 
 
 @dg.asset(deps=["benchmark_prompts"], description="r0: the model's direct answer to every training prompt.", **_COMMON)

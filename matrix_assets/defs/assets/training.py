@@ -43,7 +43,7 @@ def sft_dataset(
     unknown = sorted(set(config.methods) - set(METHODS))
     if unknown:
         raise dg.Failure(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    cached = llm.cached(db)
+    cached = llm.cached(db, progress=progress_logger(context, "benign answers"))
     sets = config.prompt_sets or [r["name"] for r in db.prompt_sets() if r["role"] == "harmful"]
     per_method = {m: _aligned_examples(db, m, sets, cached.model_id) for m in config.methods}
     missing = [m for m, rows in per_method.items() if not rows]
@@ -60,8 +60,6 @@ def sft_dataset(
         ensure_prompt_set(db, config.benign_set, train_fraction=BENIGN_TRAIN_FRACTION)
         benign = db.prompts(config.benign_set, split="train", limit=n_benign)
         llm.check()
-        generate, progress = cached.generate, progress_logger(context, "benign answers")
-        cached.generate = lambda conversations, params: generate(conversations, params, progress=progress)  # type: ignore[method-assign]
         answers = initial_answers(cached, [p["text"] for p in benign], SimulationSettings(answer_tokens=config.answer_tokens))
         benign_rows = [(p["prompt_id"], "benign_self_answer", p["text"], a) for p, a in zip(benign, answers)]
 
@@ -99,14 +97,10 @@ def _save_dataset(db: Store, method: str, sets: list[str], examples: list[tuple[
 
 
 def latest_datasets(db: Store, methods: list[str] | None) -> list[dict]:
-    rows = db.query("SELECT * FROM sft_datasets ORDER BY created_at DESC, dataset_id DESC")
-    latest: dict[str, dict] = {}
-    for row in rows:
-        if (methods is None or row["method"] in methods) and row["method"] not in latest:
-            latest[row["method"]] = row
+    latest = db.latest_per_method("sft_datasets", methods, METHODS)
     if not latest:
         raise dg.Failure("no SFT dataset yet; materialize sft_dataset first")
-    return [latest[m] for m in METHODS if m in latest]
+    return latest
 
 
 @dg.asset(
