@@ -356,8 +356,7 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
         "generation in a batch: `generate` runs until the longest row of the batch ends, and rows that already "
         "produced EOS keep costing a decode step each. The ratio splits into the useful fraction of decoded "
         "rows (EOS padding) times the per-step speed relative to raw (tokenization, chat templates, decoding "
-        "text and cache writes; usually close to 1, slightly above because early-stopping batches attend to "
-        "shorter KV caches).",
+        "text and cache writes; close to 1 when the overheads are small).",
         "- (b) is wall time per scene, batch 1 vs batched; the sequential run uses fewer scenes to bound the "
         "runtime, and its trajectories can differ slightly (padding changes float rounding), so the numbers of "
         "conversations per scene are shown. On a CPU, batching helps less than on a GPU: a 2-core machine is "

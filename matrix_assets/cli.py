@@ -78,8 +78,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.max_prompts = args.eval_prompts = None
         args.roles, args.steps, args.rounds, args.observers = 5, 5, 5, 5
     _prepare_environment()
-    import dagster as dg
-
     defs, instance = _definitions(), _instance()
     if args.prompt_set not in instance.get_dynamic_partitions("prompt_sets"):
         instance.add_dynamic_partitions("prompt_sets", [args.prompt_set])
@@ -102,7 +100,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     print(f"\n[matrix-assets] finished in {time.perf_counter() - began:.0f} s\n")
     print(latest_table())
-    del dg
     return 0
 
 

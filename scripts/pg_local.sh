@@ -3,7 +3,8 @@
 # on 127.0.0.1 only, trust authentication for local connections only, nothing installed as a service.
 #
 #   scripts/pg_local.sh install            # apt-get install postgresql, only if no initdb is found (quiet, idempotent)
-#   scripts/pg_local.sh start DIR [PORT]   # initdb (first time) + start + create database `matrix`; prints its URL
+#   scripts/pg_local.sh start DIR [PORT]   # initdb (first time), start (port 5433 by default), create the
+#                                          # databases matrix, dagster and mlflow; prints the URL of `matrix`
 #   scripts/pg_local.sh stop DIR           # stop the cluster (rm -rf DIR afterwards to throw it away)
 #
 # Run as root (CI), the server runs as the `postgres` user and DIR is chowned to it, so DIR's parent folders
@@ -12,7 +13,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -68,9 +69,12 @@ cmd_start() {
   fi
   port=$(cat "$dir/port")
   local psql=("$bin/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1)
-  if [ -z "$("${psql[@]}" -tAc "SELECT 1 FROM pg_database WHERE datname = 'matrix'")" ]; then
-    "${psql[@]}" -c "CREATE DATABASE matrix"
-  fi
+  local db
+  for db in matrix dagster mlflow; do  # the store, Dagster's storage, MLflow's backend: one database each
+    if [ -z "$("${psql[@]}" -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; then
+      "${psql[@]}" -c "CREATE DATABASE $db"
+    fi
+  done
   echo "postgresql+psycopg2://postgres@127.0.0.1:$port/matrix"
 }
 

@@ -57,3 +57,97 @@ def fake_resources(matrix_home: Path, tiny_model_dir: str) -> dict:
             tracking_uri=f"sqlite:///{matrix_home / 'mlflow.db'}", artifact_root=str(matrix_home / "mlartifacts")
         ),
     }
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------------
+# The store tests also run against PostgreSQL: MATRIX_TEST_POSTGRES_URL names a server to use (its user needs
+# CREATEDB); otherwise a throwaway cluster is started with scripts/pg_local.sh when PostgreSQL is installed,
+# and the tests are skipped when it is not. Every test gets a database of its own, dropped afterwards.
+
+from collections.abc import Callable, Iterator  # noqa: E402
+
+PG_LOCAL = Path(__file__).resolve().parent.parent / "scripts" / "pg_local.sh"
+
+
+def _pg_installed() -> bool:
+    import glob
+    import shutil
+
+    return bool(glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb"))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    url = os.environ.get("MATRIX_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    if not _pg_installed():
+        pytest.skip("PostgreSQL not installed: run scripts/pg_local.sh install")
+    with socket.socket() as sock:  # a free loopback port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Not under pytest's tmp folder: that is private to the user, and the server runs as `postgres` under root.
+    folder = tempfile.mkdtemp(prefix="matrix-pg-")
+    try:
+        started = subprocess.run(
+            ["bash", str(PG_LOCAL), "start", folder, str(port)], capture_output=True, text=True, timeout=120
+        )
+        if started.returncode != 0:
+            pytest.fail(f"scripts/pg_local.sh start failed:\n{started.stdout}\n{started.stderr}")
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(PG_LOCAL), "stop", folder], capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_database(postgres_url: str) -> Iterator[Callable[[], str]]:
+    """A factory of fresh, uniquely named databases on the test server (URLs); all are dropped at teardown."""
+    import uuid
+
+    import psycopg2
+    import sqlalchemy as sa
+
+    server = sa.engine.make_url(postgres_url)
+    created: list[str] = []
+
+    def admin():  # noqa: ANN202
+        conn = psycopg2.connect(
+            host=server.host, port=server.port, user=server.username, password=server.password,
+            dbname=server.database or "postgres",
+        )
+        conn.autocommit = True
+        return conn
+
+    def create() -> str:
+        name = f"matrix_test_{uuid.uuid4().hex[:16]}"
+        conn = admin()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        created.append(name)
+        return server.set(drivername="postgresql+psycopg2", database=name).render_as_string(hide_password=False)
+
+    yield create
+    if created:
+        conn = admin()
+        try:
+            with conn.cursor() as cur:
+                for name in created:  # WITH (FORCE): engines of the test may still hold pooled connections
+                    cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def pg_store_url(pg_database: Callable[[], str]) -> str:
+    """SQLAlchemy URL of a fresh, empty PostgreSQL database for this test only."""
+    return pg_database()

@@ -1,0 +1,349 @@
+"""The store, the Dagster instance and MLflow on PostgreSQL (a throwaway local cluster, see tests/conftest.py).
+
+Skipped when PostgreSQL is not installed (`scripts/pg_local.sh install`); MATRIX_TEST_POSTGRES_URL points the
+tests at another server.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from matrix_assets.llm.base import GenerationParams
+from matrix_assets.llm.cache import CachedBackend
+from matrix_assets.llm.fake import FakeBackend
+from matrix_assets.simulation import SceneInput, SimulationSettings, run_scenes
+from matrix_assets.simulation.scene import Transcript
+from matrix_assets.store.db import SQL_DIR, Store
+from matrix_assets.store.prompt_sets import load_prompt_set
+from matrix_assets.store.scenes import load_transcripts, save_transcripts
+
+NOW = "2024-01-01T00:00:00+00:00"
+VIEWS = {"v_base_vs_tuned", "v_harmlessness_by_category", "v_scene_events"}
+
+
+@pytest.fixture
+def store(pg_store_url: str) -> Store:
+    return Store(pg_store_url)
+
+
+def _add_set(store: Store, name: str = "s") -> None:
+    store.upsert(
+        "prompt_sets",
+        [{"name": name, "source": "test", "file_sha256": "0", "role": "harmful", "n_prompts": 0, "n_train": 0,
+          "n_eval": 0, "train_fraction": 0.5, "loaded_at": NOW}],
+    )
+
+
+def _add_prompt(store: Store, prompt_id: str, text: str, position: int = 0) -> None:
+    store.upsert(
+        "prompts",
+        [{"prompt_id": prompt_id, "prompt_set": "s", "position": position, "text": text, "category": "cat",
+          "split": "train"}],
+    )
+
+
+def _generation(key: str, completion: str = "c") -> dict:
+    return {"cache_key": key, "model_id": "m", "params_json": "{}", "messages_json": "[]", "completion": completion,
+            "prompt_tokens": 1, "completion_tokens": 1, "seconds": 0.0, "created_at": NOW}
+
+
+# -- schema, views, upserts -------------------------------------------------------------------------
+
+
+def test_schema_applies_twice_and_every_table_and_view_exists(pg_store_url: str) -> None:
+    first = Store(pg_store_url)
+    _add_set(first)
+    second = Store(pg_store_url)  # re-applies schema.sql and views.sql on an existing database
+    second.create_schema()
+    inspector = sa.inspect(second.engine)
+    expected = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", (SQL_DIR / "schema.sql").read_text()))
+    assert len(expected) >= 14
+    assert expected <= set(inspector.get_table_names())
+    assert VIEWS <= set(inspector.get_view_names())
+    assert second.count("prompt_sets") == 1  # data survives re-application
+    for view in VIEWS:
+        assert second.query(f"SELECT * FROM {view}") == []
+
+
+def test_concurrent_schema_creation_on_a_fresh_database(pg_store_url: str) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def create() -> None:
+        try:
+            barrier.wait()
+            Store(pg_store_url)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_views_compute_from_data(store: Store) -> None:
+    _add_set(store)
+    _add_prompt(store, "p1", "first")
+    store.upsert("eval_metrics", [
+        {"eval_id": "e", "checkpoint_id": None, "model_label": label, "metric": "harmless", "value": value,
+         "ci_low": value - 0.1, "ci_high": value + 0.1, "n": 10, "created_at": NOW}
+        for label, value in (("base", 0.4), ("tuned", 0.8))
+    ])
+    (row,) = store.query("SELECT * FROM v_base_vs_tuned")
+    assert (row["base_value"], row["tuned_value"], row["n"]) == (0.4, 0.8, 10)
+    store.upsert("eval_answers", [
+        {"eval_id": "e", "model_label": "base", "checkpoint_id": None, "eval_set": "harmful", "prompt_id": "p1",
+         "answer": "a", "harmless_score": 2.0, "judged_harmful": 1, "rule_refusal": 0, "judge_parsed": 1}
+    ])
+    (row,) = store.query("SELECT * FROM v_harmlessness_by_category")
+    assert (row["category"], row["mean_harmless_score"], row["harmful_share"], row["n"]) == ("cat", 2.0, 1.0, 1)
+
+
+def test_upsert_replaces_and_does_not_duplicate(store: Store) -> None:
+    _add_set(store)
+    _add_prompt(store, "p1", "old text", 3)
+    _add_prompt(store, "p1", "new text", 4)
+    assert store.count("prompts") == 1
+    (row,) = store.prompts("s")
+    assert (row["text"], row["position"]) == ("new text", 4)
+    store.upsert("prompts", [{**row, "text": "ignored"}], update=False)
+    assert [r["text"] for r in store.prompts("s")] == ["new text"]
+    # duplicate keys in one call: the last one wins, as on SQLite
+    store.upsert("generations", [_generation("k", "first"), _generation("k", "second")])
+    assert store.get_generations(["k"])["k"]["completion"] == "second"
+
+
+def test_nan_reads_back_as_null(store: Store) -> None:  # as SQLite stores it
+    store.upsert("eval_metrics", [{"eval_id": "e", "checkpoint_id": None, "model_label": "base", "metric": "m",
+                                   "value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0,
+                                   "created_at": NOW}])
+    (row,) = store.query("SELECT value, ci_low, ci_high FROM eval_metrics")
+    assert row == {"value": None, "ci_low": None, "ci_high": None}
+
+
+def test_sql_in_prompt_text_round_trips_verbatim(store: Store) -> None:
+    _add_set(store)
+    evil = "'); DROP TABLE prompts; --\n\"quoted\" ; % _ \\ :param %(x)s $1 ?"
+    _add_prompt(store, "p1", evil)
+    assert [r["text"] for r in store.prompts("s")] == [evil]
+    assert store.query("SELECT prompt_id FROM prompts WHERE text = :t", t=evil) == [{"prompt_id": "p1"}]
+    with pytest.raises(ValueError):
+        store.upsert("prompt_sets", [{"name; DROP TABLE prompts": "x"}])
+    assert "prompts" in sa.inspect(store.engine).get_table_names()
+
+
+def test_get_generations_with_more_than_500_keys(store: Store) -> None:
+    store.upsert("generations", [_generation(f"k{i}", f"c{i}") for i in range(1200)])
+    found = store.get_generations([f"k{i}" for i in range(1300)] + ["k5"])
+    assert len(found) == 1200
+    assert found["k1199"]["completion"] == "c1199"
+
+
+# -- transcripts, cache, prompt sets --------------------------------------------------------------------
+
+
+def _scenes_in_store(store: Store, n: int = 2) -> list[Transcript]:
+    _add_set(store)
+    inputs = []
+    for i in range(n):
+        question = f"How can I break into house {i}?"
+        answer = f"First, find the spare key of house {i}. Then wait until night falls. Finally open the door."
+        _add_prompt(store, f"p{i}", question, i)
+        store.upsert("initial_responses", [
+            {"prompt_id": f"p{i}", "model_id": "m", "response": answer, "cache_key": "k", "created_at": NOW}
+        ])
+        inputs.append(SceneInput(f"p{i}", question, answer))
+    return run_scenes(FakeBackend(), inputs, SimulationSettings())
+
+
+def test_transcripts_round_trip(store: Store) -> None:
+    scenes = _scenes_in_store(store)
+    scenes[1].fallbacks["roles_reasked"] += 2
+    save_transcripts(store, scenes, method="matrix", model_id="m")
+    save_transcripts(store, scenes, method="matrix", model_id="m")  # re-saving replaces
+    assert store.count("transcripts") == 2
+    assert store.count("transcript_events") == sum(len(s.events) for s in scenes)
+    loaded = load_transcripts(store, "s", method="matrix", model_id="m")
+    assert len(loaded) == 2
+    for got, want in zip(loaded, scenes):
+        assert (got.prompt_id, got.question, got.answer, got.target) == (want.prompt_id, want.question, want.answer,
+                                                                          want.target)
+        assert got.plan == want.plan and got.roles == want.roles and got.objects == want.objects
+        assert got.events == want.events and got.fallbacks == want.fallbacks and got.memory == want.memory
+        assert (got.n_rounds, got.outcome, got.consequence) == (want.n_rounds, want.outcome, want.consequence)
+    assert any(e.feasible is True for e in loaded[0].events)
+    assert {r["prompt_set"] for r in store.query("SELECT prompt_set FROM v_scene_events")} == {"s"}
+
+
+def test_generation_cache(store: Store) -> None:
+    convs = [[{"role": "user", "content": f"question {i} " + "x" * i}] for i in range(7)]
+    params = GenerationParams(max_new_tokens=32)
+    backend = FakeBackend()
+    first = CachedBackend(backend, store, chunk_size=3).generate(convs, params)
+    assert backend.calls == 7 and store.count("generations") == 7
+    again = FakeBackend()
+    second = CachedBackend(again, store).generate(convs, params)
+    assert again.calls == 0
+    assert all(c.cached for c in second)
+    assert [(c.text, c.prompt_tokens, c.completion_tokens) for c in second] == [
+        (c.text, c.prompt_tokens, c.completion_tokens) for c in first
+    ]
+
+
+def test_load_bundled_prompt_set_matches_sqlite(store: Store, tmp_path: Path) -> None:
+    summary = load_prompt_set(store, "safe_rlhf", train_fraction=0.5)
+    load_prompt_set(store, "safe_rlhf", train_fraction=0.5)  # reloading upserts, never duplicates
+    sqlite = Store(f"sqlite:///{tmp_path}/s.db")
+    load_prompt_set(sqlite, "safe_rlhf", train_fraction=0.5)
+    key = ("prompt_id", "prompt_set", "position", "text", "category", "split")
+    rows = [tuple(r[k] for k in key) for r in store.prompts("safe_rlhf")]
+    assert rows == [tuple(r[k] for k in key) for r in sqlite.prompts("safe_rlhf")]
+    assert len(rows) == summary["n_prompts"] == store.count("prompts")
+    assert len(store.prompts("safe_rlhf", split="eval")) == summary["n_eval"] > 0
+    (meta,) = store.prompt_sets()
+    assert (meta["name"], meta["n_prompts"], meta["train_fraction"]) == ("safe_rlhf", len(rows), 0.5)
+
+
+# -- concurrent writers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_concurrent_writers_upsert_without_errors_or_duplicates(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = request.getfixturevalue("pg_store_url") if backend == "postgresql" else f"sqlite:///{tmp_path}/c.db"
+    Store(url)
+    # each writer upserts 200 generations: 150 of its own and 50 that the other one writes as well
+    shared = [f"shared{i:02d}" for i in range(50)]
+    work = {
+        # the second writer meets the shared keys in the opposite order: the classic deadlock, unless upsert
+        # locks rows in a fixed order
+        "a": [f"a{i}" for i in range(150)] + shared,
+        "b": list(reversed(shared)) + [f"b{i}" for i in range(150)],
+    }
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(work))
+
+    def write(name: str) -> None:
+        try:
+            store = Store(url, create=False)  # a separate engine, as in another process
+            keys = work[name]
+            barrier.wait()
+            for start in range(0, len(keys), 25):  # one transaction per batch, several of them overlapping
+                batch = keys[start : start + 25]
+                batch = batch[::2] + batch[1::2]  # not in key order within a batch either
+                store.upsert("generations", [_generation(k, f"{name}:{k}") for k in batch])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(name,)) for name in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    check = Store(url, create=False)
+    assert check.count("generations") == 350
+    assert check.scalar("SELECT COUNT(DISTINCT cache_key) FROM generations") == 350
+    owners = {r["completion"].split(":")[0] for r in check.query(
+        "SELECT completion FROM generations WHERE cache_key LIKE 'shared%'")}
+    assert owners <= {"a", "b"}
+
+
+# -- Dagster and MLflow on PostgreSQL --------------------------------------------------------------------
+
+
+def test_per_prompt_assets_with_postgres_store_and_dagster_instance(
+    pg_database: Callable[[], str], matrix_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+    from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
+
+    from matrix_assets.defs.asset_checks import transcripts_well_formed
+    from matrix_assets.defs.assets.baselines import cai_revisions_asset
+    from matrix_assets.defs.assets.prompts import benchmark_prompts
+    from matrix_assets.defs.assets.simulation import critiques, initial_responses, revised_answers, scene_transcripts
+    from matrix_assets.defs.resources import FakeLLM, MLflowResource, StoreResource
+
+    def simulate(instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:  # as in test_pipeline_fake.py
+        if "safe_rlhf" not in instance.get_dynamic_partitions("prompt_sets"):
+            instance.add_dynamic_partitions("prompt_sets", ["safe_rlhf"])
+        return dg.materialize(
+            [benchmark_prompts, initial_responses, scene_transcripts, critiques, revised_answers, cai_revisions_asset,
+             transcripts_well_formed],
+            partition_key="safe_rlhf", resources=resources, instance=instance,
+            run_config={"ops": {"initial_responses": {"config": {"max_prompts": 4}},
+                                "scene_transcripts": {"config": {"n_roles": 4, "max_rounds": 2}}}},
+        )
+
+    store_url, dagster_url = pg_database(), pg_database()
+    resources = {
+        "store": StoreResource(database_url=store_url),
+        "llm": FakeLLM(),
+        "judge": FakeLLM(),
+        "mlflow_tracking": MLflowResource(tracking_uri=f"sqlite:///{matrix_home / 'mlflow.db'}",
+                                          artifact_root=str(matrix_home / "mlartifacts")),
+    }
+    # the instance config that docs/postgres.md tells users to copy into $DAGSTER_HOME
+    config = yaml.safe_load((Path(__file__).parent.parent / "dagster.postgres.yaml").read_text())
+    assert config["storage"] == {"postgres": {"postgres_url": {"env": "MATRIX_DAGSTER_PG_URL"}}}
+    monkeypatch.setenv("MATRIX_DAGSTER_PG_URL", dagster_url)
+    with dg.instance_for_test(overrides=config) as instance:
+        assert isinstance(instance.run_storage, PostgresRunStorage)
+        assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
+        result = simulate(instance)
+        assert result.success
+        checks = result.get_asset_check_evaluations()
+        assert checks and all(c.passed for c in checks)
+        again = simulate(instance)  # everything from the cache, upserted not duplicated
+        assert again.success
+        meta = again.asset_materializations_for_node("scene_transcripts")[0].metadata
+        assert meta["llm_calls_made"].value == 0 and meta["llm_cache_hits"].value > 0
+        assert len(instance.get_runs()) == 2
+        assert instance.get_latest_materialization_event(dg.AssetKey("scene_transcripts")) is not None
+
+    db = Store(store_url, create=False)
+    assert db.count("initial_responses") == 4
+    assert db.count("transcripts") == 4
+    assert db.count("transcript_events") > 4 * 3
+    for table in ("critiques", "revisions"):
+        rows = db.query(f"SELECT method, COUNT(*) AS n FROM {table} GROUP BY method ORDER BY method")
+        assert [(r["method"], r["n"]) for r in rows] == [("cai", 4), ("matrix", 4)]
+    dagster_db = sa.create_engine(dagster_url)
+    try:
+        with dagster_db.connect() as conn:  # the runs really are in PostgreSQL
+            assert conn.exec_driver_sql("SELECT COUNT(*) FROM runs").scalar() == 2
+    finally:
+        dagster_db.dispose()
+
+
+def test_mlflow_tracking_and_registry_on_postgres(pg_store_url: str, tmp_path: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=pg_store_url)
+    experiment_id = client.create_experiment("matrix-pg", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment_id, run_name="train")
+    client.log_metric(run.info.run_id, "train_loss", 1.25, step=1)
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("matrix-aligned")
+    version = client.create_model_version(
+        "matrix-aligned", source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id
+    )
+    client.set_registered_model_alias("matrix-aligned", "champion", version.version)
+
+    fresh = mlflow.MlflowClient(tracking_uri=pg_store_url)  # read back through another client
+    assert fresh.get_run(run.info.run_id).data.metrics == {"train_loss": 1.25}
+    assert fresh.get_experiment_by_name("matrix-pg").experiment_id == experiment_id
+    champion = fresh.get_model_version_by_alias("matrix-aligned", "champion")
+    assert (champion.version, champion.run_id) == (version.version, run.info.run_id)
