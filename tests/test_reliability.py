@@ -25,7 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -563,14 +562,6 @@ def test_mlflow_check_names_an_unreachable_uri_quickly(tmp_path: Path) -> None:
     MLflowResource(tracking_uri=f"sqlite:///{tmp_path / 'ok' / 'mlflow.db'}", artifact_root=str(tmp_path)).check()
 
 
-MLFLOW_WIRING = pytest.mark.xfail(
-    strict=True,
-    reason="needs finetuned_checkpoint / evaluation_scores to call mlflow_tracking.check() first; "
-    "remove this marker once they do",
-)
-
-
-@MLFLOW_WIRING
 @pytest.mark.parametrize("asset", ["finetuned_checkpoint", "evaluation_scores"])
 def test_unreachable_mlflow_fails_fast_before_any_work(
     matrix_home: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch, asset: str

@@ -112,7 +112,8 @@ class OpenAICompatibleLLM(LLMResource):
         from matrix_assets.llm.openai_backend import OpenAICompatibleBackend
 
         return _shared(
-            ("openai", self.base_url, self.model, self.api_key_env, self.max_concurrency, self.timeout_s),
+            ("openai", self.base_url, self.model, self.api_key_env, self.max_concurrency, self.timeout_s,
+             self.max_retries),
             lambda: OpenAICompatibleBackend(
                 self.base_url, self.model, api_key_env=self.api_key_env, max_concurrency=self.max_concurrency,
                 timeout_s=self.timeout_s, max_retries=self.max_retries,

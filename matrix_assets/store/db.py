@@ -40,6 +40,11 @@ _TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "eval_pairwise": ("eval_id", "model_label", "prompt_id"),
     "eval_metrics": ("eval_id", "model_label", "metric"),
 }
+# Newest-first listings of the per-method tables (fixed SQL: no identifier is ever interpolated).
+_LATEST_PER_METHOD_SQL = {
+    "sft_datasets": "SELECT * FROM sft_datasets ORDER BY created_at DESC, dataset_id DESC",
+    "checkpoints": "SELECT * FROM checkpoints ORDER BY created_at DESC, checkpoint_id DESC",
+}
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 _CREATE_VIEW = re.compile(r"^CREATE VIEW (\w+) AS", re.IGNORECASE)
 # Any constant: serialises schema creation between processes that start at once on one PostgreSQL database.
@@ -103,7 +108,7 @@ class Store:
                 # Concurrent CREATE TABLE IF NOT EXISTS of the same table can fail on PostgreSQL (unique violation
                 # in pg_type), e.g. when several Dagster step processes start on a fresh database: take turns.
                 # Everything below then runs in this one transaction, so nobody ever sees a view missing.
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_ID})")
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _SCHEMA_LOCK_ID})
             for stmt in _split_sql((SQL_DIR / "schema.sql").read_text()):
                 conn.exec_driver_sql(stmt)
             if conn.dialect.name == "sqlite" and self._sqlite_views_current(conn, views):
@@ -258,11 +263,10 @@ class Store:
         self, table: str, methods: Sequence[str] | None, order: Sequence[str]
     ) -> list[dict[str, Any]]:
         """The newest row of `table` (sft_datasets or checkpoints) for each method, in the given method order."""
-        if table not in {"sft_datasets", "checkpoints"}:
+        if table not in _LATEST_PER_METHOD_SQL:
             raise ValueError(f"no per-method rows in {table!r}")
-        key = _TABLE_KEYS[table][0]
         latest: dict[str, dict[str, Any]] = {}
-        for row in self.query(f"SELECT * FROM {table} ORDER BY created_at DESC, {key} DESC"):
+        for row in self.query(_LATEST_PER_METHOD_SQL[table]):
             if (methods is None or row["method"] in methods) and row["method"] not in latest:
                 latest[row["method"]] = row
         return [latest[m] for m in order if m in latest]

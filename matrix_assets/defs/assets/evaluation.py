@@ -60,6 +60,7 @@ def evaluation_scores(
     db = store.get_store()
     llm.check()
     judge.check()
+    mlflow_tracking.check()  # before any generation, not after it
     checkpoints = checkpoints_to_evaluate(db, config.methods)
     if not checkpoints:
         raise dg.Failure("no checkpoint to evaluate; materialize finetuned_checkpoint first")

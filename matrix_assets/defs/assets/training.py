@@ -123,6 +123,7 @@ def finetuned_checkpoint(
         lora.validate()
     except ValueError as exc:
         raise dg.Failure(f"bad training configuration: {exc}") from exc
+    mlflow_tracking.check()  # an unreachable tracking store fails here, not after training
     datasets = latest_datasets(db, config.methods)
     base_model = llm.base_model_path()
     metadata: dict = {}
