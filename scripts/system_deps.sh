@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages for the UI tests (tests/test_ui.py): Debian's chromium, driven headless by Playwright.
-# Idempotent and quiet: does nothing when /usr/bin/chromium exists. Needs root to install; without root it only
-# warns (the UI tests then skip themselves) and exits 0.
+# Idempotent and quiet: does nothing when /usr/bin/chromium exists. Needs root to install; without root, or when
+# apt-get fails (e.g. offline), it only warns and exits 0, so that scripts/test.sh goes on (the UI tests then skip
+# themselves).
 set -euo pipefail
 
 if [ -x /usr/bin/chromium ]; then
@@ -15,10 +16,10 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-# Output is kept and shown only if a step fails.
+# apt's output is kept and shown only if a step fails.
 if ! { apt-get update -qq && apt-get install -y -qq chromium; } >"$log" 2>&1; then
-  cat "$log" >&2
-  echo "error: installing chromium failed" >&2
-  exit 1
+  tail -n 20 "$log" >&2
+  echo "warning: installing chromium failed (see above); the UI tests will be skipped" >&2
+  exit 0
 fi
-[ -x /usr/bin/chromium ] || { echo "error: chromium installed but /usr/bin/chromium not found" >&2; exit 1; }
+[ -x /usr/bin/chromium ] || echo "warning: chromium installed but /usr/bin/chromium not found; the UI tests will be skipped" >&2

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/dagster ] || bash scripts/install.sh
-export DAGSTER_HOME="$PWD" MATRIX_HOME="${MATRIX_HOME:-$PWD/.matrix}"
+export DAGSTER_HOME="${DAGSTER_HOME:-$PWD}" MATRIX_HOME="${MATRIX_HOME:-$PWD/.matrix}"
 export MATRIX_DAGSTER_STORAGE="${MATRIX_DAGSTER_STORAGE:-$MATRIX_HOME/dagster}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
 mkdir -p "$MATRIX_HOME/mlartifacts" "$MATRIX_DAGSTER_STORAGE"

@@ -1,0 +1,497 @@
+"""The two web UIs, driven the way a user drives them: the Dagster webserver (`dagster dev`, as in scripts/ui.sh)
+and the MLflow tracking server, each started as a real process on a free loopback port, looked at in headless
+Chromium (Playwright), and the Dagster one also driven through its GraphQL API.
+
+Needs Debian's chromium at /usr/bin/chromium (`bash scripts/system_deps.sh`); skipped without it. Runs on the
+deterministic fake backend, with a tiny 2-layer Llama for LoRA training, so it never loads the real model.
+The screenshots it takes are the ones in docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+REPO = Path(__file__).resolve().parent.parent
+SCREENSHOTS = REPO / "docs" / "screenshots"
+VIEWPORT = {"width": 1600, "height": 1000}
+
+ASSETS = [
+    "benchmark_prompts", "initial_responses", "scene_transcripts", "critiques", "revised_answers", "cai_revisions",
+    "sft_dataset", "finetuned_checkpoint", "evaluation_scores",
+]
+PARTITION = "safe_rlhf"  # materialized through the webserver (test_materialize_a_partition_through_graphql)
+PREP_PARTITION = "advbench"  # materialized in-process before the servers start, to train two checkpoints
+TRAIN_METHODS = ["matrix", "cai"]
+READY_TIMEOUT_S = 120
+RUN_TIMEOUT_S = 150
+
+pytestmark = [
+    pytest.mark.ui,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: run `bash scripts/system_deps.sh`"),
+    pytest.mark.timeout(420),
+]
+
+
+def _bin(name: str) -> str:
+    """A console script of this virtual environment (dagster, mlflow)."""
+    for candidate in (Path(sys.executable).parent / name, REPO / ".venv" / "bin" / name):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- state: two checkpoints trained the real way, before any server starts -------------------------------------
+
+
+def _prepare_state(home: Path, dagster_home: Path, tiny_model_dir: str) -> None:
+    """Simulate PREP_PARTITION and train one LoRA checkpoint per TRAIN_METHODS, in this process, on the fake
+    backend + tiny model, into the same stores (matrix.db, mlflow.db, Dagster storage) the servers will read."""
+    import dagster as dg
+
+    from matrix_assets.defs.assets.baselines import cai_revisions_asset
+    from matrix_assets.defs.assets.prompts import benchmark_prompts
+    from matrix_assets.defs.assets.simulation import critiques, initial_responses, revised_answers, scene_transcripts
+    from matrix_assets.defs.assets.training import finetuned_checkpoint, sft_dataset
+    from matrix_assets.defs.resources import FakeLLM, MLflowResource, StoreResource
+
+    per_prompt = [benchmark_prompts, initial_responses, scene_transcripts, critiques, revised_answers,
+                  cai_revisions_asset]
+    resources = {
+        "store": StoreResource(database_url=f"sqlite:///{home / 'matrix.db'}"),
+        "llm": FakeLLM(tiny_model_path=tiny_model_dir),
+        "judge": FakeLLM(),
+        "mlflow_tracking": MLflowResource(
+            tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "mlartifacts")
+        ),
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MATRIX_HOME", str(home))  # checkpoints/ and datasets/ go under it
+        mp.setenv("MATRIX_DAGSTER_STORAGE", str(home / "dagster"))  # read by dagster.yaml
+        for var in ("MATRIX_DATABASE_URL", "MLFLOW_TRACKING_URI", "MATRIX_DROP_DIR", "MATRIX_MLFLOW_ARTIFACTS"):
+            mp.delenv(var, raising=False)
+        # The servers' own Dagster instance, so that the UI shows these materializations too.
+        instance = dg.DagsterInstance.from_config(str(dagster_home))
+        try:
+            instance.add_dynamic_partitions("prompt_sets", [PREP_PARTITION])
+            simulated = dg.materialize(
+                per_prompt, partition_key=PREP_PARTITION, resources=resources, instance=instance,
+                run_config={"ops": {"initial_responses": {"config": {"max_prompts": 2}},
+                                    "scene_transcripts": {"config": {"n_roles": 3, "max_rounds": 1}}}},
+            )
+            assert simulated.success
+            trained = dg.materialize(
+                [*per_prompt, sft_dataset, finetuned_checkpoint], selection=["sft_dataset", "finetuned_checkpoint"],
+                resources=resources, instance=instance,
+                run_config={"ops": {
+                    "sft_dataset": {"config": {"methods": TRAIN_METHODS, "benign_ratio": 0.5}},
+                    "finetuned_checkpoint": {"config": {"methods": TRAIN_METHODS, "max_steps": 2, "batch_size": 2}},
+                }},
+            )
+            assert trained.success
+        finally:
+            instance.dispose()
+
+
+# -- servers -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UI:
+    home: Path
+    dagster_url: str
+    mlflow_url: str
+    checkpoint_ids: list[str]
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: dagster dev spawns a code server, webserver, daemon
+        )
+
+
+def _tail(log: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(procs: list[subprocess.Popen], timeout_s: float = 20) -> None:
+    """SIGTERM to each whole process group, SIGKILL to whatever is left of them after `timeout_s`."""
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        try:  # also the grandchildren (code server, run workers, MLflow's job consumers)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def _dagster_ready(url: str) -> bool:
+    """The webserver answers and the code location is loaded."""
+    query = "{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name } } } }"
+    data = httpx.post(f"{url}/graphql", json={"query": query}, timeout=10).json()["data"]["repositoriesOrError"]
+    return data["__typename"] == "RepositoryConnection" and bool(data["nodes"])
+
+
+def _mlflow_ready(url: str) -> bool:
+    return httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def _wait_ready(checks: dict[str, tuple], deadline_s: float) -> None:
+    """Poll each server until its check passes; fail with the log tail of any that died or never came up."""
+    pending = dict(checks)
+    deadline = time.monotonic() + deadline_s
+    while pending:
+        for name, (proc, check, url, log) in list(pending.items()):
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited with code {proc.returncode} before it was ready:\n{_tail(log)}")
+            try:
+                if check(url):
+                    del pending[name]
+            except (httpx.HTTPError, KeyError, TypeError, ValueError):
+                pass
+        if pending and time.monotonic() > deadline:
+            name, (_, _, url, log) = next(iter(pending.items()))
+            pytest.fail(f"{name} not ready at {url} after {deadline_s:.0f}s:\n{_tail(log)}")
+        if pending:
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Iterator[UI]:
+    home = tmp_path_factory.mktemp("ui_matrix_home")
+    # A DAGSTER_HOME of its own holding the repository's dagster.yaml: the instance config under test, while the
+    # files `dagster dev` writes next to it (.nux/, logs/, .logs_queue/, compute logs in storage/) stay out of
+    # the repository.
+    dagster_home = home / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
+    (home / "mlartifacts").mkdir()
+
+    _prepare_state(home, dagster_home, tiny_model_dir)
+    from matrix_assets.store.db import Store
+
+    checkpoint_ids = [r["checkpoint_id"] for r in
+                      Store(f"sqlite:///{home / 'matrix.db'}").query("SELECT checkpoint_id FROM checkpoints")]
+    assert len(checkpoint_ids) == len(TRAIN_METHODS)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MATRIX_", "MLFLOW_", "DAGSTER_"))}
+    env.update({
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
+    })
+    dagster_env = dict(
+        env, DAGSTER_HOME=str(dagster_home), MATRIX_HOME=str(home), MATRIX_DAGSTER_STORAGE=str(home / "dagster"),
+        MATRIX_LLM_BACKEND="fake", MATRIX_TINY_MODEL=tiny_model_dir,
+    )
+    dagster_port = _free_port()
+    mlflow_port = _free_port()
+    while mlflow_port == dagster_port:
+        mlflow_port = _free_port()
+    dagster_log, mlflow_log = home / "dagster.log", home / "mlflow.log"
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(_start(
+            [_bin("dagster"), "dev", "-h", "127.0.0.1", "-p", str(dagster_port), "-w", "workspace.yaml"],
+            dagster_env, dagster_log,
+        ))
+        procs.append(_start(
+            [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+             "--default-artifact-root", str(home / "mlartifacts")],
+            env, mlflow_log,
+        ))
+        dagster_url, mlflow_url = f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}"
+        _wait_ready({
+            "dagster dev": (procs[0], _dagster_ready, dagster_url, dagster_log),
+            "mlflow server": (procs[1], _mlflow_ready, mlflow_url, mlflow_log),
+        }, READY_TIMEOUT_S)
+        yield UI(home=home, dagster_url=dagster_url, mlflow_url=mlflow_url, checkpoint_ids=checkpoint_ids)
+    finally:
+        _stop(procs)
+
+
+# -- browser -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser) -> Iterator:  # noqa: ANN001
+    context = browser.new_context(viewport=VIEWPORT)
+    context.set_default_timeout(30_000)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+def _screenshot(page, name: str) -> Path:  # noqa: ANN001
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+# -- Dagster -------------------------------------------------------------------------------------------------
+
+
+def _gql(ui: UI, query: str, **variables: object) -> dict:
+    response = httpx.post(f"{ui.dagster_url}/graphql", json={"query": query, "variables": variables}, timeout=60)
+    response.raise_for_status()
+    body = response.json()
+    assert not body.get("errors"), body["errors"]
+    return body["data"]
+
+
+REPOSITORIES = """
+query { repositoriesOrError { __typename ... on RepositoryConnection { nodes { name location { name } } } } }
+"""
+ADD_PARTITION = """
+mutation AddPartition($repo: RepositorySelector!, $def: String!, $key: String!) {
+  addDynamicPartition(repositorySelector: $repo, partitionsDefName: $def, partitionKey: $key) {
+    __typename
+    ... on AddDynamicPartitionSuccess { partitionsDefName partitionKey }
+    ... on DuplicateDynamicPartitionError { partitionName }
+    ... on PythonError { message }
+    ... on UnauthorizedError { message }
+  }
+}
+"""
+LAUNCH_RUN = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId status } }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+    ... on PipelineNotFoundError { message }
+  }
+}
+"""
+RUN_STATUS = """
+query RunStatus($runId: ID!) { runOrError(runId: $runId) { __typename ... on Run { status tags { key value } } } }
+"""
+RUN_ERRORS = """
+query RunErrors($runId: ID!) {
+  logsForRun(runId: $runId) {
+    __typename
+    ... on EventConnection { events { __typename ... on MessageEvent { message } ... on ErrorEvent { error { message } } } }
+  }
+}
+"""
+
+
+def _run_errors(ui: UI, run_id: str) -> str:
+    try:
+        events = _gql(ui, RUN_ERRORS, runId=run_id)["logsForRun"]["events"]
+    except Exception as exc:  # noqa: BLE001 - only for the failure message
+        return f"(could not read the run's events: {exc})"
+    lines = [(e.get("error") or {}).get("message") or e.get("message") for e in events
+             if e["__typename"] in ("ExecutionStepFailureEvent", "RunFailureEvent", "EngineEvent")]
+    return "\n".join(line for line in lines if line)[-4000:]
+
+
+def test_materialize_a_partition_through_graphql(ui: UI) -> None:
+    """Add a prompt-set partition and launch `simulate_prompt_set` on it through the webserver's GraphQL API, as
+    the UI's launchpad does; the run goes through the queued run coordinator and daemon of `dagster dev`."""
+    repos = _gql(ui, REPOSITORIES)["repositoriesOrError"]
+    assert repos["__typename"] == "RepositoryConnection", repos
+    [repo] = repos["nodes"]
+    selector = {"repositoryName": repo["name"], "repositoryLocationName": repo["location"]["name"]}
+
+    added = _gql(ui, ADD_PARTITION, repo=selector, key=PARTITION, **{"def": "prompt_sets"})["addDynamicPartition"]
+    assert added == {"__typename": "AddDynamicPartitionSuccess", "partitionsDefName": "prompt_sets",
+                     "partitionKey": PARTITION}, added
+
+    params = {
+        "selector": {**selector, "jobName": "simulate_prompt_set"},
+        "runConfigData": {"ops": {"initial_responses": {"config": {"max_prompts": 3}},
+                                  "scene_transcripts": {"config": {"max_rounds": 1}}}},
+        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": PARTITION}]},
+    }
+    launched = _gql(ui, LAUNCH_RUN, params=params)["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        run = _gql(ui, RUN_STATUS, runId=run_id)["runOrError"]
+        if run["status"] in ("SUCCESS", "FAILURE", "CANCELED") or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert run["status"] == "SUCCESS", f"run {run_id} is {run['status']}:\n{_run_errors(ui, run_id)}"
+    assert {"key": "dagster/partition", "value": PARTITION} in run["tags"]
+
+    from matrix_assets.store.db import Store
+
+    db = Store(f"sqlite:///{ui.home / 'matrix.db'}")
+    per_set = {r["prompt_set"]: r["n"] for r in db.query(
+        "SELECT p.prompt_set, COUNT(*) AS n FROM transcripts t JOIN prompts p ON p.prompt_id = t.prompt_id "
+        "GROUP BY p.prompt_set")}
+    assert per_set.get(PARTITION) == 3, per_set
+    rounds = db.query("SELECT t.n_rounds FROM transcripts t JOIN prompts p ON p.prompt_id = t.prompt_id "
+                      "WHERE p.prompt_set = :s", s=PARTITION)
+    assert all(r["n_rounds"] <= 1 for r in rounds), rounds  # the run config reached the asset
+
+
+def _dismiss_popups(ui: UI, page) -> None:  # noqa: ANN001
+    """Close Dagster's one-time "Join the Dagster community" dialog, which covers the page on a first visit.
+    Whether it will come is asked first (GraphQL `shouldShowNux`), so that a slow page cannot outrun the check."""
+    if not _gql(ui, "{ shouldShowNux }")["shouldShowNux"]:
+        return
+    skip = page.get_by_role("button", name="Skip", exact=True)
+    skip.wait_for(state="visible")
+    skip.click()
+    skip.wait_for(state="hidden")
+    assert _gql(ui, "{ shouldShowNux }")["shouldShowNux"] is False
+
+
+def _graph_label_matches(label: str, name: str) -> bool:
+    """The zoomed-out graph shortens long names in the middle ("finetu…_checkpoint")."""
+    if "…" not in label:
+        return label == name
+    head, tail = label.split("…", 1)
+    return name.startswith(head) and name.endswith(tail)
+
+
+def test_dagster_asset_graph_shows_every_asset(ui: UI, page) -> None:  # noqa: ANN001
+    page.goto(f"{ui.dagster_url}/asset-groups")
+    _dismiss_popups(ui, page)
+    page.get_by_text("Global asset lineage").first.wait_for()
+    page.get_by_role("button", name="zoom_in", exact=True).wait_for()  # the graph viewport is up
+
+    # Groups start collapsed in the global graph: expand them all (the graph's ⌥E shortcut, else its menu).
+    node_labels = "foreignObject [class*='assetName']"
+    enough_nodes = f"n => document.querySelectorAll(\"{node_labels}\").length >= n"
+    page.keyboard.press("Alt+e")
+    try:
+        page.wait_for_function(enough_nodes, arg=len(ASSETS), timeout=5000)
+    except Exception:  # noqa: BLE001 - shortcut not taken: use the settings menu
+        page.get_by_role("button", name="settings", exact=True).click()
+        page.get_by_role("menuitem", name=re.compile("Expand all groups")).click()
+        page.wait_for_function(enough_nodes, arg=len(ASSETS))
+    graph_labels = [t.strip() for t in page.locator(node_labels).all_inner_texts()]
+    for name in ASSETS:
+        assert any(_graph_label_matches(label, name) for label in graph_labels), (name, graph_labels)
+
+    # The sidebar tree lists the full names: expand every group there too.
+    collapsed = page.locator("button:has([aria-label='arrow_drop_down'][style*='rotate(-90deg)'])")
+    for _ in range(20):
+        if collapsed.count() == 0:
+            break
+        collapsed.first.click()
+    for name in ASSETS:  # outside the graph's SVG, i.e. in the sidebar
+        page.locator(f"xpath=//*[not(ancestor::*[local-name()='svg'])][normalize-space(text())='{name}']") \
+            .first.wait_for(state="visible")
+
+    page.evaluate("() => document.activeElement && document.activeElement.blur()")
+    page.mouse.move(VIEWPORT["width"] // 2, VIEWPORT["height"] - 50)  # no hover tooltip in the picture
+    page.wait_for_timeout(1500)  # the graph animates into place
+    _screenshot(page, "dagster_asset_graph.png")
+
+
+# -- MLflow --------------------------------------------------------------------------------------------------
+
+
+def _close_mlflow_assistant(page) -> None:  # noqa: ANN001
+    """MLflow 3 opens its "MLflow Assistant" side panel on a first visit; it covers a third of the page."""
+    close = page.locator("[data-component-id='mlflow.assistant.chat_panel.close']")
+    try:
+        close.wait_for(state="visible", timeout=3000)
+    except Exception:  # noqa: BLE001 - not open this time
+        return
+    close.click()
+    close.wait_for(state="hidden")
+
+
+def _autosize_columns(page) -> None:  # noqa: ANN001
+    """Double-clicking an ag-grid header's resize handle fits the column to its content."""
+    for handle in page.locator("[role=columnheader] .ag-header-cell-resize").all():
+        if handle.is_visible():
+            handle.dblclick()
+
+
+def test_mlflow_ui_lists_both_checkpoint_runs(ui: UI, page) -> None:  # noqa: ANN001
+    experiment = httpx.get(f"{ui.mlflow_url}/api/2.0/mlflow/experiments/get-by-name",
+                           params={"experiment_name": "matrix-assets"}, timeout=30).json()["experiment"]
+    assert all(c.startswith("ckpt-") for c in ui.checkpoint_ids), ui.checkpoint_ids
+
+    # MLflow 3 opens an experiment on its GenAI overview; the training runs are under "Model training".
+    page.goto(f"{ui.mlflow_url}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning")
+    for checkpoint_id in ui.checkpoint_ids:  # run name == checkpoint id
+        page.get_by_text(checkpoint_id, exact=True).first.wait_for(state="visible")
+    page.get_by_text(f"{len(ui.checkpoint_ids)} matching runs").wait_for(state="visible")
+    _close_mlflow_assistant(page)
+
+    # For the picture: the training loss, method and Dagster asset instead of the empty Dataset / Models columns.
+    page.get_by_role("button", name="Columns").click()
+    selector = page.locator("[data-component-id='mlflow.experiment_page.runs_table.column_selector']")
+    for column in ("Dataset", "Models", "train_loss", "method", "dagster.asset_key"):
+        selector.get_by_text(column, exact=True).first.click()
+    page.keyboard.press("Escape")
+    page.get_by_role("columnheader", name="train_loss").first.wait_for(state="visible")
+    _autosize_columns(page)
+    page.mouse.move(VIEWPORT["width"] // 2, VIEWPORT["height"] - 50)
+    page.wait_for_timeout(1000)
+    _screenshot(page, "mlflow_runs.png")
+
+    page.goto(f"{ui.mlflow_url}/#/models/matrix-aligned?workflowType=machine_learning")
+    _close_mlflow_assistant(page)
+    for version in range(1, len(ui.checkpoint_ids) + 1):
+        page.get_by_text(f"Version {version}", exact=True).first.wait_for(state="visible")
+    for checkpoint_id in ui.checkpoint_ids:  # each version is tagged with its checkpoint
+        assert page.get_by_text(checkpoint_id).count() == 1, checkpoint_id
+    page.wait_for_timeout(1000)
+    _screenshot(page, "mlflow_models.png")
