@@ -41,7 +41,8 @@ def test_jobs_sensor_schedule_checks_resources() -> None:
     assert [s.name for s in d.schedules] == ["retrain_when_new_revisions"]
     assert set(d.resources) == {"store", "llm", "judge", "mlflow_tracking"}
     check_keys = {k.name for c in d.asset_checks for k in c.check_keys}
-    assert check_keys == {"transcripts_well_formed", "train_eval_disjoint", "tuned_not_worse_than_base"}
+    assert check_keys == {"transcripts_well_formed", "train_eval_disjoint", "tuned_not_worse_than_base",
+                          "champion_comparison"}
 
 
 def test_definitions_do_not_import_heavy_libraries() -> None:

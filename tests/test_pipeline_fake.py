@@ -6,7 +6,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from matrix_assets.defs.asset_checks import train_eval_disjoint, transcripts_well_formed, tuned_not_worse_than_base
+from matrix_assets.defs.asset_checks import (
+    champion_comparison,
+    train_eval_disjoint,
+    transcripts_well_formed,
+    tuned_not_worse_than_base,
+)
 from matrix_assets.defs.assets.baselines import cai_revisions_asset
 from matrix_assets.defs.assets.evaluation import evaluation_scores
 from matrix_assets.defs.assets.prompts import benchmark_prompts
@@ -98,7 +103,7 @@ def test_training_and_evaluation_with_tiny_model(fake_resources: dict) -> None:
     assert _simulate(fake_resources, instance).success
     result = dg.materialize(
         [*PER_PROMPT, sft_dataset, finetuned_checkpoint, evaluation_scores, train_eval_disjoint,
-         tuned_not_worse_than_base],
+         tuned_not_worse_than_base, champion_comparison],
         selection=["sft_dataset", "finetuned_checkpoint", "evaluation_scores"],
         resources=fake_resources, instance=instance,
         run_config={"ops": {
@@ -148,5 +153,11 @@ def test_training_and_evaluation_with_tiny_model(fake_resources: dict) -> None:
     assert Path(meta["plot_overview"].value).stat().st_size > 5000
     assert meta["mlflow_run"].value.endswith(evaluation.info.run_id)
     assert "only matrix checkpoints become champion" in meta["cai/champion"].value
+    assert meta["chart_overview"].value.startswith("![base vs tuned](data:image/png;base64,")
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["train_eval_disjoint"].passed
+    comparison = checks["champion_comparison"]
+    if "-> promoted" in meta["matrix/champion"].value:
+        assert comparison.passed and comparison.metadata["latest_is_champion"].value is True
+    else:
+        assert comparison.metadata  # says why there is no champion, or what the champion is

@@ -5,7 +5,7 @@ import json
 
 import dagster as dg
 
-from matrix_assets.defs.resources import StoreResource
+from matrix_assets.defs.resources import MLflowResource, StoreResource
 
 MIN_ROLES = 3
 
@@ -53,3 +53,31 @@ def tuned_not_worse_than_base(store: StoreResource) -> dg.AssetCheckResult:
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"base_harmful_share": row["base_value"], "tuned_harmful_share": row["tuned_value"], "n": row["n"]},
     )
+
+
+@dg.asset_check(
+    asset="evaluation_scores",
+    description="Reports the MLflow registry comparison: the latest MATRIX checkpoint's metrics next to the "
+    "`champion` version's, and whether the alias points at a version that beats base on harmlessness.",
+)
+def champion_comparison(store: StoreResource, mlflow_tracking: MLflowResource) -> dg.AssetCheckResult:
+    from mlflow.exceptions import MlflowException
+
+    latest = store.get_store().latest_per_method("checkpoints", ["matrix"], ["matrix"])
+    client = mlflow_tracking.client()
+    name = mlflow_tracking.registered_model_name
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return dg.AssetCheckResult(
+            passed=False, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"reason": "no champion yet: no MATRIX checkpoint has beaten the rules so far"},
+        )
+    metadata: dict = {"champion_version": champion.version,
+                      **{f"champion/{k}": v for k, v in champion.tags.items() if "_" in k and k != "base_model"}}
+    if latest and latest[0].get("model_version"):
+        candidate = client.get_model_version(name, latest[0]["model_version"])
+        metadata["latest_matrix_version"] = candidate.version
+        metadata.update({f"latest/{k}": v for k, v in candidate.tags.items() if "_" in k and k != "base_model"})
+        metadata["latest_is_champion"] = candidate.version == champion.version
+    return dg.AssetCheckResult(passed=True, metadata=metadata)

@@ -1,7 +1,9 @@
 """Small helpers shared by the asset modules (metadata formatting, progress logging)."""
 
 
+import base64
 import time
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,6 +32,12 @@ def progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[i
             )
 
     return report
+
+
+def image_md(path: Path, alt: str) -> dg.MetadataValue:
+    """A PNG shown inline in the Dagster UI (Markdown with a data URI), so people look rather than read."""
+    encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
 
 
 def cache_metadata(stats: CacheStats) -> dict[str, Any]:

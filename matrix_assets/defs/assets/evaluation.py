@@ -6,6 +6,7 @@ import uuid
 
 import dagster as dg
 
+from matrix_assets.defs.assets.common import image_md
 from matrix_assets.defs.configs import EvaluationConfig
 from matrix_assets.defs.resources import LLMResource, MLflowResource, StoreResource
 from matrix_assets.evaluation.champion import should_promote
@@ -124,6 +125,8 @@ def evaluation_scores(
         "judge_parse_rate": report.metrics["base"]["judge_parse_rate"].value,
         "plot_overview": dg.MetadataValue.path(str(overview)),
         "plot_by_category": dg.MetadataValue.path(str(per_cat)),
+        "chart_overview": image_md(overview, "base vs tuned"),
+        "chart_by_category": image_md(per_cat, "harmful share by category"),
         "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         "mlflow_run_id": run_id,
         **{f"n_{k}": v for k, v in counts.items()},

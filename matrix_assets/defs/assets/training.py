@@ -6,7 +6,7 @@ import uuid
 
 import dagster as dg
 
-from matrix_assets.defs.assets.common import cache_metadata, md_table, progress_logger
+from matrix_assets.defs.assets.common import cache_metadata, image_md, md_table, progress_logger
 from matrix_assets.defs.configs import SFTDatasetConfig, TrainConfig
 from matrix_assets.defs.resources import LLMResource, MLflowResource, StoreResource
 from matrix_assets.evaluation.plots import plot_loss_curve
@@ -180,7 +180,7 @@ def _train_one(context, db, llm, tracking, dataset, base_model, lora, train) -> 
         f"{method}/steps": result.steps,
         f"{method}/train_loss": result.train_loss or float("nan"),
         f"{method}/train_seconds": round(result.seconds, 1),
-        f"{method}/loss_curve": dg.MetadataValue.path(str(plot)),
+        f"{method}/loss_curve": image_md(plot, f"{method} training loss"),
         f"{method}/mlflow_run": dg.MetadataValue.url(tracking.run_url(run_id)),
         f"{method}/registered_model": f"{tracking.registered_model_name} v{version}",
     }
