@@ -22,6 +22,8 @@ def _prepare_environment() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if sys.stderr.isatty():
+        os.environ.setdefault("MATRIX_PROGRESS_BARS", "1")  # generation progress bars in a terminal
     os.environ.setdefault("MATRIX_HOME", str(REPO_ROOT / ".matrix"))
     os.environ.setdefault("MATRIX_DAGSTER_STORAGE", str(Path(os.environ["MATRIX_HOME"]) / "dagster"))
     if "DAGSTER_HOME" not in os.environ and (REPO_ROOT / "dagster.yaml").exists():
@@ -77,6 +79,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.full:
         args.max_prompts = args.eval_prompts = None
         args.roles, args.steps, args.rounds, args.observers = 5, 5, 5, 5
+    # Training defaults depend on the data size: a dozen examples need more epochs and a higher rate.
+    if args.epochs is None:
+        args.epochs = 3.0 if args.full else 8.0
+    if args.learning_rate is None:
+        args.learning_rate = 2e-4 if args.full else 2e-3
     _prepare_environment()
     defs, instance = _definitions(), _instance()
     if args.prompt_set not in instance.get_dynamic_partitions("prompt_sets"):
@@ -221,9 +228,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--observers", type=int, default=3, help="roles that react to one action at most (default 3)")
     run.add_argument("--train-fraction", type=float, default=0.5, help="share of each set used for training (0.5)")
     run.add_argument("--benign-ratio", type=float, default=0.5, help="benign self-answered examples per revision (0.5)")
-    run.add_argument("--epochs", type=float, default=3.0, help="LoRA epochs (paper: 3)")
+    run.add_argument("--epochs", type=float, default=None,
+                     help="LoRA epochs (default 8 for the quick run's ~12 examples per method; --full uses the "
+                     "paper's 3)")
     run.add_argument("--max-steps", type=int, default=-1, help="cap on optimizer steps (overrides epochs when > 0)")
-    run.add_argument("--learning-rate", type=float, default=2e-4, help="LoRA learning rate (default 2e-4)")
+    run.add_argument("--learning-rate", type=float, default=None,
+                     help="LoRA learning rate (default 2e-3 for the quick run: at 2e-4 a dozen examples do not move "
+                     "the model at all; --full uses 2e-4)")
     run.add_argument("--methods", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
                      default=["matrix", "cai", "initial_sft"],
                      help="comma-separated methods to train and compare (default: matrix,cai,initial_sft)")

@@ -2,6 +2,7 @@
 
 
 import base64
+import os
 import time
 from pathlib import Path
 from collections.abc import Callable, Mapping
@@ -13,16 +14,28 @@ from matrix_assets.llm.cache import CacheStats
 
 
 def progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[int, int], None]:
-    """Log generation progress at most every ~10 s (Dagster's event log is the progress bar here).
+    """Report generation progress: a log line at most every ~10 s (the Dagster UI's event log), and a
+    terminal progress bar when the CLI asks for one (MATRIX_PROGRESS_BARS=1, set when stderr is a TTY).
 
     The cache calls it with done=0 when a batch of cache misses starts, then after every chunk."""
     clock = {"started": time.monotonic(), "last": 0.0, "batch": 0}
+    bar: dict[str, Any] = {"bar": None}
+    show_bar = os.environ.get("MATRIX_PROGRESS_BARS") == "1"
 
     def report(done: int, total: int) -> None:
         now = time.monotonic()
         if done == 0:
             clock.update(started=now, last=now, batch=clock["batch"] + 1)
+            if show_bar:
+                from tqdm import tqdm
+
+                bar["bar"] = tqdm(total=total, desc=f"{what} #{clock['batch']}", unit="gen", leave=False)
             return
+        if bar["bar"] is not None:
+            bar["bar"].update(done - bar["bar"].n)
+            if done == total:
+                bar["bar"].close()
+                bar["bar"] = None
         if done == total or now - clock["last"] >= 10:
             clock["last"] = now
             rate = done / max(now - clock["started"], 1e-9)
