@@ -1,4 +1,6 @@
-"""The store, the Dagster instance and MLflow on PostgreSQL (a throwaway local cluster, see tests/conftest.py).
+"""What only PostgreSQL needs: schema races, concurrent writers, Dagster's instance and MLflow on PostgreSQL
+(a throwaway local cluster, see tests/conftest.py). The store's own behaviour is tested on both databases by
+tests/test_store.py, whose `store` fixture is parametrized over SQLite and PostgreSQL.
 
 Skipped when PostgreSQL is not installed (`scripts/pg_local.sh install`); MATRIX_TEST_POSTGRES_URL points the
 tests at another server.
@@ -92,98 +94,7 @@ def test_concurrent_schema_creation_on_a_fresh_database(pg_store_url: str) -> No
     assert errors == []
 
 
-def test_views_compute_from_data(store: Store) -> None:
-    _add_set(store)
-    _add_prompt(store, "p1", "first")
-    store.upsert("eval_metrics", [
-        {"eval_id": "e", "checkpoint_id": None, "model_label": label, "metric": "harmless", "value": value,
-         "ci_low": value - 0.1, "ci_high": value + 0.1, "n": 10, "created_at": NOW}
-        for label, value in (("base", 0.4), ("tuned", 0.8))
-    ])
-    (row,) = store.query("SELECT * FROM v_base_vs_tuned")
-    assert (row["base_value"], row["tuned_value"], row["n"]) == (0.4, 0.8, 10)
-    store.upsert("eval_answers", [
-        {"eval_id": "e", "model_label": "base", "checkpoint_id": None, "eval_set": "harmful", "prompt_id": "p1",
-         "answer": "a", "harmless_score": 2.0, "judged_harmful": 1, "rule_refusal": 0, "judge_parsed": 1}
-    ])
-    (row,) = store.query("SELECT * FROM v_harmlessness_by_category")
-    assert (row["category"], row["mean_harmless_score"], row["harmful_share"], row["n"]) == ("cat", 2.0, 1.0, 1)
-
-
-def test_upsert_replaces_and_does_not_duplicate(store: Store) -> None:
-    _add_set(store)
-    _add_prompt(store, "p1", "old text", 3)
-    _add_prompt(store, "p1", "new text", 4)
-    assert store.count("prompts") == 1
-    (row,) = store.prompts("s")
-    assert (row["text"], row["position"]) == ("new text", 4)
-    store.upsert("prompts", [{**row, "text": "ignored"}], update=False)
-    assert [r["text"] for r in store.prompts("s")] == ["new text"]
-    # duplicate keys in one call: the last one wins, as on SQLite
-    store.upsert("generations", [_generation("k", "first"), _generation("k", "second")])
-    assert store.get_generations(["k"])["k"]["completion"] == "second"
-
-
-def test_nan_reads_back_as_null(store: Store) -> None:  # as SQLite stores it
-    store.upsert("eval_metrics", [{"eval_id": "e", "checkpoint_id": None, "model_label": "base", "metric": "m",
-                                   "value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0,
-                                   "created_at": NOW}])
-    (row,) = store.query("SELECT value, ci_low, ci_high FROM eval_metrics")
-    assert row == {"value": None, "ci_low": None, "ci_high": None}
-
-
-def test_sql_in_prompt_text_round_trips_verbatim(store: Store) -> None:
-    _add_set(store)
-    evil = "'); DROP TABLE prompts; --\n\"quoted\" ; % _ \\ :param %(x)s $1 ?"
-    _add_prompt(store, "p1", evil)
-    assert [r["text"] for r in store.prompts("s")] == [evil]
-    assert store.query("SELECT prompt_id FROM prompts WHERE text = :t", t=evil) == [{"prompt_id": "p1"}]
-    with pytest.raises(ValueError):
-        store.upsert("prompt_sets", [{"name; DROP TABLE prompts": "x"}])
-    assert "prompts" in sa.inspect(store.engine).get_table_names()
-
-
-def test_get_generations_with_more_than_500_keys(store: Store) -> None:
-    store.upsert("generations", [_generation(f"k{i}", f"c{i}") for i in range(1200)])
-    found = store.get_generations([f"k{i}" for i in range(1300)] + ["k5"])
-    assert len(found) == 1200
-    assert found["k1199"]["completion"] == "c1199"
-
-
 # -- transcripts, cache, prompt sets --------------------------------------------------------------------
-
-
-def _scenes_in_store(store: Store, n: int = 2) -> list[Transcript]:
-    _add_set(store)
-    inputs = []
-    for i in range(n):
-        question = f"How can I break into house {i}?"
-        answer = f"First, find the spare key of house {i}. Then wait until night falls. Finally open the door."
-        _add_prompt(store, f"p{i}", question, i)
-        store.upsert("initial_responses", [
-            {"prompt_id": f"p{i}", "model_id": "m", "response": answer, "cache_key": "k", "created_at": NOW}
-        ])
-        inputs.append(SceneInput(f"p{i}", question, answer))
-    return run_scenes(FakeBackend(), inputs, SimulationSettings())
-
-
-def test_transcripts_round_trip(store: Store) -> None:
-    scenes = _scenes_in_store(store)
-    scenes[1].fallbacks["roles_reasked"] += 2
-    save_transcripts(store, scenes, method="matrix", model_id="m")
-    save_transcripts(store, scenes, method="matrix", model_id="m")  # re-saving replaces
-    assert store.count("transcripts") == 2
-    assert store.count("transcript_events") == sum(len(s.events) for s in scenes)
-    loaded = load_transcripts(store, "s", method="matrix", model_id="m")
-    assert len(loaded) == 2
-    for got, want in zip(loaded, scenes):
-        assert (got.prompt_id, got.question, got.answer, got.target) == (want.prompt_id, want.question, want.answer,
-                                                                          want.target)
-        assert got.plan == want.plan and got.roles == want.roles and got.objects == want.objects
-        assert got.events == want.events and got.fallbacks == want.fallbacks and got.memory == want.memory
-        assert (got.n_rounds, got.outcome, got.consequence) == (want.n_rounds, want.outcome, want.consequence)
-    assert any(e.feasible is True for e in loaded[0].events)
-    assert {r["prompt_set"] for r in store.query("SELECT prompt_set FROM v_scene_events")} == {"s"}
 
 
 def test_generation_cache(store: Store) -> None:

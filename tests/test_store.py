@@ -17,13 +17,20 @@ from matrix_assets.store.scenes import load_transcripts, save_transcripts
 NOW = "2024-01-01T00:00:00+00:00"
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(f"sqlite:///{tmp_path}/t.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """Every store test runs on both databases (PostgreSQL: a fresh database on a throwaway local server)."""
+    if request.param == "sqlite":
+        return Store(f"sqlite:///{tmp_path}/t.db")
+    return Store(request.getfixturevalue("pg_store_url"))
 
 
 def _tables(store: Store, kind: str) -> set[str]:
-    return {r["name"] for r in store.query("SELECT name FROM sqlite_master WHERE type = :k", k=kind)}
+    """Table or view names, through SQLAlchemy's inspector (works on SQLite and PostgreSQL)."""
+    import sqlalchemy as sa
+
+    inspector = sa.inspect(store.engine)
+    return set(inspector.get_table_names() if kind == "table" else inspector.get_view_names())
 
 
 def _add_set(store: Store, name: str = "s") -> None:
@@ -310,3 +317,23 @@ def test_load_dropped_prompt_set(store: Store, tmp_path: Path, monkeypatch: pyte
     summary = load_prompt_set(store, "mine")
     assert summary["n_prompts"] == 3
     assert sorted(r["text"] for r in store.prompts("mine")) == ["first prompt", "second prompt", "third prompt"]
+
+
+def test_nan_reads_back_as_null(store: Store) -> None:
+    import math
+
+    store.upsert("eval_metrics", [{"eval_id": "e", "checkpoint_id": None, "model_label": "base", "metric": "m",
+                                   "value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0,
+                                   "created_at": NOW}])
+    (row,) = store.query("SELECT value, ci_low, ci_high FROM eval_metrics")
+    assert row == {"value": None, "ci_low": None, "ci_high": None}
+
+
+def test_duplicate_keys_in_one_upsert_last_wins(store: Store) -> None:
+    def generation(completion: str) -> dict:
+        return {"cache_key": "k", "model_id": "m", "params_json": "{}", "messages_json": "[]",
+                "completion": completion, "prompt_tokens": 1, "completion_tokens": 1, "seconds": 0.0,
+                "created_at": NOW}
+
+    store.upsert("generations", [generation("first"), generation("second")])
+    assert store.get_generations(["k"])["k"]["completion"] == "second"
