@@ -71,14 +71,20 @@ class LocalTransformersLLM(LLMResource):
 
     model: str = Field(default=DEFAULT_MODEL, description="Bundled alias, local folder, or Hugging Face id.")
     torch_threads: int | None = Field(default=None, description="torch intra-op threads (None: torch default).")
+    decoding: str = Field(
+        default="padded",
+        description="padded (batched model.generate) or continuous (transformers' continuous batching: no compute "
+        "on rows that already ended; calls with a repetition penalty stay padded, CB does not support it).",
+    )
 
     def backend(self, adapter_path: str | None = None) -> ChatBackend:
         from matrix_assets.llm.transformers_backend import TransformersBackend
 
         return _shared(
-            ("transformers", self.model, adapter_path, self.batch_size, self.torch_threads),
+            ("transformers", self.model, adapter_path, self.batch_size, self.torch_threads, self.decoding),
             lambda: TransformersBackend(
-                self.model, adapter_path=adapter_path, batch_size=self.batch_size, torch_threads=self.torch_threads
+                self.model, adapter_path=adapter_path, batch_size=self.batch_size, torch_threads=self.torch_threads,
+                decoding=self.decoding,
             ),
         )
 
@@ -271,7 +277,9 @@ def llm_from_env(prefix: str = "MATRIX_") -> LLMResource:
     kind = env(f"{prefix}LLM_BACKEND", "transformers")
     batch_size = int(env(f"{prefix}BATCH_SIZE", "8"))
     if kind == "transformers":
-        return LocalTransformersLLM(model=env(f"{prefix}MODEL", DEFAULT_MODEL), batch_size=batch_size)
+        return LocalTransformersLLM(
+            model=env(f"{prefix}MODEL", DEFAULT_MODEL), batch_size=batch_size, decoding=env(f"{prefix}DECODING", "padded")
+        )
     if kind == "openai":
         return OpenAICompatibleLLM(
             base_url=env(f"{prefix}OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),

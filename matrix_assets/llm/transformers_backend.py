@@ -40,12 +40,16 @@ class TransformersBackend(ChatBackend):
         batch_size: int = 8,
         max_input_tokens: int = 1536,
         torch_threads: int | None = None,
+        decoding: str = "padded",
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if decoding not in {"padded", "continuous"}:
+            raise ValueError(f"decoding must be 'padded' or 'continuous', not {decoding!r}")
+        self.decoding = decoding
         self.model_name = model
         self.batch_size = max(1, batch_size)
         self.max_input_tokens = max_input_tokens
@@ -79,6 +83,10 @@ class TransformersBackend(ChatBackend):
 
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         encoded = [self.encode(c) for c in conversations]
+        # Continuous batching drops logits processors it does not support (the repetition penalty among them),
+        # which would store text under a cache key that promises the penalty: such calls stay padded.
+        if self.decoding == "continuous" and params.repetition_penalty == 1.0:
+            return self.generate_continuous(encoded, params)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[Completion | None] = [None] * len(encoded)
         for start in range(0, len(order), self.batch_size):
@@ -124,6 +132,41 @@ class TransformersBackend(ChatBackend):
                 if stop and stop in text:
                     text = text.split(stop, 1)[0]
             completions.append(Completion(text.strip(), len(batch[row]), n_tokens))
+        return completions
+
+    def generate_continuous(self, batch: Sequence[list[int]], params: GenerationParams) -> list[Completion]:
+        """transformers' continuous batching (paged KV cache): a finished row frees its slot for the next
+        request at once, so no compute is spent on rows that already ended, unlike padded `generate`."""
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=params.temperature > 0,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            max_batch_tokens=None,
+        )
+        if params.temperature > 0:
+            config.temperature, config.top_p = params.temperature, params.top_p
+        import torch
+
+        if params.temperature > 0:
+            torch.manual_seed(params.seed)
+        with self._lock, torch.inference_mode():
+            results = self.model.generate_batch(inputs=[list(ids) for ids in batch], generation_config=config,
+                                                warmup=False)
+        outputs = list(results.values())
+        if len(outputs) != len(batch) or any(r.error is not None for r in outputs):
+            errors = [str(r.error) for r in outputs if r.error is not None]
+            raise BackendError(f"continuous batching returned {len(outputs)}/{len(batch)} results {errors[:3]}")
+        completions = []
+        for ids, result in zip(batch, outputs):
+            tokens = [t for t in result.generated_tokens if t not in (self.tokenizer.eos_token_id,)]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            for stop in params.stop:
+                if stop and stop in text:
+                    text = text.split(stop, 1)[0]
+            completions.append(Completion(text.strip(), len(ids), len(tokens)))
         return completions
 
     def close(self) -> None:
