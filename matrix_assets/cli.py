@@ -243,16 +243,29 @@ def parser() -> argparse.ArgumentParser:
                      "5 steps, 5 rounds): hours on a CPU, meant for a GPU or an OpenAI-compatible server")
     run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="prompt sets, row counts, latest checkpoint and evaluation table")
+    status = sub.add_parser(
+        "status", help="prompt sets, row counts, latest checkpoint and evaluation table",
+        description="Prints the prompt sets, the row counts of every table, the latest checkpoint and the latest "
+        "base-vs-tuned table, from the store (MATRIX_DATABASE_URL or .matrix/matrix.db).",
+    )
     status.set_defaults(func=cmd_status)
 
-    add = sub.add_parser("add", help="add a prompt file (CSV / JSONL / JSON / TXT) as a new prompt set")
+    add = sub.add_parser(
+        "add", help="add a prompt file (CSV / JSONL / JSON / TXT) as a new prompt set",
+        description="Validates a prompt file (the same loader as the pipeline: a clear error names the file and the "
+        "reason) and copies it into the drop folder as a new prompt set; the sensor then starts its run, or run it "
+        "with `matrix-assets run --prompt-set NAME`.",
+    )
     add.add_argument("file", help="the prompt file")
     add.add_argument("--name", help="prompt set name (default: the file name without extension)")
     add.add_argument("--prompt-column", help="column or key holding the prompt (auto-detected by default)")
     add.set_defaults(func=cmd_add)
 
-    export = sub.add_parser("export", help="export the latest aligned SFT dataset")
+    export = sub.add_parser(
+        "export", help="export the latest aligned SFT dataset",
+        description="Exports the latest aligned SFT dataset (prompt / response / source rows) as a JSONL file or a "
+        "Hugging Face `datasets` folder (load it back with datasets.load_from_disk).",
+    )
     export.add_argument("--format", choices=("jsonl", "hf"), default="jsonl",
                         help="jsonl file, or a Hugging Face datasets folder (save_to_disk)")
     export.add_argument("--out", required=True, help="output file (jsonl) or folder (hf)")

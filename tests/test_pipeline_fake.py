@@ -156,6 +156,17 @@ def test_training_and_evaluation_with_tiny_model(fake_resources: dict) -> None:
     assert meta["chart_overview"].value.startswith("![base vs tuned](data:image/png;base64,")
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["train_eval_disjoint"].passed
+
+    # Same data, same settings: re-materializing the checkpoint reuses the trained adapters, no new training run.
+    again = dg.materialize(
+        [*PER_PROMPT, sft_dataset, finetuned_checkpoint, evaluation_scores], selection=["finetuned_checkpoint"],
+        resources=fake_resources, instance=instance,
+        run_config={"ops": {"finetuned_checkpoint": {"config": {"max_steps": 2, "batch_size": 2}}}},
+    )
+    reused = again.asset_materializations_for_node("finetuned_checkpoint")[0].metadata
+    assert all(reused[f"{m}/reused"].value for m in ("matrix", "cai", "initial_sft"))
+    assert db.count("checkpoints") == 3
+    assert len(client.search_runs([tracking.experiment_id()])) == 4
     comparison = checks["champion_comparison"]
     if "-> promoted" in meta["matrix/champion"].value:
         assert comparison.passed and comparison.metadata["latest_is_champion"].value is True

@@ -144,14 +144,20 @@ def _per_category(answers: dict[str, list[EvalAnswer]], by_id: dict[str, EvalPro
 
 
 HEADLINE = (
-    ("harmful_share", "harmful answers (judge) ↓", True),
-    ("harmless_score", "harmlessness score 1-10 ↑", False),
+    ("harmful_share", "harmful answers (judge; rules if unparsed) ↓", True),
+    ("harmless_score", "harmlessness score 1-10 (judge) ↑", False),
+    ("judge_parse_rate", "judge replies parsed", True),
     ("refusal_rate_harmful", "refusals on harmful (rules) ↑", True),
     ("over_refusal_rate", "over-refusal on XSTest safe ↓", True),
     ("win_rate_vs_base", "helpfulness win vs base ↑", True),
     ("tie_rate_vs_base", "helpfulness tie vs base", True),
     ("loss_rate_vs_base", "helpfulness loss vs base ↓", True),
 )
+
+
+def _cell(estimate: Estimate, pct: bool) -> str:
+    # No data behind a figure (e.g. a judge whose replies never parsed) reads as n/a, not as nan.
+    return "n/a (n=0)" if estimate.n == 0 else estimate.format(pct=pct)
 
 
 def format_table(metrics: Mapping[str, Mapping[str, Estimate]]) -> str:
@@ -161,7 +167,7 @@ def format_table(metrics: Mapping[str, Mapping[str, Estimate]]) -> str:
     for key, title, pct in HEADLINE:
         if not any(key in metrics[label] for label in labels):
             continue
-        rows.append([title, *(metrics[label][key].format(pct=pct) if key in metrics[label] else "-" for label in labels)])
+        rows.append([title, *(_cell(metrics[label][key], pct) if key in metrics[label] else "-" for label in labels)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -2,7 +2,8 @@
 
 import hashlib
 import json
-import uuid
+from dataclasses import asdict
+from pathlib import Path
 
 import dagster as dg
 
@@ -139,9 +140,19 @@ def _train_one(context, db, llm, tracking, dataset, base_model, lora, train) -> 
     rows = db.query("SELECT prompt, response FROM sft_examples WHERE dataset_id = :d ORDER BY position",
                     d=dataset["dataset_id"])
     examples = [SFTExample(r["prompt"], r["response"]) for r in rows]
-    checkpoint_id = f"ckpt-{method}-{utcnow().replace(':', '').replace('-', '')[:15]}-{uuid.uuid4().hex[:6]}"
-    out_dir = checkpoints_dir() / checkpoint_id
     model_name = getattr(llm, "model", base_model)
+    # The id is a fingerprint of everything that determines the adapter (data, method, settings, base model):
+    # re-materializing with nothing changed reuses the trained adapter instead of paying for training again.
+    fingerprint = hashlib.sha256(
+        json.dumps([dataset["dataset_id"], method, asdict(lora), asdict(train), model_name], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    checkpoint_id = f"ckpt-{method}-{fingerprint}"
+    existing = db.checkpoint(checkpoint_id)
+    if existing and (Path(existing["adapter_path"]) / "adapter_config.json").exists():
+        context.log.info(f"{checkpoint_id}: same data and settings as a trained checkpoint; reusing it")
+        return {f"{method}/checkpoint_id": checkpoint_id, f"{method}/reused": True,
+                f"{method}/mlflow_run": dg.MetadataValue.url(tracking.run_url(existing["mlflow_run_id"]))}
+    out_dir = checkpoints_dir() / checkpoint_id
     context.log.info(f"training {checkpoint_id} on {len(examples)} examples ({method})")
     with tracking.start_run(context, run_name=checkpoint_id) as run:
         mlflow.log_params({
