@@ -386,6 +386,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="modulated rounds per scene, max_rounds (default 2)")
     parser.add_argument("--answer-tokens", type=int, default=SimulationSettings.answer_tokens,
                         help=f"max tokens of the unmeasured initial answers (default {SimulationSettings.answer_tokens})")
+    parser.add_argument("--decoding", choices=("padded", "continuous"), default="padded",
+                        help="TransformersBackend decoding: padded batches (default) or transformers' continuous "
+                        "batching (calls with a repetition penalty stay padded)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: robust on a shared 2-core machine; 0 = torch default)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "simulation.md",
@@ -423,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rss: list[tuple[str, float]] = [("start (imports)", max_rss_mib())]
 
     log(f"loading {MODEL} (batch size {args.batch_size}, {torch.get_num_threads()} torch thread(s))")
-    backend = TransformersBackend(MODEL, batch_size=args.batch_size)
+    backend = TransformersBackend(MODEL, batch_size=args.batch_size, decoding=args.decoding)
     params = list(backend.model.parameters()) + list(backend.model.buffers())
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
