@@ -416,7 +416,9 @@ def _materialize_partition(db_url: str, partition: str, barrier: Any, out: str) 
     result = dg.materialize(SIMULATION, partition_key=partition, instance=instance, run_config=CONCURRENT_CONFIG,
                             resources={"store": StoreResource(database_url=db_url), "llm": FakeLLM(batch_size=2)},
                             raise_on_error=False)
-    Path(out).write_text(json.dumps({"success": result.success, "start": start, "end": time.monotonic()}))
+    errors = [str(e.event_specific_data.error) for e in result.all_events if e.is_step_failure]
+    Path(out).write_text(json.dumps({"success": result.success, "start": start, "end": time.monotonic(),
+                                     "errors": errors}))
 
 
 @pytest.mark.timeout(120)
@@ -438,7 +440,7 @@ def test_two_processes_materialize_two_partitions_into_one_sqlite_file(matrix_ho
         child.join(timeout=100)
     assert [c.exitcode for c in children] == [0, 0]
     reports = [json.loads(o.read_text()) for o in outs]
-    assert all(r["success"] for r in reports)
+    assert all(r["success"] for r in reports), [r["errors"] for r in reports]
     assert max(r["start"] for r in reports) < min(r["end"] for r in reports), "the two runs did not overlap"
 
     concurrent_rows, sequential_rows = _snapshot(str(shared), STORE_TABLES), _snapshot(str(sequential), STORE_TABLES)

@@ -73,8 +73,10 @@ class LocalTransformersLLM(LLMResource):
     torch_threads: int | None = Field(default=None, description="torch intra-op threads (None: torch default).")
     decoding: str = Field(
         default="padded",
-        description="padded (batched model.generate) or continuous (transformers' continuous batching: no compute "
-        "on rows that already ended; calls with a repetition penalty stay padded, CB does not support it).",
+        description="padded (batched model.generate; the default) or continuous (transformers' continuous "
+        "batching: no compute on rows that already ended; calls with a repetition penalty stay padded, CB does not "
+        "support it). Measured on a 2-core CPU it was slower (0.42 vs 0.72 of raw) and peaked at ~10.9 GB RSS: "
+        "meant for GPUs.",
     )
 
     def backend(self, adapter_path: str | None = None) -> ChatBackend:

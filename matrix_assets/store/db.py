@@ -55,6 +55,22 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _set_wal(cursor: Any, attempts: int = 100) -> None:
+    """Switching a new file to WAL needs an exclusive lock and can fail with "database is locked" without
+    waiting for the busy timeout while another process opens the same new file: retry for up to ~10 s."""
+    import sqlite3
+    import time
+
+    for attempt in range(attempts):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
+
+
 def default_database_url() -> str:
     url = os.environ.get("MATRIX_DATABASE_URL")
     if url:
@@ -89,7 +105,7 @@ class Store:
             def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
                 cursor = dbapi_conn.cursor()
                 # WAL lets Dagster runs of two partitions read while one writes; busy_timeout makes writers wait.
-                cursor.execute("PRAGMA journal_mode=WAL")
+                _set_wal(cursor)
                 cursor.execute("PRAGMA busy_timeout=60000")
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.close()
@@ -102,6 +118,27 @@ class Store:
         return sa.create_engine(url, pool_pre_ping=True)
 
     def create_schema(self) -> None:
+        with self._sqlite_schema_lock():
+            self._create_schema()
+
+    @contextmanager
+    def _sqlite_schema_lock(self) -> Iterator[None]:
+        """pysqlite autocommits DDL, so two processes creating the schema of one new SQLite file at once can
+        interleave DROP VIEW / CREATE VIEW ("view already exists"): on SQLite files they take turns on a lock file."""
+        path = self.url.split("///", 1)[-1] if self.url.startswith("sqlite") else ""
+        if not path or path == ":memory:":
+            yield
+            return
+        import fcntl
+
+        with open(f"{path}.schema-lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _create_schema(self) -> None:
         views = _split_sql((SQL_DIR / "views.sql").read_text())
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
