@@ -137,6 +137,7 @@ class TransformersBackend(ChatBackend):
     def generate_continuous(self, batch: Sequence[list[int]], params: GenerationParams) -> list[Completion]:
         """transformers' continuous batching (paged KV cache): a finished row frees its slot for the next
         request at once, so no compute is spent on rows that already ended, unlike padded `generate`."""
+        import torch
         from transformers import GenerationConfig
 
         config = GenerationConfig(
@@ -144,13 +145,9 @@ class TransformersBackend(ChatBackend):
             do_sample=params.temperature > 0,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
-            max_batch_tokens=None,
         )
         if params.temperature > 0:
             config.temperature, config.top_p = params.temperature, params.top_p
-        import torch
-
-        if params.temperature > 0:
             torch.manual_seed(params.seed)
         with self._lock, torch.inference_mode():
             results = self.model.generate_batch(inputs=[list(ids) for ids in batch], generation_config=config,

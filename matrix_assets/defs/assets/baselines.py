@@ -2,8 +2,7 @@
 
 import dagster as dg
 
-from matrix_assets.defs.assets.common import cache_metadata, md_table
-from matrix_assets.defs.assets.simulation import _llm
+from matrix_assets.defs.assets.common import cache_metadata, cached_llm, md_table
 from matrix_assets.defs.configs import RevisionConfig
 from matrix_assets.defs.partitions import prompt_sets_partitions
 from matrix_assets.defs.resources import LLMResource, StoreResource
@@ -27,7 +26,7 @@ def cai_revisions_asset(
     context: dg.AssetExecutionContext, config: RevisionConfig, store: StoreResource, llm: LLMResource
 ) -> dg.MaterializeResult:
     db = store.get_store()
-    model = _llm(context, llm, store, "cai baseline")
+    model = cached_llm(context, llm, store, "cai baseline")
     rows = db.initial_responses(context.partition_key, model.model_id)
     if not rows:
         raise dg.Failure(f"no initial responses for {context.partition_key!r}; materialize initial_responses first")

@@ -10,7 +10,8 @@ from typing import Any
 
 import dagster as dg
 
-from matrix_assets.llm.cache import CacheStats
+from matrix_assets.defs.resources import LLMResource, StoreResource
+from matrix_assets.llm.cache import CachedBackend, CacheStats
 
 
 def progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[int, int], None]:
@@ -51,6 +52,15 @@ def image_md(path: Path, alt: str) -> dg.MetadataValue:
     """A PNG shown inline in the Dagster UI (Markdown with a data URI), so people look rather than read."""
     encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
+
+
+def cached_llm(
+    context: dg.AssetExecutionContext, llm: LLMResource, store: StoreResource, what: str
+) -> CachedBackend:
+    """The asset's model behind the generation cache, with progress reporting; fails fast (missing model,
+    server down) before any work."""
+    llm.check()
+    return llm.cached(store.get_store(), progress=progress_logger(context, what))
 
 
 def cache_metadata(stats: CacheStats) -> dict[str, Any]:

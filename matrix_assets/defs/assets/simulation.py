@@ -3,11 +3,10 @@
 
 import dagster as dg
 
-from matrix_assets.defs.assets.common import cache_metadata, md_table, progress_logger
+from matrix_assets.defs.assets.common import cache_metadata, cached_llm, md_table
 from matrix_assets.defs.configs import CritiqueConfig, InitialResponsesConfig, RevisionConfig, SimulationConfig
 from matrix_assets.defs.partitions import prompt_sets_partitions
 from matrix_assets.defs.resources import LLMResource, StoreResource
-from matrix_assets.llm.cache import CachedBackend
 from matrix_assets.simulation.engine import (
     RevisionInput,
     SimulationSettings,
@@ -25,11 +24,6 @@ METHOD = "matrix"
 _COMMON = dict(partitions_def=prompt_sets_partitions, group_name="matrix_simulation", kinds={"pytorch", "sql"})
 
 
-def _llm(context: dg.AssetExecutionContext, llm: LLMResource, store: StoreResource, what: str) -> CachedBackend:
-    llm.check()  # fail fast (missing model, server down) before any work
-    return llm.cached(store.get_store(), progress=progress_logger(context, what))
-
-
 @dg.asset(deps=["benchmark_prompts"], description="r0: the model's direct answer to every training prompt.", **_COMMON)
 def initial_responses(
     context: dg.AssetExecutionContext, config: InitialResponsesConfig, store: StoreResource, llm: LLMResource
@@ -38,7 +32,7 @@ def initial_responses(
     prompts = db.prompts(context.partition_key, split="train", limit=config.max_prompts)
     if not prompts:
         raise dg.Failure(f"prompt set {context.partition_key!r} has no training prompts; materialize benchmark_prompts")
-    model = _llm(context, llm, store, "initial responses")
+    model = cached_llm(context, llm, store, "initial responses")
     answers = initial_answers(model, [p["text"] for p in prompts], SimulationSettings(answer_tokens=config.answer_tokens))
     now = utcnow()
     db.upsert(
@@ -67,7 +61,7 @@ def scene_transcripts(
     context: dg.AssetExecutionContext, config: SimulationConfig, store: StoreResource, llm: LLMResource
 ) -> dg.MaterializeResult:
     db = store.get_store()
-    model = _llm(context, llm, store, "scene simulation")
+    model = cached_llm(context, llm, store, "scene simulation")
     rows = db.initial_responses(context.partition_key, model.model_id)
     if not rows:
         raise dg.Failure(f"no initial responses for {context.partition_key!r} with model {model.model_id!r}")
@@ -101,7 +95,7 @@ def critiques(
     context: dg.AssetExecutionContext, config: CritiqueConfig, store: StoreResource, llm: LLMResource
 ) -> dg.MaterializeResult:
     db = store.get_store()
-    model = _llm(context, llm, store, "critiques")
+    model = cached_llm(context, llm, store, "critiques")
     scenes = load_transcripts(db, context.partition_key, method=METHOD, model_id=model.model_id)
     if not scenes:
         raise dg.Failure(f"no transcripts for {context.partition_key!r}; materialize scene_transcripts first")
@@ -133,7 +127,7 @@ def revised_answers(
     context: dg.AssetExecutionContext, config: RevisionConfig, store: StoreResource, llm: LLMResource
 ) -> dg.MaterializeResult:
     db = store.get_store()
-    model = _llm(context, llm, store, "revisions")
+    model = cached_llm(context, llm, store, "revisions")
     rows = db.critiques(context.partition_key, METHOD, model.model_id)
     if not rows:
         raise dg.Failure(f"no critiques for {context.partition_key!r}; materialize critiques first")
