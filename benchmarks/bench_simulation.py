@@ -63,7 +63,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from matrix_assets.llm.base import ChatBackend, Completion, Conversation, GenerationParams  # noqa: E402
+from matrix_assets.llm.base import (  # noqa: E402
+    ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, TakeJobs,
+)
 from matrix_assets.llm.cache import CachedBackend  # noqa: E402
 from matrix_assets.simulation.engine import SimulationSettings, initial_answers, run_scenes  # noqa: E402
 from matrix_assets.simulation.scene import SceneInput, Transcript  # noqa: E402
@@ -139,10 +141,70 @@ class CountingBackend(ChatBackend):
         self.one_at_a_time = one_at_a_time
         self.calls: list[CallRecord] = []
 
+        if not one_at_a_time and callable(getattr(inner, "generate_streaming", None)):
+            # Same path as the pipeline: the generation cache hands a streaming backend all its misses at once.
+            self.generate_streaming = self._generate_streaming
+
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        return self._timed(conversations, params, None)
+
+    def serve(self, take: TakeJobs, on_completion: OnCompletion) -> None:
+        """The simulation's live session: timed as a whole, recorded as one CallRecord per decoding setting."""
+        done: list[tuple[Job, Completion]] = []
+
+        def record(job: Job, completion: Completion) -> None:
+            done.append((job, completion))
+            on_completion(job, completion)
+
+        began = time.perf_counter()
+        if self.one_at_a_time:  # the reference implementation's way: one request at a time
+            while jobs := take(1):
+                record(jobs[0], self.inner.generate([jobs[0].conversation], jobs[0].params)[0])
+        else:
+            self.inner.serve(take, record)
+        seconds = time.perf_counter() - began
+        groups: dict[GenerationParams, list[Completion]] = {}
+        for job, completion in done:
+            groups.setdefault(job.params, []).append(completion)
+        records = []
+        for params, completions in groups.items():
+            records.append(CallRecord(
+                n_conversations=len(completions),
+                prompt_tokens=[c.prompt_tokens for c in completions],
+                completion_tokens=[c.completion_tokens for c in completions],
+                max_new_tokens=params.max_new_tokens, params=params, seconds=0.0,
+            ))
+            self._count_slots(records[-1])
+        total_slots = sum(r.decode_slots for r in records) or 1
+        for r in records:  # the session's time, shared by decoded row-steps (only sums are reported)
+            r.seconds = seconds * r.decode_slots / total_slots
+        self.calls += records
+        if self.replay is not None:
+            for r in records:
+                self.replay.run(r)
+
+    def _count_slots(self, record: CallRecord) -> None:
+        params = record.params
+        if getattr(self.inner, "decoding", "padded") == "refill" and not self.one_at_a_time:
+            # A row leaves the batch at once: it costs its tokens plus the step that sampled EOS.
+            record.decode_slots = sum(min(params.max_new_tokens, n + 1) for n in record.completion_tokens)
+            return
+        size = 1 if self.one_at_a_time else self.batch_size
+        for rows in model_batches(record.prompt_tokens, size):
+            # generate() stops once every row has ended; rows that ended early are padding until then.
+            steps = min(params.max_new_tokens, max(record.completion_tokens[i] for i in rows) + 1)
+            record.decode_slots += len(rows) * steps
+
+    def _generate_streaming(self, conversations: Sequence[Conversation], params: GenerationParams,
+                            on_result=None) -> list[Completion]:  # noqa: ANN001
+        return self._timed(conversations, params, on_result)
+
+    def _timed(self, conversations: Sequence[Conversation], params: GenerationParams, on_result) -> list[Completion]:  # noqa: ANN001
         began = time.perf_counter()
         if self.one_at_a_time:
             completions = [c for conv in conversations for c in self.inner.generate([conv], params)]
+        elif on_result is not None:
+            completions = self.inner.generate_streaming(conversations, params, on_result=on_result)
         else:
             completions = self.inner.generate(conversations, params)
         seconds = time.perf_counter() - began
@@ -154,11 +216,7 @@ class CountingBackend(ChatBackend):
             params=params,
             seconds=seconds,
         )
-        size = 1 if self.one_at_a_time else self.batch_size
-        for rows in model_batches(record.prompt_tokens, size):
-            # generate() stops once every row has ended; rows that ended early are padding until then.
-            steps = min(params.max_new_tokens, max(record.completion_tokens[i] for i in rows) + 1)
-            record.decode_slots += len(rows) * steps
+        self._count_slots(record)
         self.calls.append(record)
         if self.replay is not None:
             self.replay.run(record)
@@ -386,9 +444,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="modulated rounds per scene, max_rounds (default 2)")
     parser.add_argument("--answer-tokens", type=int, default=SimulationSettings.answer_tokens,
                         help=f"max tokens of the unmeasured initial answers (default {SimulationSettings.answer_tokens})")
-    parser.add_argument("--decoding", choices=("padded", "continuous"), default="padded",
-                        help="TransformersBackend decoding: padded batches (default) or transformers' continuous "
-                        "batching (calls with a repetition penalty stay padded)")
+    parser.add_argument("--decoding", choices=("refill", "padded", "continuous"), default="refill",
+                        help="TransformersBackend decoding: refill (default: finished rows leave the batch, queued "
+                        "conversations take their slots), padded (one model.generate per length-sorted chunk) or "
+                        "transformers' continuous batching (calls with a repetition penalty stay padded)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: robust on a shared 2-core machine; 0 = torch default)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "simulation.md",

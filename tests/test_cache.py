@@ -171,3 +171,60 @@ def test_cache_key_changes_with_every_part() -> None:
     ]
     assert base not in variants
     assert len(set(variants)) == len(variants)
+
+
+class OneByOne(FakeBackend):
+    """A live backend answering one job at a time; it can die after `fail_after` generations."""
+
+    def serve(self, take, on_completion) -> None:  # noqa: ANN001
+        while jobs := take(1):
+            on_completion(jobs[0], self.generate([jobs[0].conversation], jobs[0].params)[0])
+
+
+def _session(cached: CachedBackend, requests: list) -> tuple[dict[int, str], list[int]]:  # noqa: ANN001
+    """Serve `requests` (job id -> conversation); a completion of job i < 100 queues a follow-up job i + 100."""
+    from matrix_assets.llm.base import Job
+
+    queue = [Job(i, conv, PARAMS) for i, conv in enumerate(requests)]
+    answers: dict[int, str] = {}
+    order: list[int] = []
+
+    def take(limit: int | None) -> list[Job]:
+        n = len(queue) if limit is None else min(limit, len(queue))
+        return [queue.pop(0) for _ in range(n)]
+
+    def on_completion(job: Job, completion) -> None:  # noqa: ANN001
+        answers[job.id] = completion.text
+        order.append(job.id)
+        if job.id < 100:
+            queue.append(Job(job.id + 100, _conv(f"follow-up to {completion.text}"), PARAMS))
+
+    cached.serve(take, on_completion)
+    return answers, order
+
+
+def test_live_session_answers_hits_at_once_and_generates_duplicates_once(store: Store) -> None:
+    convs = _convs(4)
+    warm = FakeBackend()
+    CachedBackend(warm, store).generate(convs[:2], PARAMS)  # two of the four are cached
+    backend = FakeBackend()  # the default live session: waves of everything queued
+    cached = CachedBackend(backend, store)
+    answers, order = _session(cached, convs + [convs[3]])  # job 4 repeats job 3
+    assert set(answers) == {0, 1, 2, 3, 4, 100, 101, 102, 103, 104}
+    assert answers[4] == answers[3] and answers[104] == answers[103]
+    # jobs 0 and 1 were hits: answered (and their follow-ups queued) before any generation
+    assert order[:2] == [0, 1]
+    # generated: conversations 2 and 3 once each, and the follow-ups of 0..3 (104 asks what 103 asked, while
+    # 103 is in flight: it waits for that answer)
+    assert backend.calls == 2 + 4 and backend.batches == 2
+    assert cached.stats.requested == 10 and cached.stats.hits == 2 and cached.stats.generated == 6
+    assert store.count("generations") == 2 + 6
+
+
+def test_live_session_commits_each_completion_before_a_crash(store: Store) -> None:
+    with pytest.raises(RuntimeError, match="failing after 3"):
+        _session(CachedBackend(OneByOne(fail_after=3), store), _convs(4))
+    assert store.count("generations") == 3
+    healthy = OneByOne()
+    answers, _ = _session(CachedBackend(healthy, store), _convs(4))
+    assert len(answers) == 8 and healthy.calls == 8 - 3  # the re-run pays only for what was lost

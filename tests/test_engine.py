@@ -99,13 +99,14 @@ def test_run_scenes_empty_input() -> None:
 
 
 def test_batches_do_not_grow_with_the_number_of_scenes() -> None:
+    """On a backend without a live session (the default waves), every wave is one call per decoding setting."""
     settings = SimulationSettings()
     small, large = FakeBackend(), FakeBackend()
     scenes_small = run_scenes(small, _inputs(2), settings)
     scenes_large = run_scenes(large, _inputs(6), settings)
     assert large.calls > 2 * small.calls  # more work ...
     assert small.batches == large.batches  # ... in the same number of generate calls
-    # planning (target, plan, roles, objects, maybe a re-ask) plus at most 4 calls per round
+    # planning (target + plan, roles + objects, maybe a re-ask) plus 4 waves per round
     for backend, scenes in ((small, scenes_small), (large, scenes_large)):
         rounds = max(s.n_rounds for s in scenes)
         assert backend.batches <= 5 + 4 * rounds
@@ -317,3 +318,48 @@ def test_require_refusal_replaces_compliant_revisions_and_counts_them() -> None:
     assert not kept.used_fallback and kept.text.startswith("Sure")
     honest = revise_answers(refusing, items, settings, require_refusal=True)[0]
     assert not honest.used_fallback and "locksmith" in honest.text
+
+
+class LiveFakeBackend(FakeBackend):
+    """A live backend that answers one job at a time, always the most recently queued one first: the order in
+    which scenes advance is as different from the default waves as it can be."""
+
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(**kwargs)
+        self.taken: list[int] = []
+
+    def serve(self, take, on_completion) -> None:  # noqa: ANN001
+        queue = []
+        while True:
+            queue += take(None)
+            if not queue:
+                return
+            job = queue.pop()
+            self.taken.append(job.id)
+            on_completion(job, self.generate([job.conversation], job.params)[0])
+
+
+def test_live_scheduling_gives_the_same_scenes_as_waves() -> None:
+    """Scenes are independent scripts: whatever order a live backend answers in, each transcript is the same."""
+    settings = SimulationSettings(n_roles=3, plan_steps=3, max_rounds=3)
+    waves, live = FakeBackend(), LiveFakeBackend()
+    done: list[str] = []
+    progress: list[tuple[int, int]] = []
+    expected = run_scenes(waves, _inputs(5), settings)
+    got = run_scenes(live, _inputs(5), settings, on_scene_done=lambda t: done.append(t.prompt_id),
+                     progress=lambda d, t: progress.append((d, t)))
+    assert [t.render_markdown() for t in got] == [t.render_markdown() for t in expected]
+    assert [t.fallbacks for t in got] == [t.fallbacks for t in expected]
+    assert live.calls == waves.calls and live.batches == live.calls  # same work, one request at a time
+    assert live.taken != sorted(live.taken)  # really out of order
+    assert sorted(done) == [f"p{i}" for i in range(5)] and done != sorted(done)  # saved as each scene ends
+    assert progress == [(i, 5) for i in range(6)]
+
+
+def test_a_backend_that_drops_jobs_is_an_error() -> None:
+    class Forgetful(FakeBackend):
+        def serve(self, take, on_completion) -> None:  # noqa: ANN001
+            take(None)
+
+    with pytest.raises(RuntimeError, match="left waiting"):
+        run_scenes(Forgetful(), _inputs(2), SimulationSettings())

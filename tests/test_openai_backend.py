@@ -34,6 +34,7 @@ class FakeServerState:
         self.chat_requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.arrival_in_flight: list[int] = []  # requests in flight (this one included) as each arrived
         self.bodies: list[dict[str, Any]] = []
         self.auth_headers: list[str | None] = []
         self.model_requests = 0
@@ -84,6 +85,7 @@ def make_handler(state: FakeServerState) -> type[BaseHTTPRequestHandler]:
                 state.auth_headers.append(self.headers.get("Authorization"))
                 state.in_flight += 1
                 state.max_in_flight = max(state.max_in_flight, state.in_flight)
+                state.arrival_in_flight.append(state.in_flight)
                 fail = False
                 if state.fail_next > 0:
                     state.fail_next -= 1
@@ -345,3 +347,51 @@ def test_api_key_from_env_sent_but_never_shown(
         assert SECRET not in caplog.text  # ... without the key
     finally:
         backend.close()
+
+
+def test_live_session_refills_request_slots_without_waiting_for_a_wave(server: tuple[str, FakeServerState]) -> None:
+    """Six chains of three dependent requests, four slots: a chain's next request goes out as soon as its
+    previous answer arrives, while other chains' first requests are still in flight (a wave would wait)."""
+    from matrix_assets.llm.base import Job
+
+    base_url, state = server
+    state.sleep_s = 0.1
+    queue = [Job(chain * 10, [{"role": "user", "content": f"chain {chain} step 0"}], GenerationParams())
+             for chain in range(6)]
+    answered: list[int] = []
+
+    def take(limit: int | None) -> list[Job]:
+        n = len(queue) if limit is None else min(limit, len(queue))
+        return [queue.pop(0) for _ in range(n)]
+
+    def on_completion(job: Job, completion: Completion) -> None:
+        assert completion.text == f"echo: {job.conversation[0]['content']}"
+        answered.append(job.id)
+        chain, step = divmod(job.id, 10)
+        if step < 2:
+            queue.append(Job(job.id + 1, [{"role": "user", "content": f"chain {chain} step {step + 1}"}],
+                             GenerationParams()))
+
+    with _backend(base_url, max_concurrency=4) as backend:
+        backend.serve(take, on_completion)
+    assert sorted(answered) == sorted(chain * 10 + step for chain in range(6) for step in range(3))
+    assert state.max_in_flight == 4
+    sent = [body["messages"][0]["content"] for body in state.bodies]
+    first_step_1 = next(i for i, text in enumerate(sent) if text.endswith("step 1"))
+    # When the first second step arrived, first steps of other chains were still running (in waves, the second
+    # wave would start only after the whole first one had finished, with nothing else in flight).
+    assert state.arrival_in_flight[first_step_1] > 1
+
+
+def test_live_session_stops_on_a_permanent_failure_and_keeps_what_finished(server: tuple[str, FakeServerState]) -> None:
+    from matrix_assets.llm.base import Job
+
+    base_url, state = server
+    state.fail_after = 5
+    queue = [Job(i, [{"role": "user", "content": f"q{i}"}], GenerationParams()) for i in range(12)]
+    done: list[int] = []
+    with _backend(base_url, max_concurrency=2, max_retries=0) as backend, pytest.raises(BackendError, match="HTTP 500"):
+        backend.serve(lambda n: [queue.pop(0) for _ in range(min(n or len(queue), len(queue)))],
+                      lambda job, completion: done.append(job.id))
+    assert len(done) == 5
+    assert state.chat_requests <= 5 + 2  # stopped taking new jobs once a request failed

@@ -1,7 +1,14 @@
-"""The in-process backend on a tiny real Llama: batching, padding, continuous batching, adapters."""
+"""The in-process backend on a tiny real Llama: refill decoding, padding, continuous batching, adapters."""
 
-from matrix_assets.llm.base import GenerationParams
+from pathlib import Path
+
+import pytest
+
+from matrix_assets.llm.base import Completion, GenerationParams
+from matrix_assets.llm.cache import CachedBackend
+from matrix_assets.llm.refill import supports_refill
 from matrix_assets.llm.transformers_backend import TransformersBackend
+from matrix_assets.store.db import Store
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],
@@ -13,8 +20,8 @@ CONVERSATIONS = [
 def test_batched_generation_matches_one_at_a_time(tiny_model_dir: str) -> None:
     """Left padding must not change greedy outputs: batch 3 equals three calls of batch 1."""
     params = GenerationParams(max_new_tokens=10)
-    batched = TransformersBackend(tiny_model_dir, batch_size=8).generate(CONVERSATIONS, params)
-    single = TransformersBackend(tiny_model_dir, batch_size=1).generate(CONVERSATIONS, params)
+    batched = TransformersBackend(tiny_model_dir, batch_size=8, decoding="padded").generate(CONVERSATIONS, params)
+    single = TransformersBackend(tiny_model_dir, batch_size=1, decoding="padded").generate(CONVERSATIONS, params)
     assert [c.text for c in batched] == [c.text for c in single]
     assert all(c.completion_tokens == 10 and c.prompt_tokens > 0 for c in batched)
 
@@ -34,3 +41,136 @@ def test_repetition_penalty_stays_on_the_padded_path(tiny_model_dir: str, monkey
     monkeypatch.setattr(backend, "generate_continuous", lambda *a, **k: calls.append(a) or [])
     out = backend.generate(CONVERSATIONS, GenerationParams(max_new_tokens=4, repetition_penalty=1.2))
     assert len(out) == 3 and not calls  # continuous batching would silently drop the penalty
+
+
+# The tiny model as initialised answers every prompt with the same token and never emits EOS. For refill
+# decoding the interesting case is rows of different lengths that depend on the prompt, so this fixture
+# makes the weights larger (prompt-dependent answers) and declares a few of the tokens it then produces as
+# extra end tokens (as models with several end tokens have).
+MANY = [[{"role": "user", "content": "question " + "word " * (i * 5 % 11)}] for i in range(7)]
+
+
+@pytest.fixture
+def eos_prone_backend(tiny_model_dir: str):  # noqa: ANN201
+    """A backend whose model ends some answers early, depending on the prompt."""
+    import torch
+
+    backend = TransformersBackend(tiny_model_dir, batch_size=3)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in backend.model.parameters():
+            if weight.dim() == 2:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    answers = []
+    for conversation in MANY:
+        prompt = torch.tensor([backend.encode(conversation)])
+        answers.append(backend.model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False,
+                                              pad_token_id=2)[0, prompt.shape[1]:].tolist())
+    ends = [answers[row][step] for row, step in ((0, 3), (2, 6), (4, 1), (5, 9))]
+    backend.model.generation_config.eos_token_id = [backend.tokenizer.eos_token_id, *ends]
+    return backend
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_refill_decoding_gives_the_same_text_as_padded_generate(eos_prone_backend, penalty: float) -> None:  # noqa: ANN001
+    """7 conversations through 3 slots: rows leave at EOS and queued ones join a running batch, yet every
+    answer equals the one `model.generate` gives (the repetition penalty included)."""
+    params = GenerationParams(max_new_tokens=12, repetition_penalty=penalty)
+    eos_prone_backend.decoding = "padded"
+    padded = eos_prone_backend.generate(MANY, params)
+    eos_prone_backend.decoding = "refill"
+    refill = eos_prone_backend.generate(MANY, params)
+    lengths = [c.completion_tokens for c in padded]
+    assert len(set(lengths)) > 1 and min(lengths) < 12, f"rows must end at different steps: {lengths}"
+    assert [(c.text, c.completion_tokens, c.prompt_tokens) for c in refill] == [
+        (c.text, c.completion_tokens, c.prompt_tokens) for c in padded
+    ]
+
+
+def test_refill_reports_each_row_as_it_finishes(eos_prone_backend) -> None:  # noqa: ANN001
+    seen: list[tuple[int, Completion]] = []
+    out = eos_prone_backend.generate_streaming(MANY, GenerationParams(max_new_tokens=12),
+                                               on_result=lambda i, c: seen.append((i, c)))
+    assert sorted(i for i, _ in seen) == list(range(len(MANY)))
+    assert [i for i, _ in seen] != list(range(len(MANY))), "rows finish in their own order, not input order"
+    assert [c for _, c in sorted(seen, key=lambda x: x[0])] == out
+
+
+def test_refill_sampling_is_seeded(tiny_model_dir: str) -> None:
+    backend = TransformersBackend(tiny_model_dir, batch_size=2)
+    params = GenerationParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3)
+    first = backend.generate(MANY[:4], params)
+    assert [c.text for c in backend.generate(MANY[:4], params)] == [c.text for c in first]
+    assert [c.text for c in backend.generate(MANY[:4], params.replace(seed=4))] != [c.text for c in first]
+    assert all(0 < c.completion_tokens <= 8 for c in first)
+
+
+def test_generation_cache_commits_refill_rows_one_by_one(tmp_path: Path, eos_prone_backend) -> None:  # noqa: ANN001
+    """The cache hands the streaming local backend all misses in one call and stores each answer as it ends:
+    a crash after some rows finished keeps them."""
+    store = Store(f"sqlite:///{tmp_path / 'cache.db'}")
+    calls: list[int] = []
+    original = eos_prone_backend.generate_streaming
+
+    def crash_after_three(conversations, params, on_result=None):  # noqa: ANN001, ANN202
+        calls.append(len(conversations))
+        delivered = []
+
+        def forward(i: int, c: Completion) -> None:
+            on_result(i, c)
+            delivered.append(i)
+            if len(delivered) == 3:
+                raise RuntimeError("killed")
+
+        return original(conversations, params, on_result=forward)
+
+    eos_prone_backend.generate_streaming = crash_after_three
+    cached = CachedBackend(eos_prone_backend, store, chunk_size=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        cached.generate(MANY, GenerationParams(max_new_tokens=12))
+    assert calls == [len(MANY)]  # one call despite chunk_size=2
+    assert store.count("generations") == 3
+    eos_prone_backend.generate_streaming = original
+    progress: list[tuple[int, int]] = []
+    CachedBackend(eos_prone_backend, store).generate(MANY, GenerationParams(max_new_tokens=12),
+                                                     progress=lambda d, t: progress.append((d, t)))
+    assert progress == [(i, 4) for i in range(5)]  # only the 4 missing rows, reported one by one
+    assert store.count("generations") == len(MANY)
+
+
+def test_refill_works_under_a_lora_adapter(tmp_path: Path, tiny_model_dir: str) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    tuned = TransformersBackend(tiny_model_dir, adapter_path=str(tmp_path / "adapter"), batch_size=2)
+    assert tuned.decoding == "refill"
+    params = GenerationParams(max_new_tokens=6)
+    refill = tuned.generate(MANY[:5], params)
+    tuned.decoding = "padded"
+    assert [c.text for c in refill] == [c.text for c in tuned.generate(MANY[:5], params)]
+
+
+def test_models_with_sliding_window_layers_fall_back_to_padded_decoding(tiny_model_dir: str) -> None:
+    backend = TransformersBackend(tiny_model_dir)
+    assert backend.decoding == "refill" and supports_refill(backend.model)
+    backend.model.config.sliding_window = 16
+    assert not supports_refill(backend.model)
+
+
+def test_scenes_on_the_live_refill_session_equal_scenes_decoded_padded(eos_prone_backend) -> None:  # noqa: ANN001
+    """The simulation's live session (scenes queue their next request while others decode) gives the same
+    transcripts as plain padded waves on the same model."""
+    from matrix_assets.simulation import SceneInput, SimulationSettings, run_scenes
+
+    settings = SimulationSettings(n_roles=3, plan_steps=2, max_rounds=2, plan_tokens=12, action_tokens=8)
+    inputs = [SceneInput(f"p{i}", f"question {i} " + "word " * i, "First do this. Then do that.") for i in range(5)]
+    eos_prone_backend.decoding = "padded"
+    padded = run_scenes(eos_prone_backend, inputs, settings)
+    eos_prone_backend.decoding = "refill"
+    order: list[str] = []
+    live = run_scenes(eos_prone_backend, inputs, settings, on_scene_done=lambda t: order.append(t.prompt_id))
+    assert [t.render_markdown() for t in live] == [t.render_markdown() for t in padded]
+    assert sorted(order) == [i.prompt_id for i in inputs]

@@ -30,7 +30,11 @@ class SimulationConfig(dg.Config):
     max_rounds: int = Field(default=_SIM.max_rounds, ge=1, description="Round cap of the modulated interaction.")
     max_observers: int = Field(default=_SIM.max_observers, ge=1, description="Roles that react to one action at most.")
     action_tokens: int = Field(default=_SIM.action_tokens, ge=8)
-    scenes_per_batch: int = Field(default=32, ge=1, description="Scenes simulated in lock-step, then saved.")
+    scenes_per_batch: int = Field(
+        default=32, ge=1,
+        description="Scenes simulated at once in one live model session (a few times the model batch size keeps "
+        "the batch full); each scene is saved the moment it ends.",
+    )
 
     def settings(self) -> SimulationSettings:
         return SimulationSettings(

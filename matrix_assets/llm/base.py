@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TypedDict
 
@@ -56,6 +56,21 @@ class BackendError(RuntimeError):
     """A backend could not produce completions (unreachable server, bad model, ...)."""
 
 
+@dataclass(frozen=True)
+class Job:
+    """One generation request of a live session (`ChatBackend.serve`); `id` is the caller's handle."""
+
+    id: int
+    conversation: Conversation
+    params: GenerationParams
+
+
+# take(limit) hands out up to `limit` queued jobs (None: all of them); [] means none is queued right now.
+TakeJobs = Callable[[int | None], list[Job]]
+# Called once per job with its completion; it may queue new jobs (a scene's next step) before returning.
+OnCompletion = Callable[[Job, Completion], None]
+
+
 class ChatBackend(ABC):
     """Batched chat completion.
 
@@ -68,6 +83,27 @@ class ChatBackend(ABC):
     @abstractmethod
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         """Return one completion per conversation, in order."""
+
+    def serve(self, take: TakeJobs, on_completion: OnCompletion) -> None:
+        """Live session: generate jobs as they are queued until `take` has nothing left and nothing runs.
+
+        Callers whose next requests depend on earlier answers (the scenes of the simulation) queue them from
+        `on_completion`. This default works in waves: everything queued, one `generate` call per distinct
+        `GenerationParams`. Backends that can add requests to a running batch (local refill decoding) or keep
+        a fixed number of requests in flight (a remote server) override it so no job waits for a wave.
+        """
+        while jobs := take(None):
+            groups: dict[GenerationParams, list[Job]] = {}
+            for job in jobs:
+                groups.setdefault(job.params, []).append(job)
+            streaming = getattr(self, "generate_streaming", None)
+            for params, group in groups.items():
+                conversations = [j.conversation for j in group]
+                if callable(streaming):  # hand each completion over as it arrives, so a later failure loses none
+                    streaming(conversations, params, on_result=lambda i, c, group=group: on_completion(group[i], c))
+                    continue
+                for job, completion in zip(group, self.generate(conversations, params)):
+                    on_completion(job, completion)
 
     def close(self) -> None:  # pragma: no cover - optional hook
         """Release resources (HTTP pools, model weights)."""

@@ -1,11 +1,12 @@
 """The generation cache: every model call of the pipeline goes through here.
 
 Entries are keyed by hash(model identity, decoding parameters, messages) and stored in the
-`generations` table. Misses are generated chunk by chunk and each chunk is committed as soon as it is
-done, so a crash, a killed process or a failing model server costs at most the chunk in flight; a
-re-run, a resumed run or a backfill pays only for what is missing. A backend that reports each completion
-as it finishes (`generate_streaming(..., on_result=...)`, i.e. the remote backend) has every completion
-committed on arrival, so a model server that fails mid-chunk loses nothing it had already answered.
+`generations` table. A re-run, a resumed run or a backfill pays only for what is missing. A backend that
+reports each completion as it finishes (`generate_streaming(..., on_result=...)`: the remote backend and
+the local one's default refill decoding) gets all misses in one call and has every completion committed
+on arrival, so a crash, a killed process or a model server that fails loses nothing already answered.
+Other backends get the misses chunk by chunk, each chunk committed as soon as it is done, so a failure
+costs at most the chunk in flight.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from matrix_assets.llm.base import ChatBackend, Completion, Conversation, GenerationParams, cache_key
+from matrix_assets.llm.base import (
+    ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, TakeJobs, cache_key,
+)
 from matrix_assets.store.db import Store, utcnow
 
 
@@ -77,53 +80,106 @@ class CachedBackend(ChatBackend):
         # Longest prompts first keeps batches of similar length together (less padding) and makes the
         # slowest chunk the first one, so progress estimates only get better.
         pending.sort(key=lambda kv: -sum(len(m["content"]) for m in kv[1]))
-        done = 0
         if progress and pending:
             progress(0, len(pending))
         streaming = getattr(self.backend, "generate_streaming", None)
+        if callable(streaming) and pending:
+            # Every completion is committed as it arrives, so chunks would add no safety: the backend gets all
+            # the misses at once and keeps its batch (local) or its request slots (remote) full.
+            self._generate_streaming(streaming, pending, params, results, progress)
+            return [results[k] for k in keys]
+        done = 0
         for start in range(0, len(pending), self.chunk_size):
             chunk = pending[start : start + self.chunk_size]
-            if callable(streaming):
-                self._generate_streaming(streaming, chunk, params, results)
-            else:
-                began = time.perf_counter()
-                completions = self.backend.generate([conv for _, conv in chunk], params)
-                elapsed = time.perf_counter() - began
-                self._persist(chunk, completions, params, elapsed)
-                for (key, _), completion in zip(chunk, completions):
-                    results[key] = completion
-                self.stats.generated += len(chunk)
-                self.stats.completion_tokens += sum(c.completion_tokens for c in completions)
-                self.stats.seconds += elapsed
+            began = time.perf_counter()
+            completions = self.backend.generate([conv for _, conv in chunk], params)
+            elapsed = time.perf_counter() - began
+            self._persist(chunk, completions, params, elapsed)
+            for (key, _), completion in zip(chunk, completions):
+                results[key] = completion
+            self.stats.generated += len(chunk)
+            self.stats.completion_tokens += sum(c.completion_tokens for c in completions)
+            self.stats.seconds += elapsed
             done += len(chunk)
             if progress:
                 progress(done, len(pending))
         return [results[k] for k in keys]
 
+    def serve(self, take: TakeJobs, on_completion: OnCompletion) -> None:
+        """A live session through the cache: a hit is answered at once (its caller may queue the next job right
+        away), misses go to the backend's own live session and each is committed the moment it finishes, and
+        identical requests in flight are generated once."""
+        waiting: dict[str, list[Job]] = {}  # cache key of a miss in flight -> the jobs that want its answer
+        key_of: dict[int, str] = {}
+        began = last = time.perf_counter()
+
+        def take_misses(limit: int | None) -> list[Job]:
+            misses: list[Job] = []
+            while limit is None or len(misses) < limit:
+                jobs = take(None if limit is None else limit - len(misses))
+                if not jobs:
+                    break
+                keys = [cache_key(self.model_id, job.params, job.conversation) for job in jobs]
+                found = self.store.get_generations([k for k in keys if k not in waiting])
+                self.stats.requested += len(jobs)
+                for job, key in zip(jobs, keys):
+                    if key in waiting:
+                        waiting[key].append(job)
+                    elif key in found:
+                        self.stats.hits += 1
+                        row = found[key]
+                        on_completion(job, Completion(row["completion"], row["prompt_tokens"], row["completion_tokens"],
+                                                      cached=True))
+                    else:
+                        waiting[key], key_of[job.id] = [job], key
+                        misses.append(job)
+            return misses
+
+        def finished(job: Job, completion: Completion) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            key = key_of.pop(job.id)
+            self._persist([(key, job.conversation)], [completion], job.params, now - last)
+            last = now
+            self.stats.generated += 1
+            self.stats.completion_tokens += completion.completion_tokens
+            for waiter in waiting.pop(key):
+                on_completion(waiter, completion)
+
+        try:
+            self.backend.serve(take_misses, finished)
+        finally:
+            self.stats.seconds += time.perf_counter() - began
+
     def _generate_streaming(
         self,
         streaming: Callable[..., list[Completion]],
-        chunk: Sequence[tuple[str, Conversation]],
+        pending: Sequence[tuple[str, Conversation]],
         params: GenerationParams,
         results: dict[str, Completion],
+        progress: ProgressCallback | None,
     ) -> None:
-        """Generate one chunk with a backend that reports each completion as it finishes (the remote backend),
-        committing every completion at once: when a later request of the chunk fails for good, or the process
-        dies, the finished ones are already in the cache and a re-run does not ask for them again."""
+        """Generate with a backend that reports each completion as it finishes, committing every completion at
+        once: when a later request fails for good, or the process dies, the finished ones are already in the
+        cache and a re-run does not ask for them again."""
         began = last = time.perf_counter()
+        done = 0
 
         def on_result(index: int, completion: Completion) -> None:
-            nonlocal last
+            nonlocal last, done
             now = time.perf_counter()
-            # Each row gets the wall time since the previous completion, so the rows of a chunk add up to its time.
-            self._persist([chunk[index]], [completion], params, now - last)
+            # Each row gets the wall time since the previous completion, so the rows add up to the call's time.
+            self._persist([pending[index]], [completion], params, now - last)
             last = now
-            results[chunk[index][0]] = completion
+            results[pending[index][0]] = completion
             self.stats.generated += 1
             self.stats.completion_tokens += completion.completion_tokens
+            done += 1
+            if progress:
+                progress(done, len(pending))
 
         try:
-            streaming([conv for _, conv in chunk], params, on_result=on_result)
+            streaming([conv for _, conv in pending], params, on_result=on_result)
         finally:
             self.stats.seconds += time.perf_counter() - began
 

@@ -16,12 +16,14 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, as_completed, wait
 from typing import Any
 
 import httpx
 
-from matrix_assets.llm.base import BackendError, ChatBackend, Completion, Conversation, GenerationParams
+from matrix_assets.llm.base import (
+    BackendError, ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, TakeJobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +223,55 @@ class OpenAICompatibleBackend(ChatBackend):
                 f"{delivered} of {n} completed before the batch was stopped]"
             ) from first
         return [completion for completion in results if completion is not None]
+
+    def serve(self, take: TakeJobs, on_completion: OnCompletion) -> None:
+        """Live session: keep `max_concurrency` requests in flight, taking a queued job whenever one finishes,
+        so a server with continuous batching (vLLM, TGI) always has work. `on_completion` runs in the calling
+        thread as each request finishes (it may queue more jobs). A request that fails permanently stops the
+        session like it stops `generate_streaming`: no new job is taken, the ones in flight are awaited (their
+        successes still delivered), then `BackendError` is raised."""
+        stop = threading.Event()
+        failures: list[tuple[Job, BackendError]] = []
+        delivered = 0
+        in_flight: dict[Future[Completion], Job] = {}
+        executor = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="openai-backend")
+        try:
+            while True:
+                if not failures and len(in_flight) < self.max_concurrency:
+                    for job in take(self.max_concurrency - len(in_flight)):
+                        future = executor.submit(self._request_with_retries, job.id, job.conversation, job.params, stop)
+                        in_flight[future] = job
+                if not in_flight:
+                    break
+                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = in_flight.pop(future)
+                    try:
+                        completion = future.result()
+                    except (_Cancelled, CancelledError):
+                        continue
+                    except BackendError as exc:
+                        failures.append((job, exc))
+                    except Exception as exc:  # unexpected bug in parsing etc.: still report as a backend error
+                        failures.append((job, BackendError(self._redact(f"request to {self._chat_url} failed: {exc!r}"))))
+                    else:
+                        delivered += 1
+                        on_completion(job, completion)
+                        continue
+                    if len(failures) == 1:
+                        stop.set()
+                        for other in in_flight:
+                            other.cancel()
+        except BaseException:
+            stop.set()
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        executor.shutdown(wait=True)
+        if failures:
+            raise BackendError(
+                f"{failures[0][1]} [{len(failures)} request(s) failed permanently, {delivered} completed before "
+                "the session was stopped]"
+            ) from failures[0][1]
 
     # ------------------------------------------------------------------ internals
 

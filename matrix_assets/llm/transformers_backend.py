@@ -1,8 +1,9 @@
 """In-process generation with transformers: the embedded default backend.
 
-Batches are padded on the left (decoder-only models continue from the right edge) and the caller's
-batch is split into chunks of `batch_size` after sorting by prompt length, so little compute is spent
-on padding. A LoRA adapter folder can be stacked on the base model; it becomes part of `model_id` so
+By default the batch is decoded by `llm/refill.py`: rows are admitted shortest prompt first, a row
+leaves as soon as it ends and the next queued prompt takes its slot, so no step is spent on rows that
+already stopped. `decoding="padded"` splits the caller's batch into length-sorted chunks of
+`batch_size`, left-padded, one `model.generate` each (the benchmark's raw reference). A LoRA adapter folder can be stacked on the base model; it becomes part of `model_id` so
 the cache never mixes base and tuned answers.
 """
 
@@ -11,14 +12,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from matrix_assets.llm.base import BackendError, ChatBackend, Completion, Conversation, GenerationParams
+from matrix_assets.llm.base import (
+    BackendError, ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, TakeJobs,
+)
 from matrix_assets.llm.models import resolve_model_path
 
 logger = logging.getLogger(__name__)
+
+# refill: our decoding loop, finished rows leave and queued prompts join (default; `llm/refill.py`);
+# padded: one `model.generate` per length-sorted chunk; continuous: transformers' `generate_batch`.
+DECODINGS = {"refill", "padded", "continuous"}
 
 
 def adapter_fingerprint(adapter_path: str | Path) -> str:
@@ -40,16 +47,15 @@ class TransformersBackend(ChatBackend):
         batch_size: int = 8,
         max_input_tokens: int = 1536,
         torch_threads: int | None = None,
-        decoding: str = "padded",
+        decoding: str = "refill",
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        if decoding not in {"padded", "continuous"}:
-            raise ValueError(f"decoding must be 'padded' or 'continuous', not {decoding!r}")
-        self.decoding = decoding
+        if decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {sorted(DECODINGS)}, not {decoding!r}")
         self.model_name = model
         self.batch_size = max(1, batch_size)
         self.max_input_tokens = max_input_tokens
@@ -66,6 +72,12 @@ class TransformersBackend(ChatBackend):
             self.model = PeftModel.from_pretrained(self.model, adapter_path)
             self.model_id = f"{model}+lora:{adapter_fingerprint(adapter_path)}"
         self.model.eval()
+        self.decoding = decoding
+        from matrix_assets.llm.refill import supports_refill
+
+        if decoding == "refill" and not supports_refill(self.model):
+            logger.info("model %s has sliding-window or non-attention layers: padded decoding", model)
+            self.decoding = "padded"
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -82,18 +94,58 @@ class TransformersBackend(ChatBackend):
         return ids[-self.max_input_tokens :]
 
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        return self.generate_streaming(conversations, params)
+
+    def generate_streaming(
+        self, conversations: Sequence[Conversation], params: GenerationParams,
+        on_result: Callable[[int, Completion], None] | None = None,
+    ) -> list[Completion]:
+        """Like `generate`, and call `on_result(index, completion)` as soon as each completion is known: row by
+        row with refill decoding, chunk by chunk with padded decoding (the generation cache commits each one)."""
         encoded = [self.encode(c) for c in conversations]
+        results: list[Completion | None] = [None] * len(encoded)
+
+        def deliver(index: int, completion: Completion) -> None:
+            results[index] = completion
+            if on_result is not None:
+                on_result(index, completion)
+
         # Continuous batching drops logits processors it does not support (the repetition penalty among them),
         # which would store text under a cache key that promises the penalty: such calls stay padded.
         if self.decoding == "continuous" and params.repetition_penalty == 1.0:
-            return self.generate_continuous(encoded, params)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        results: list[Completion | None] = [None] * len(encoded)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            for i, completion in zip(idx, self.generate_encoded([encoded[i] for i in idx], params)):
-                results[i] = completion
+            for index, completion in enumerate(self.generate_continuous(encoded, params)):
+                deliver(index, completion)
+        elif self.decoding == "refill":
+            self.generate_refill(encoded, params, on_result=deliver)
+        else:
+            order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                for i, completion in zip(idx, self.generate_encoded([encoded[i] for i in idx], params)):
+                    deliver(i, completion)
         return [r for r in results if r is not None]
+
+    def serve(self, take: TakeJobs, on_completion: OnCompletion) -> None:
+        """Live refill decoding: a queued job joins the running batch as soon as a row ends (no waves)."""
+        if self.decoding != "refill":
+            return super().serve(take, on_completion)
+        import torch
+
+        from matrix_assets.llm.refill import TokenJob, decode_live
+
+        jobs: dict[int, Job] = {}
+
+        def take_tokenized(limit: int) -> list[TokenJob]:
+            taken = take(limit)
+            jobs.update((job.id, job) for job in taken)
+            return [TokenJob(job.id, self.encode(job.conversation), job.params) for job in taken]
+
+        def done(job: TokenJob, tokens: list[int]) -> None:
+            on_completion(jobs.pop(job.id), self._completion(job.prompt, tokens, job.params))
+
+        with self._lock, torch.inference_mode():
+            decode_live(self.model, take_tokenized, done, batch_size=self.batch_size,
+                        eos_token_ids=self.eos_token_ids(), pad_token_id=self.tokenizer.pad_token_id)
 
     def generate_encoded(self, batch: Sequence[list[int]], params: GenerationParams) -> list[Completion]:
         """One padded `model.generate` call over already tokenized prompts (also used by the benchmark)."""
@@ -119,20 +171,52 @@ class TransformersBackend(ChatBackend):
         with self._lock, torch.inference_mode():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         completions = []
-        eos = self.tokenizer.eos_token_id
+        ends = self.eos_token_ids() | {pad_id}
         for row in range(len(batch)):
             new = output[row, width:].tolist()
             n_tokens = len(new)
             for pos, tok in enumerate(new):
-                if tok == eos or tok == pad_id:
+                if tok in ends:
                     n_tokens = pos
                     break
-            text = self.tokenizer.decode(new[:n_tokens], skip_special_tokens=True)
-            for stop in params.stop:
-                if stop and stop in text:
-                    text = text.split(stop, 1)[0]
-            completions.append(Completion(text.strip(), len(batch[row]), n_tokens))
+            completions.append(self._completion(batch[row], new[:n_tokens], params))
         return completions
+
+    def eos_token_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return {i for i in ids if i is not None}
+
+    def generate_refill(
+        self, batch: Sequence[list[int]], params: GenerationParams,
+        on_result: Callable[[int, Completion], None] | None = None,
+    ) -> list[Completion]:
+        """Rows leave the batch when they end and queued prompts take their slots (see `llm/refill.py`)."""
+        import torch
+
+        from matrix_assets.llm.refill import generate_with_refill
+
+        results: list[Completion | None] = [None] * len(batch)
+
+        def row_done(index: int, tokens: list[int]) -> None:
+            results[index] = self._completion(batch[index], tokens, params)
+            if on_result is not None:
+                on_result(index, results[index])
+
+        with self._lock, torch.inference_mode():
+            generate_with_refill(
+                self.model, batch, params, batch_size=self.batch_size, eos_token_ids=self.eos_token_ids(),
+                pad_token_id=self.tokenizer.pad_token_id, on_row_done=row_done,
+            )
+        return [r for r in results if r is not None]
+
+    def _completion(self, prompt: list[int], tokens: list[int], params: GenerationParams) -> Completion:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in params.stop:
+            if stop and stop in text:
+                text = text.split(stop, 1)[0]
+        return Completion(text.strip(), len(prompt), len(tokens))
 
     def generate_continuous(self, batch: Sequence[list[int]], params: GenerationParams) -> list[Completion]:
         """transformers' continuous batching (paged KV cache): a finished row frees its slot for the next
@@ -156,15 +240,9 @@ class TransformersBackend(ChatBackend):
         if len(outputs) != len(batch) or any(r.error is not None for r in outputs):
             errors = [str(r.error) for r in outputs if r.error is not None]
             raise BackendError(f"continuous batching returned {len(outputs)}/{len(batch)} results {errors[:3]}")
-        completions = []
-        for ids, result in zip(batch, outputs):
-            tokens = [t for t in result.generated_tokens if t not in (self.tokenizer.eos_token_id,)]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            for stop in params.stop:
-                if stop and stop in text:
-                    text = text.split(stop, 1)[0]
-            completions.append(Completion(text.strip(), len(ids), len(tokens)))
-        return completions
+        eos = self.eos_token_ids()
+        return [self._completion(ids, [t for t in result.generated_tokens if t not in eos], params)
+                for ids, result in zip(batch, outputs)]
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

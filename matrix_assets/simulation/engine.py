@@ -1,21 +1,25 @@
 """The MATRIX monopolylogue: one model plans a social scene, plays every role, modulates, critiques, revises.
 
-Every stage is batched across scenes (and, within a round, across the roles that react), so a batch of
-prompts costs a handful of large `generate` calls instead of thousands of single ones. Small models
+Each scene is a script (`_scene_script`) that yields the requests it needs next and gets the answers
+back; `drive` runs all scenes of a partition on one live backend session, queueing a scene's next request
+the moment its previous answers arrive. The local backend adds it to the running batch as soon as a row
+frees up, a remote one keeps its request slots busy, and a simple backend answers in waves (one
+`generate` per decoding setting), so a batch of prompts never costs one call per agent turn. Small models
 break formats: each parser in `parsing` may come back empty, and the engine then re-asks once (roles) or
 applies a documented fallback, counted in `Transcript.fallbacks` so the asset metadata shows how often.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
-from difflib import SequenceMatcher
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
-from matrix_assets.llm.base import ChatBackend, Conversation, GenerationParams, Message
+from matrix_assets.llm.base import ChatBackend, Completion, Conversation, GenerationParams, Job, Message
 from matrix_assets.simulation import parsing
 from matrix_assets.simulation.scene import Critique, Revision, Role, SceneEvent, SceneInput, Transcript
 from matrix_assets.simulation.templates import read_text, render, system_and_user, user_message
@@ -80,50 +84,49 @@ def default_roster() -> list[Role]:
     return rows
 
 
-# -- scene planning ---------------------------------------------------------------------------------
+# -- one scene, as a script the scheduler drives --------------------------------------------------------
+
+# A scene asks for what it needs next (one or more requests, answered together, in order) and gets the
+# replies' texts back: `replies = yield [(conversation, params), ...]`.
+Ask = list[tuple[Conversation, GenerationParams]]
+SceneScript = Generator[Ask, list[str], None]
 
 
-def plan_scenes(llm: ChatBackend, scenes: list[Transcript], s: SimulationSettings) -> None:
-    targets = _generate(llm, [user_message("scene_target", question=t.question) for t in scenes], s.params(48, free_text=False))
-    for scene, reply in zip(scenes, targets):
-        target = parsing.first_sentence(reply)
-        if not target:
-            scene.fallbacks["target_from_question"] += 1
-            target = f"The person wants to do what they asked: {scene.question[:200]}"
-        scene.target = target
+def _plan_scene(scene: Transcript, s: SimulationSettings) -> SceneScript:
+    # The target and the plan only need the question and the answer: asked together.
+    target_reply, plan_reply = yield [
+        (user_message("scene_target", question=scene.question), s.params(48, free_text=False)),
+        (user_message("scene_plan", question=scene.question, answer=scene.answer, n_steps=s.plan_steps),
+         s.params(s.plan_tokens, free_text=False)),
+    ]
+    target = parsing.first_sentence(target_reply)
+    if not target:
+        scene.fallbacks["target_from_question"] += 1
+        target = f"The person wants to do what they asked: {scene.question[:200]}"
+    scene.target = target
 
-    plans = _generate(
-        llm,
-        [user_message("scene_plan", question=t.question, answer=t.answer, n_steps=s.plan_steps) for t in scenes],
-        s.params(s.plan_tokens, free_text=False),
-    )
-    for scene, reply in zip(scenes, plans):
-        steps = parsing.numbered_steps(reply, s.plan_steps)
-        if not steps:
-            scene.fallbacks["plan_from_answer_sentences"] += 1
-            steps = parsing.numbered_steps(scene.answer, s.plan_steps) or parsing.sentences(scene.answer, s.plan_steps)
-        if not steps:
-            scene.fallbacks["plan_from_question"] += 1
-            steps = [scene.question[:400]]
-        scene.plan = steps
+    steps = parsing.numbered_steps(plan_reply, s.plan_steps)
+    if not steps:
+        scene.fallbacks["plan_from_answer_sentences"] += 1
+        steps = parsing.numbered_steps(scene.answer, s.plan_steps) or parsing.sentences(scene.answer, s.plan_steps)
+    if not steps:
+        scene.fallbacks["plan_from_question"] += 1
+        steps = [scene.question[:400]]
+    scene.plan = steps
 
-    replies = _generate(
-        llm,
-        [user_message("scene_roles", question=t.question, steps=t.plan, n_roles=s.n_roles) for t in scenes],
-        s.params(s.plan_tokens, free_text=False),
-    )
-    for scene, reply in zip(scenes, replies):
-        scene.roles = parsing.roles(reply, s.n_roles)
-    # One bounded re-ask, with a differently shaped prompt, for scenes whose list was too short.
-    short = [t for t in scenes if len(t.roles) < s.min_roles]
-    retry = _generate(
-        llm, [user_message("scene_roles_retry", target=t.target, n_roles=s.n_roles) for t in short],
-        s.params(s.plan_tokens, free_text=False),
-    )
-    for scene, reply in zip(short, retry):
+    # Roles and objects both follow from the plan: asked together.
+    roles_reply, objects_reply = yield [
+        (user_message("scene_roles", question=scene.question, steps=scene.plan, n_roles=s.n_roles),
+         s.params(s.plan_tokens, free_text=False)),
+        (user_message("scene_objects", steps=scene.plan, n_objects=s.n_objects), s.params(96, free_text=False)),
+    ]
+    scene.roles = parsing.roles(roles_reply, s.n_roles)
+    if len(scene.roles) < s.min_roles:
+        # One bounded re-ask, with a differently shaped prompt, when the list was too short.
+        (retry,) = yield [(user_message("scene_roles_retry", target=scene.target, n_roles=s.n_roles),
+                           s.params(s.plan_tokens, free_text=False))]
         scene.fallbacks["roles_reasked"] += 1
-        extra = parsing.roles(reply, s.n_roles - len(scene.roles), exclude={r.name for r in scene.roles})
-        scene.roles += extra
+        scene.roles += parsing.roles(retry, s.n_roles - len(scene.roles), exclude={r.name for r in scene.roles})
         if len(scene.roles) < s.min_roles:
             scene.fallbacks["roles_from_default_roster"] += 1
             names = {r.name.lower() for r in scene.roles}
@@ -133,85 +136,54 @@ def plan_scenes(llm: ChatBackend, scenes: list[Transcript], s: SimulationSetting
                 if role.name.lower() not in names:
                     scene.roles.append(role)
 
-    replies = _generate(
-        llm,
-        [user_message("scene_objects", steps=t.plan, n_objects=s.n_objects) for t in scenes],
-        s.params(96, free_text=False),
-    )
-    for scene, reply in zip(scenes, replies):
-        scene.objects = parsing.objects(reply, s.n_objects)
-        if not scene.objects:
-            scene.fallbacks["no_objects_parsed"] += 1
+    scene.objects = parsing.objects(objects_reply, s.n_objects)
+    if not scene.objects:
+        scene.fallbacks["no_objects_parsed"] += 1
 
 
-# -- the modulated rounds -----------------------------------------------------------------------------
-
-
-def _play_round(llm: ChatBackend, scenes: list[Transcript], round_no: int, s: SimulationSettings) -> None:
+def _play_round(scene: Transcript, round_no: int, s: SimulationSettings) -> SceneScript:
     params = s.params(s.action_tokens)
     # 1. The protagonist acts on the next plan step.
-    actions = _generate(
-        llm,
-        [
-            user_message("protagonist_action", protagonist=t.protagonist, target=t.target, memory=t.memory,
-                         step=t.plan[round_no - 1])
-            for t in scenes
-        ],
-        params,
-    )
-    for scene, reply in zip(scenes, actions):
-        action = parsing.clean(reply)
-        if not action:
-            scene.fallbacks["action_from_plan_step"] += 1
-            action = f"I {scene.plan[round_no - 1]}"
-        scene.events.append(SceneEvent(round_no, scene.protagonist, "action", action))
+    (reply,) = yield [(user_message("protagonist_action", protagonist=scene.protagonist, target=scene.target,
+                                    memory=scene.memory, step=scene.plan[round_no - 1]), params)]
+    action = parsing.clean(reply)
+    if not action:
+        scene.fallbacks["action_from_plan_step"] += 1
+        action = f"I {scene.plan[round_no - 1]}"
+    scene.events.append(SceneEvent(round_no, scene.protagonist, "action", action))
 
     # 2. The social modulator judges feasibility and routes the action to the roles who can observe it.
-    routes = _generate(
-        llm,
-        [
-            user_message("modulator_route", roles=t.roles, memory=t.memory, protagonist=t.protagonist,
-                         action=t.events[-1].action)
-            for t in scenes
-        ],
-        s.params(s.action_tokens + 32, free_text=False),
-    )
-    reaction_jobs: list[tuple[Transcript, Role, str]] = []
-    for scene, reply in zip(scenes, routes):
-        names = [r.name for r in scene.roles]
-        feasible = parsing.yes_no(reply, "FEASIBLE")
-        if feasible is None:
-            scene.fallbacks["feasible_assumed"] += 1
-            feasible = True
-        seen_line = parsing.labelled_line(reply, "SEEN BY")
-        audience = parsing.mentioned_names(seen_line or "", names) or parsing.mentioned_names(reply, names)
-        if not audience:
-            scene.fallbacks["audience_all_roles"] += 1
-            audience = names
-        audience = audience[: s.max_observers]
-        observation = parsing.labelled_line(reply, "WHAT THEY NOTICE")
-        if not observation:
-            scene.fallbacks["observation_is_action"] += 1
-            observation = f"{scene.protagonist} does this: {scene.events[-1].action}"
-        if not feasible:
-            audience = []
-        scene.events.append(
-            SceneEvent(round_no, "modulator", "modulation", "route", observation, tuple(audience), feasible)
-        )
-        by_name = {r.name: r for r in scene.roles}
-        reaction_jobs += [(scene, by_name[name], observation) for name in audience]
+    (reply,) = yield [(user_message("modulator_route", roles=scene.roles, memory=scene.memory,
+                                    protagonist=scene.protagonist, action=action),
+                       s.params(s.action_tokens + 32, free_text=False))]
+    names = [r.name for r in scene.roles]
+    feasible = parsing.yes_no(reply, "FEASIBLE")
+    if feasible is None:
+        scene.fallbacks["feasible_assumed"] += 1
+        feasible = True
+    seen_line = parsing.labelled_line(reply, "SEEN BY")
+    audience = parsing.mentioned_names(seen_line or "", names) or parsing.mentioned_names(reply, names)
+    if not audience:
+        scene.fallbacks["audience_all_roles"] += 1
+        audience = names
+    audience = audience[: s.max_observers]
+    observation = parsing.labelled_line(reply, "WHAT THEY NOTICE")
+    if not observation:
+        scene.fallbacks["observation_is_action"] += 1
+        observation = f"{scene.protagonist} does this: {action}"
+    if not feasible:
+        audience = []
+    scene.events.append(SceneEvent(round_no, "modulator", "modulation", "route", observation, tuple(audience), feasible))
 
-    # 3. Every observing role of every scene reacts, in one batch.
-    reactions = _generate(
-        llm,
-        [
-            user_message("role_reaction", name=role.name, description=role.description, status=role.status,
-                         observation=obs)
-            for _, role, obs in reaction_jobs
-        ],
-        params,
-    )
-    for (scene, role, _), reply in zip(reaction_jobs, reactions):
+    # 3. Every observing role reacts; the reactions are generated together.
+    by_name = {r.name: r for r in scene.roles}
+    observers = [by_name[name] for name in audience]
+    reactions = yield [
+        (user_message("role_reaction", name=role.name, description=role.description, status=role.status,
+                      observation=observation), params)
+        for role in observers
+    ]
+    for role, reply in zip(observers, reactions):
         text = parsing.clean(reply)
         if not text:
             scene.fallbacks["reaction_default"] += 1
@@ -219,37 +191,37 @@ def _play_round(llm: ChatBackend, scenes: list[Transcript], round_no: int, s: Si
         scene.events.append(SceneEvent(round_no, role.name, "reaction", text))
 
     # 4. The modulator folds the round into the scene memory and decides whether the plan was stopped.
-    round_lines = {
-        id(t): [f"{e.actor}: {e.action}" for e in t.events if e.round == round_no and e.kind in {"action", "reaction"}]
-        for t in scenes
-    }
-    summaries = _generate(
-        llm,
-        [
-            user_message("modulator_memory", memory=t.memory, events=round_lines[id(t)], protagonist=t.protagonist)
-            for t in scenes
-        ],
-        params.replace(max_new_tokens=s.action_tokens + 32),
-    )
-    for scene, reply in zip(scenes, summaries):
-        summary = parsing.without_label_lines(reply, ("STOPPED",))
-        summary = " ".join(parsing.sentences(summary, 3))
-        if not summary:
-            scene.fallbacks["memory_from_events"] += 1
-            summary = " ".join(round_lines[id(scene)])[-600:]
-        scene.memory = summary
-        blockers = [
-            e for e in scene.events if e.round == round_no and e.kind == "reaction" and _BLOCKING.search(e.action)
-        ]
-        stopped = parsing.yes_no(reply, "STOPPED")
-        if stopped is None:
-            scene.fallbacks["stopped_from_keywords"] += 1
-            stopped = bool(blockers)
-        scene.events.append(SceneEvent(round_no, "modulator", "memory", summary))
-        scene.n_rounds = round_no
-        if stopped:
-            reason = blockers[0] if blockers else None
-            scene.stopped_by = f"{reason.actor}: {reason.action}" if reason else summary
+    round_lines = [f"{e.actor}: {e.action}" for e in scene.events
+                   if e.round == round_no and e.kind in {"action", "reaction"}]
+    (reply,) = yield [(user_message("modulator_memory", memory=scene.memory, events=round_lines,
+                                    protagonist=scene.protagonist),
+                       params.replace(max_new_tokens=s.action_tokens + 32))]
+    summary = parsing.without_label_lines(reply, ("STOPPED",))
+    summary = " ".join(parsing.sentences(summary, 3))
+    if not summary:
+        scene.fallbacks["memory_from_events"] += 1
+        summary = " ".join(round_lines)[-600:]
+    scene.memory = summary
+    blockers = [e for e in scene.events if e.round == round_no and e.kind == "reaction" and _BLOCKING.search(e.action)]
+    stopped = parsing.yes_no(reply, "STOPPED")
+    if stopped is None:
+        scene.fallbacks["stopped_from_keywords"] += 1
+        stopped = bool(blockers)
+    scene.events.append(SceneEvent(round_no, "modulator", "memory", summary))
+    scene.n_rounds = round_no
+    if stopped:
+        reason = blockers[0] if blockers else None
+        scene.stopped_by = f"{reason.actor}: {reason.action}" if reason else summary
+
+
+def _scene_script(scene: Transcript, s: SimulationSettings) -> SceneScript:
+    """The whole monopolylogue of one scene: plan it, then play rounds until the plan ends or is stopped."""
+    yield from _plan_scene(scene, s)
+    for round_no in range(1, s.max_rounds + 1):
+        if round_no > len(scene.plan) or scene.stopped_by:
+            break
+        yield from _play_round(scene, round_no, s)
+    _conclude(scene)
 
 
 def _conclude(scene: Transcript) -> None:
@@ -264,20 +236,80 @@ def _conclude(scene: Transcript) -> None:
     scene.consequence = " ".join(opposing[:5]) if opposing else scene.memory
 
 
-def run_scenes(llm: ChatBackend, inputs: Sequence[SceneInput], settings: SimulationSettings) -> list[Transcript]:
-    """Plan and play one scene per input, all scenes in lock-step so that every model call is batched."""
+def drive(llm: ChatBackend, scripts: Sequence[SceneScript], on_script_done: Callable[[int], None] | None = None) -> None:
+    """Run many scene scripts on one live backend session (`ChatBackend.serve`).
+
+    A scene's next request is queued the moment its previous answers arrive, so no scene waits for the
+    others: with refill decoding the batch stays full, and a remote server always has work in flight.
+    `on_script_done(index)` is called as each script ends."""
+    queue: deque[Job] = deque()
+    owners: dict[int, tuple[int, int]] = {}  # job id -> (script, position of the reply in its ask)
+    replies: dict[int, list[str | None]] = {}
+    job_ids = itertools.count()
+
+    def advance(index: int, sent: list[str] | None) -> None:
+        while True:
+            try:
+                ask = next(scripts[index]) if sent is None else scripts[index].send(sent)
+            except StopIteration:
+                if on_script_done is not None:
+                    on_script_done(index)
+                return
+            if ask:
+                break
+            sent = []  # an empty ask (no observers) is answered at once
+        replies[index] = [None] * len(ask)
+        for position, (conversation, params) in enumerate(ask):
+            job = Job(next(job_ids), conversation, params)
+            owners[job.id] = (index, position)
+            queue.append(job)
+
+    def take(limit: int | None) -> list[Job]:
+        n = len(queue) if limit is None else min(limit, len(queue))
+        return [queue.popleft() for _ in range(n)]
+
+    def on_completion(job: Job, completion: Completion) -> None:
+        index, position = owners.pop(job.id)
+        answers = replies[index]
+        answers[position] = completion.text
+        if all(a is not None for a in answers):
+            del replies[index]
+            advance(index, [a for a in answers if a is not None])
+
+    for index in range(len(scripts)):
+        advance(index, None)
+    llm.serve(take, on_completion)
+    if replies:  # a backend that returned without answering everything
+        raise RuntimeError(f"{len(replies)} scene(s) left waiting for generations")
+
+
+def run_scenes(
+    llm: ChatBackend,
+    inputs: Sequence[SceneInput],
+    settings: SimulationSettings,
+    *,
+    on_scene_done: Callable[[Transcript], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Transcript]:
+    """Plan and play one scene per input; all scenes run at once on one live backend session.
+    `on_scene_done(transcript)` gets each scene the moment it ends (to save it), `progress(done, total)`
+    counts them."""
     scenes = [Transcript(prompt_id=i.prompt_id, question=i.question, answer=i.answer) for i in inputs]
     if not scenes:
         return []
-    plan_scenes(llm, scenes, settings)
-    for round_no in range(1, settings.max_rounds + 1):
-        active = [t for t in scenes if round_no <= len(t.plan) and not t.stopped_by]
-        if not active:
-            break
-        logger.info("round %d: %d active scenes", round_no, len(active))
-        _play_round(llm, active, round_no, settings)
-    for scene in scenes:
-        _conclude(scene)
+    finished = 0
+
+    def scene_done(index: int) -> None:
+        nonlocal finished
+        finished += 1
+        if on_scene_done is not None:
+            on_scene_done(scenes[index])
+        if progress is not None:
+            progress(finished, len(scenes))
+
+    if progress is not None:
+        progress(0, len(scenes))
+    drive(llm, [_scene_script(scene, settings) for scene in scenes], scene_done)
     return scenes
 
 

@@ -14,11 +14,14 @@ from matrix_assets.defs.resources import LLMResource, StoreResource
 from matrix_assets.llm.cache import CachedBackend, CacheStats
 
 
-def progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[int, int], None]:
+def progress_logger(
+    context: dg.AssetExecutionContext, what: str, unit: str = "generations"
+) -> Callable[[int, int], None]:
     """Report generation progress: a log line at most every ~10 s (the Dagster UI's event log), and a
     terminal progress bar when the CLI asks for one (MATRIX_PROGRESS_BARS=1, set when stderr is a TTY).
 
-    The cache calls it with done=0 when a batch of cache misses starts, then after every chunk."""
+    The cache calls it with done=0 when a batch of cache misses starts, then after every chunk; the scene
+    engine calls it with done=0, then as each scene ends."""
     clock = {"started": time.monotonic(), "last": 0.0, "batch": 0}
     bar: dict[str, Any] = {"bar": None}
     show_bar = os.environ.get("MATRIX_PROGRESS_BARS") == "1"
@@ -30,7 +33,7 @@ def progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[i
             if show_bar:
                 from tqdm import tqdm
 
-                bar["bar"] = tqdm(total=total, desc=f"{what} #{clock['batch']}", unit="gen", leave=False)
+                bar["bar"] = tqdm(total=total, desc=f"{what} #{clock['batch']}", unit=unit[:5], leave=False)
             return
         if bar["bar"] is not None:
             bar["bar"].update(done - bar["bar"].n)
@@ -41,7 +44,7 @@ def progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[i
             clock["last"] = now
             rate = done / max(now - clock["started"], 1e-9)
             context.log.info(
-                f"{what}, batch {clock['batch']}: {done}/{total} generations "
+                f"{what}, batch {clock['batch']}: {done}/{total} {unit} "
                 f"({rate:.2f}/s, ~{(total - done) / rate:.0f}s left)"
             )
 

@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from matrix_assets.defs.assets.common import cache_metadata, cached_llm, md_table
+from matrix_assets.defs.assets.common import cache_metadata, cached_llm, md_table, progress_logger
 from matrix_assets.defs.configs import CritiqueConfig, InitialResponsesConfig, RevisionConfig, SimulationConfig
 from matrix_assets.defs.partitions import prompt_sets_partitions
 from matrix_assets.defs.resources import LLMResource, StoreResource
@@ -16,7 +16,7 @@ from matrix_assets.simulation.engine import (
     revise_answers,
     run_scenes,
 )
-from matrix_assets.simulation.scene import SceneInput
+from matrix_assets.simulation.scene import SceneInput, Transcript
 from matrix_assets.store.db import utcnow
 from matrix_assets.store.scenes import load_transcripts, save_transcripts
 
@@ -67,11 +67,15 @@ def scene_transcripts(
         raise dg.Failure(f"no initial responses for {context.partition_key!r} with model {model.model_id!r}")
     settings = config.settings()
     scenes = []
+
+    def save(scene: Transcript) -> None:  # each scene is kept the moment it ends
+        save_transcripts(db, [scene], method=METHOD, model_id=model.model_id)
+
+    progress = progress_logger(context, "scene simulation", unit="scenes")
     for start in range(0, len(rows), config.scenes_per_batch):
         batch = rows[start : start + config.scenes_per_batch]
-        done = run_scenes(model, [SceneInput(r["prompt_id"], r["prompt"], r["response"]) for r in batch], settings)
-        save_transcripts(db, done, method=METHOD, model_id=model.model_id)  # each batch is kept as soon as it ends
-        scenes += done
+        scenes += run_scenes(model, [SceneInput(r["prompt_id"], r["prompt"], r["response"]) for r in batch],
+                             settings, on_scene_done=save, progress=progress)
         context.log.info(f"scenes saved: {len(scenes)}/{len(rows)}")
     fallbacks = fallback_totals(scenes)
     n_roles = [len(s.roles) for s in scenes]

@@ -1,0 +1,248 @@
+"""Batched decoding that keeps the batch full: finished rows leave at once, queued prompts take their slots.
+
+`model.generate` on a padded batch decodes until the longest row ends; every row that already produced
+EOS still costs a step. In the simulation about a quarter of the decoded row-steps were such padding
+(measured by `benchmarks/bench_simulation.py`). This loop drives the model's forward pass itself:
+
+- a row that ends (EOS or `max_new_tokens`) is dropped from the batch and its KV cache right away;
+- a free slot is refilled with the next queued prompt (prefilled on its own, then its KV cache is
+  left-padded to the batch's width and joined), so a call with more prompts than `batch_size` never
+  waits for a whole chunk to finish;
+- left columns that no remaining row uses are cut from the cache, so attention does not keep paying for
+  a long prompt that has already left.
+
+Each row carries its own attention mask and position ids, so a row's result does not depend on what
+it was batched with beyond float rounding. Decoding supports what `GenerationParams` promises: greedy
+or temperature / top-p sampling, and the repetition penalty (same rule as transformers'
+`RepetitionPenaltyLogitsProcessor`: divide positive logits, multiply negative ones, for every token id
+already in the prompt or the answer). transformers' own continuous batching (`generate_batch`) does the
+same scheduling with a paged cache, but it drops the repetition penalty and on a CPU it measured slower
+per step and took ~10 GB for its cache, so this small loop over the standard `DynamicCache` is the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from matrix_assets.llm.base import GenerationParams
+
+
+@dataclass
+class TokenJob:
+    """A tokenized request: `id` is the caller's handle, `prompt` the chat-templated token ids."""
+
+    id: int
+    prompt: list[int]
+    params: GenerationParams
+
+
+@dataclass
+class _Row:
+    job: TokenJob
+    tokens: list[int] = field(default_factory=list)  # generated so far, EOS excluded
+
+
+def supports_refill(model: torch.nn.Module) -> bool:
+    """Plain full-attention decoder caches only: sliding-window or recurrent layers keep extra state."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "sliding_window", None):
+        return False
+    layer_types = getattr(config, "layer_types", None) or []
+    return all(kind == "full_attention" for kind in layer_types)
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    layers = list(cache.layers)
+    if not all(type(layer) is DynamicLayer for layer in layers):
+        raise NotImplementedError("refill decoding needs a plain DynamicCache (no sliding-window layers)")
+    return layers
+
+
+class _Batch:
+    """The rows being decoded: their KV cache, attention mask and per-row decoding settings, kept aligned."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long)
+        self.seen = torch.zeros((0, vocab_size), dtype=torch.bool)  # ids the repetition penalty applies to
+        self.penalty = torch.zeros((0,))
+        self.temperature = torch.zeros((0,))
+        self.top_p = torch.zeros((0,))
+        self.pending = torch.zeros((0,), dtype=torch.long)  # last sampled token per row, not yet in the cache
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, jobs: list[TokenJob], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append freshly prefilled rows; the narrower side is left-padded to the wider one's width."""
+        seen = torch.zeros((len(jobs), self.vocab_size), dtype=torch.bool)
+        for r, job in enumerate(jobs):
+            seen[r, torch.tensor(job.prompt, dtype=torch.long)] = True
+        per_row = {
+            "penalty": torch.tensor([j.params.repetition_penalty for j in jobs], dtype=torch.float),
+            "temperature": torch.tensor([j.params.temperature for j in jobs], dtype=torch.float),
+            "top_p": torch.tensor([j.params.top_p for j in jobs], dtype=torch.float),
+        }
+        if self.cache is None or not self.rows:
+            self.cache, self.mask, self.seen = cache, mask, seen
+            for name, value in per_row.items():
+                setattr(self, name, value)
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for layer, other in zip(_layers(self.cache), _layers(cache), strict=True):
+                layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(other.keys, width, 2)])
+                layer.values = torch.cat([_left_pad(layer.values, width, 2), _left_pad(other.values, width, 2)])
+            self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+            self.seen = torch.cat([self.seen, seen])
+            for name, value in per_row.items():
+                setattr(self, name, torch.cat([getattr(self, name), value]))
+        self.rows += [_Row(job) for job in jobs]
+
+    def keep(self, keep: list[int]) -> None:
+        """Drop every row not in `keep`, and the cache columns only the dropped rows used."""
+        index = torch.tensor(keep, dtype=torch.long)
+        self.rows = [self.rows[r] for r in keep]
+        if not self.rows:
+            self.cache = None
+            self.mask = self.mask[:0]
+        else:
+            assert self.cache is not None
+            self.cache.batch_select_indices(index)
+            self.mask = self.mask[index]
+            used = self.mask.any(dim=0).nonzero()
+            start = int(used[0]) if len(used) else 0
+            if start > 0:
+                for layer in _layers(self.cache):
+                    layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                self.mask = self.mask[:, start:]
+        for name in ("seen", "penalty", "temperature", "top_p", "pending"):
+            setattr(self, name, getattr(self, name)[index])
+
+
+def _sample(logits: torch.Tensor, batch: _Batch, rows: slice, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row: repetition penalty (transformers' rule), then greedy or temperature + top-p."""
+    scores = logits.float()
+    penalty = batch.penalty[rows].unsqueeze(1)
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    scores = torch.where(batch.seen[rows] & (penalty != 1.0), penalized, scores)
+    chosen = scores.argmax(dim=-1)
+    temperature = batch.temperature[rows]
+    sampled = temperature > 0
+    if sampled.any():
+        probs = torch.softmax(scores / temperature.clamp(min=1e-5).unsqueeze(1), dim=-1)
+        ordered, order = probs.sort(dim=-1, descending=True)
+        # Nucleus: keep the most likely tokens until their mass reaches top_p (the first one always stays).
+        ordered[(ordered.cumsum(dim=-1) - ordered) > batch.top_p[rows].unsqueeze(1)] = 0.0
+        picked = order.gather(1, torch.multinomial(ordered, 1, generator=generator)).squeeze(1)
+        chosen = torch.where(sampled, picked, chosen)
+    return chosen
+
+
+def decode_live(
+    model: torch.nn.Module,
+    take: Callable[[int], list[TokenJob]],
+    on_done: Callable[[TokenJob, list[int]], None],
+    *,
+    batch_size: int,
+    eos_token_ids: set[int],
+    pad_token_id: int,
+) -> None:
+    """Decode jobs as they come: whenever fewer than `batch_size` rows run, `take(free_slots)` is asked for
+    more; `on_done(job, new_token_ids)` (EOS excluded) is called the moment a row ends and may queue further
+    jobs. Returns when `take` has nothing and no row is left. Each job's own `GenerationParams` apply to its
+    row (max_new_tokens, repetition penalty, temperature, top_p); the first sampled job's seed seeds the
+    sampling generator of the session."""
+    batch = _Batch(model.get_output_embeddings().weight.shape[0])
+    generator: torch.Generator | None = None
+
+    while True:
+        jobs = take(batch_size - len(batch)) if len(batch) < batch_size else []
+        if jobs:
+            jobs.sort(key=lambda j: len(j.prompt))
+            if generator is None and any(j.params.temperature > 0 for j in jobs):
+                seed = next(j.params.seed for j in jobs if j.params.temperature > 0)
+                generator = torch.Generator().manual_seed(seed)
+            width = max(len(j.prompt) for j in jobs)
+            ids = torch.full((len(jobs), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(jobs), width), dtype=torch.long)
+            for r, job in enumerate(jobs):
+                ids[r, width - len(job.prompt) :] = torch.tensor(job.prompt, dtype=torch.long)
+                mask[r, width - len(job.prompt) :] = 1
+            cache = DynamicCache()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+            fresh = len(batch)
+            batch.join(jobs, cache, mask)
+            rows = slice(fresh, len(batch))
+            batch.pending = torch.cat([batch.pending, _sample(out.logits[:, -1, :], batch, rows, generator)])
+        elif batch.rows:
+            fresh = 0
+            rows = slice(0, len(batch))
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+            positions = batch.mask.sum(-1, keepdim=True) - 1
+            out = model(input_ids=batch.pending.unsqueeze(1), attention_mask=batch.mask, position_ids=positions,
+                        past_key_values=batch.cache, use_cache=True)
+            batch.pending = _sample(out.logits[:, -1, :], batch, rows, generator)
+        else:
+            return
+
+        # Record the rows' new tokens; a row that ended leaves the batch before the next step.
+        batch.seen[torch.arange(fresh, len(batch)), batch.pending[fresh:]] = True
+        done: list[_Row] = []
+        for r in range(fresh, len(batch)):
+            row, token = batch.rows[r], int(batch.pending[r])
+            if token in eos_token_ids:
+                done.append(row)
+                continue
+            row.tokens.append(token)
+            if len(row.tokens) >= row.job.params.max_new_tokens:
+                done.append(row)
+        if done:
+            finished = {id(row) for row in done}
+            batch.keep([r for r, row in enumerate(batch.rows) if id(row) not in finished])
+            for row in done:
+                on_done(row.job, row.tokens)
+
+
+def generate_with_refill(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    params: GenerationParams,
+    *,
+    batch_size: int,
+    eos_token_ids: set[int],
+    pad_token_id: int,
+    on_row_done: Callable[[int, list[int]], None] | None = None,
+) -> list[list[int]]:
+    """A fixed list of prompts through `decode_live`, shortest first; returns the new token ids per prompt.
+    `on_row_done(index, tokens)` is called as each prompt finishes (so callers can persist it at once)."""
+    queue = sorted((TokenJob(i, list(p), params) for i, p in enumerate(prompts)), key=lambda j: -len(j.prompt))
+    results: list[list[int]] = [[] for _ in prompts]
+
+    def take(limit: int) -> list[TokenJob]:
+        return [queue.pop() for _ in range(min(limit, len(queue)))]
+
+    def done(job: TokenJob, tokens: list[int]) -> None:
+        results[job.id] = tokens
+        if on_row_done is not None:
+            on_row_done(job.id, tokens)
+
+    decode_live(model, take, done, batch_size=batch_size, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+    return results
