@@ -8,19 +8,19 @@ temporary SQLite store, so no run profits from another's generation cache (excep
 Measurements (all reported as ratios measured side by side in this run, never absolute targets):
 
  (a) generation throughput vs the raw limit. `run_scenes` runs through CachedBackend over a counting
-     wrapper that records, for every backend `generate` call, the conversations, their prompt token
-     lengths, the generated tokens (up to EOS), max_new_tokens and the wall time.
-     simulation tokens/s = generated tokens / time spent in the backend.
-     Right after each recorded call (interleaved, so both sides see the same machine load) the same
-     shape is replayed on the raw model: TransformersBackend.generate_encoded on synthetic prompts
-     of the same count and the same token lengths (windows of real token ids), split into the same
-     --batch-size batches, with the same decoding parameters and min_new_tokens = max_new_tokens,
-     so every row generates the full length. raw tokens/s = rows x max_new_tokens / replay time.
-     Ratio (a) = simulation tokens/s / raw tokens/s. The main loss is padding: `generate` keeps
-     decoding a batch until its longest row ends, and the rows that already stopped at EOS still
-     cost a step each. The table splits the ratio into "useful fraction of decoded rows"
-     (generated tokens / (rows x decode steps)) and "per-step speed" (rows x steps per second
-     in the simulation / raw rows x steps per second); their product is ratio (a).
+     wrapper, as in the pipeline: all scenes on one live backend session (`ChatBackend.serve`, refill
+     decoding by default: a finished row leaves the batch at once and the next queued request takes its
+     slot). The wrapper records every request (prompt token length, generated tokens up to EOS,
+     max_new_tokens, decoding parameters) and the session's wall time.
+     simulation tokens/s = generated tokens / session time.
+     Right after the session the same shapes are replayed on the raw model: padded `model.generate`
+     (TransformersBackend.generate_encoded) on synthetic prompts of the same token lengths (windows of
+     real token ids), per decoding setting, in length-sorted --batch-size batches, with
+     min_new_tokens = max_new_tokens, so every row generates the full length.
+     raw tokens/s = rows x max_new_tokens / replay time. Ratio (a) = simulation tokens/s / raw tokens/s.
+     The table splits the ratio into "useful fraction of decoded rows" (generated tokens / decoded
+     row-steps; padded decoding wastes steps on rows that already ended) and "per-step speed"
+     (rows x steps per second in the simulation / raw rows x steps per second); their product is (a).
  (b) speed-up over sequential generation: the same scenes with a wrapper that forwards the
      conversations one at a time (batch size 1) to the same model, vs the batched run. To bound the
      runtime the sequential run uses only the first --seq-scenes scenes (default: a quarter), so the
@@ -283,6 +283,11 @@ class RunResult:
     transcripts: list[Transcript] = field(repr=False)
     cache_hits: int = 0
     cache_requested: int = 0
+    prefix_reused_tokens: int = 0  # prompt tokens not prefilled thanks to the backend's prefix cache
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(sum(c.prompt_tokens) for c in self.calls)
 
     @property
     def backend_seconds(self) -> float:
@@ -301,10 +306,14 @@ def simulate(label: str, backend, inputs: Sequence[SceneInput], settings: Simula
              batch_size: int, replay: RawReplay | None = None, one_at_a_time: bool = False) -> RunResult:
     counting = CountingBackend(backend, batch_size=batch_size, replay=replay, one_at_a_time=one_at_a_time)
     cached = CachedBackend(counting, store, chunk_size=batch_size)
+    prefix_cache = getattr(backend, "prefix_cache", None)
+    if prefix_cache is not None:  # every measured run starts without KV left over from an earlier phase
+        backend.prefix_cache = prefix_cache = type(prefix_cache)(prefix_cache.max_tokens, prefix_cache.block)
     began = time.perf_counter()
     transcripts = run_scenes(cached, inputs, settings)
     wall = time.perf_counter() - began - counting.replay_seconds
-    return RunResult(label, len(inputs), wall, counting.calls, transcripts, cached.stats.hits, cached.stats.requested)
+    return RunResult(label, len(inputs), wall, counting.calls, transcripts, cached.stats.hits, cached.stats.requested,
+                     prefix_cache.reused_tokens if prefix_cache is not None else 0)
 
 
 def fresh_store(root: str, name: str) -> Store:
@@ -362,6 +371,10 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
         ("(a) = useful fraction of decoded rows (EOS padding)",
          f"{useful:.2f} ({gen_tokens} of {slots} row-steps; {full_rows}/{all_rows} rows hit max_new_tokens)", "", ""),
         ("(a) × per-step speed vs raw (rows×steps/s ÷ raw tok/s)", fmt_ratio(step_speed), "", ""),
+        ("(a) prompt tokens not prefilled (prefix cache; raw has none)",
+         f"{cold.prefix_reused_tokens} of {cold.prompt_tokens} "
+         f"({100 * cold.prefix_reused_tokens / max(1, cold.prompt_tokens):.0f} %); sequential run: "
+         f"{seq.prefix_reused_tokens} of {seq.prompt_tokens}", "", ""),
         ("(b) speed-up over sequential (batch 1), wall time per scene",
          f"{speedup:.2f}x", ">= 3x at batch 8", ok(speedup >= 3.0) + ("" if args.batch_size == 8 else " (batch != 8)")),
         ("(b) batched: wall time per scene",
@@ -395,7 +408,8 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Settings: {args.scenes} AdvBench scenes, batch size {args.batch_size}, {settings.n_roles} roles, "
+        f"Settings: {args.scenes} AdvBench scenes, batch size {args.batch_size}, decoding {args.decoding} (prefix "
+        f"cache {args.prefix_cache_tokens} tokens), {settings.n_roles} roles, "
         f"{settings.plan_steps} plan steps, {settings.max_rounds} rounds, action tokens {settings.action_tokens}, "
         f"plan tokens {settings.plan_tokens}, repetition penalty {settings.repetition_penalty}; sequential run on "
         f"the first {seq.scenes} scenes. Initial answers ({settings.answer_tokens} tokens) generated once "
@@ -408,13 +422,13 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
         "",
         "How to read it:",
         "",
-        "- (a) compares the tokens the simulation really gets per second of backend time with what the model "
-        "delivers on the very same batch shapes when every row decodes to max_new_tokens (replayed right after "
-        "each call, so both sides see the same machine load). The main loss is padding to the longest "
-        "generation in a batch: `generate` runs until the longest row of the batch ends, and rows that already "
-        "produced EOS keep costing a decode step each. The ratio splits into the useful fraction of decoded "
-        "rows (EOS padding) times the per-step speed relative to raw (tokenization, chat templates, decoding "
-        "text and cache writes; close to 1 when the overheads are small).",
+        "- (a) compares the tokens the simulation really gets per second of session time with what padded "
+        "`model.generate` delivers on the same prompt lengths and batch size when every row decodes to "
+        "max_new_tokens. It splits into the useful fraction of decoded rows (padded decoding keeps stepping rows "
+        "that already produced EOS; refill decoding drops them) times the per-step speed relative to raw. The raw "
+        "side spreads each prompt's prefill over max_new_tokens, the simulation over the tokens it needs; the "
+        "simulation's batch runs short at the end of the session, when the last scenes finish one by one; the "
+        "prefix cache saves prefill the raw side pays.",
         "- (b) is wall time per scene, batch 1 vs batched; the sequential run uses fewer scenes to bound the "
         "runtime, and its trajectories can differ slightly (padding changes float rounding), so the numbers of "
         "conversations per scene are shown. On a CPU, batching helps less than on a GPU: a 2-core machine is "
@@ -448,6 +462,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="TransformersBackend decoding: refill (default: finished rows leave the batch, queued "
                         "conversations take their slots), padded (one model.generate per length-sorted chunk) or "
                         "transformers' continuous batching (calls with a repetition penalty stay padded)")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=4096,
+                        help="refill decoding's prefix KV cache size in tokens (default 4096; 0 = off)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: robust on a shared 2-core machine; 0 = torch default)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "simulation.md",
@@ -485,7 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rss: list[tuple[str, float]] = [("start (imports)", max_rss_mib())]
 
     log(f"loading {MODEL} (batch size {args.batch_size}, {torch.get_num_threads()} torch thread(s))")
-    backend = TransformersBackend(MODEL, batch_size=args.batch_size, decoding=args.decoding)
+    backend = TransformersBackend(MODEL, batch_size=args.batch_size, decoding=args.decoding,
+                                  prefix_cache_tokens=args.prefix_cache_tokens)
     params = list(backend.model.parameters()) + list(backend.model.buffers())
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -6,7 +6,7 @@ import pytest
 
 from matrix_assets.llm.base import Completion, GenerationParams
 from matrix_assets.llm.cache import CachedBackend
-from matrix_assets.llm.refill import supports_refill
+from matrix_assets.llm.refill import PrefixCache, supports_refill
 from matrix_assets.llm.transformers_backend import TransformersBackend
 from matrix_assets.store.db import Store
 
@@ -174,3 +174,37 @@ def test_scenes_on_the_live_refill_session_equal_scenes_decoded_padded(eos_prone
     live = run_scenes(eos_prone_backend, inputs, settings, on_scene_done=lambda t: order.append(t.prompt_id))
     assert [t.render_markdown() for t in live] == [t.render_markdown() for t in padded]
     assert sorted(order) == [i.prompt_id for i in inputs]
+
+
+def test_prefix_cache_reuses_shared_prompt_heads_without_changing_answers(eos_prone_backend) -> None:  # noqa: ANN001
+    shared = [[{"role": "user", "content": "a long shared instruction " * 4 + tail}] for tail in ("one", "two", "three")]
+    params = GenerationParams(max_new_tokens=10, repetition_penalty=1.2)
+    eos_prone_backend.prefix_cache = None
+    plain = eos_prone_backend.generate(shared + MANY, params)
+    eos_prone_backend.prefix_cache = PrefixCache(max_tokens=4096)
+    cached = eos_prone_backend.generate(shared + MANY, params)
+    again = eos_prone_backend.generate(shared + MANY, params)  # now every prompt's head is cached
+    assert eos_prone_backend.prefix_cache.hits >= len(shared) + len(MANY)
+    assert [c.text for c in cached] == [c.text for c in again] == [c.text for c in plain]
+
+
+def test_prefix_cache_never_reuses_another_prompt_and_stays_bounded(monkeypatch) -> None:  # noqa: ANN001
+    import torch
+
+    cache = PrefixCache(max_tokens=64, block=4)
+    kv = [(torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8))]
+    cache.store(list(range(12)), kv)
+    found = cache.lookup(list(range(12)) + [99])
+    assert found is not None and found[0] == 12 and torch.equal(found[1][0][0], kv[0][0])
+    assert cache.lookup(list(range(8)) + [50, 51, 52, 53, 54])[0] == 8  # the longest shared block prefix
+    assert cache.lookup(list(range(12))) [0] == 8  # at least one token is left to prefill
+    for start in range(100, 200, 12):
+        cache.store(list(range(start, start + 12)), kv)
+    assert cache.tokens <= 64 and len(cache.entries) == 64 // 12
+
+    # Every prefix hashing alike (a collision) must not hand one prompt another prompt's keys.
+    colliding = PrefixCache(max_tokens=64, block=4)
+    monkeypatch.setattr(colliding, "_prefix_hashes", lambda prompt, limit: [(1, 4), (2, 8)][: limit // 4])
+    colliding.store(list(range(8)), kv)
+    assert colliding.lookup(list(range(8)) + [5])[0] == 8
+    assert colliding.lookup([7] * 9) is None

@@ -22,6 +22,8 @@ per step and took ~10 GB for its cache, so this small loop over the standard `Dy
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -154,6 +156,107 @@ def _sample(logits: torch.Tensor, batch: _Batch, rows: slice, generator: torch.G
     return chosen
 
 
+class PrefixCache:
+    """The KV cache of recently prefilled prompts, found again by block-aligned token prefixes (the idea of
+    vLLM's automatic prefix caching). The scene prompts share a lot: the chat template's system turn and each
+    template's instructions come before the scene's own text; about half the prompt tokens of a simulation
+    are a prefix of an earlier prompt. Entries are evicted least recently used beyond `max_tokens`."""
+
+    def __init__(self, max_tokens: int = 4096, block: int = 16) -> None:
+        self.max_tokens = max_tokens
+        self.block = block
+        self.entries: OrderedDict[int, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+        self.index: dict[int, tuple[int, int]] = {}  # hash of a block-aligned prefix -> (entry, its length)
+        self.tokens = 0
+        self.hits = 0
+        self.reused_tokens = 0
+        self._ids = itertools.count()
+
+    def _prefix_hashes(self, prompt: list[int], limit: int) -> list[tuple[int, int]]:
+        hashes, running = [], 0
+        for end in range(self.block, limit + 1, self.block):
+            running = hash((running, tuple(prompt[end - self.block : end])))
+            hashes.append((running, end))
+        return hashes
+
+    def lookup(self, prompt: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """The longest cached prefix of `prompt` that leaves at least one token to prefill, as (length, KV)."""
+        for key, length in reversed(self._prefix_hashes(prompt, len(prompt) - 1)):
+            found = self.index.get(key)
+            if found is None or found[0] not in self.entries:
+                continue
+            tokens, layers = self.entries[found[0]]
+            if tokens[:length] != prompt[:length]:  # a hash collision: never reuse the wrong keys
+                continue
+            self.entries.move_to_end(found[0])
+            self.hits += 1
+            self.reused_tokens += length
+            return length, [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
+        return None
+
+    def store(self, prompt: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep the KV of `prompt`'s block-aligned part (`layers`: one row, the prompt's positions only)."""
+        length = (len(prompt) // self.block) * self.block
+        if length == 0 or length > self.max_tokens:
+            return
+        entry = next(self._ids)
+        self.entries[entry] = (prompt[:length], [(k[:, :, :length].clone(), v[:, :, :length].clone())
+                                                 for k, v in layers])
+        for key, end in self._prefix_hashes(prompt, length):
+            self.index[key] = (entry, end)
+        self.tokens += length
+        while self.tokens > self.max_tokens:
+            _, (tokens, _) = self.entries.popitem(last=False)
+            self.tokens -= len(tokens)
+        if len(self.index) > 8 * max(1, self.max_tokens // self.block):  # drop keys of evicted entries
+            self.index = {k: v for k, v in self.index.items() if v[0] in self.entries}
+
+
+def _prefill(
+    model: torch.nn.Module, jobs: list[TokenJob], pad_token_id: int, prefix_cache: PrefixCache | None
+) -> list[tuple[list[TokenJob], DynamicCache, torch.Tensor, torch.Tensor]]:
+    """Run the prompts of newly admitted jobs; returns (jobs, their cache, mask, last logits) per forward pass.
+
+    Jobs whose prompt starts with a cached prefix are prefilled one by one from that prefix; the others
+    together, left-padded. Every prompt's KV then goes into the prefix cache."""
+    hits, misses = [], []
+    for job in jobs:
+        found = prefix_cache.lookup(job.prompt) if prefix_cache is not None else None
+        (hits if found else misses).append((job, found))
+    passes = []
+    for job, (length, layers) in hits:
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(layers):
+            cache.update(keys, values, index)
+        suffix = torch.tensor([job.prompt[length:]], dtype=torch.long)
+        mask = torch.ones((1, len(job.prompt)), dtype=torch.long)
+        positions = torch.arange(length, len(job.prompt)).unsqueeze(0)
+        out = model(input_ids=suffix, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        passes.append(([job], cache, mask, out.logits[:, -1, :]))
+    if misses:
+        group = [job for job, _ in misses]
+        width = max(len(j.prompt) for j in group)
+        ids = torch.full((len(group), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for r, job in enumerate(group):
+            ids[r, width - len(job.prompt) :] = torch.tensor(job.prompt, dtype=torch.long)
+            mask[r, width - len(job.prompt) :] = 1
+        cache = DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        passes.append((group, cache, mask, out.logits[:, -1, :]))
+    if prefix_cache is not None:
+        for group, cache, _, _ in passes:
+            layers = _layers(cache)
+            for r, job in enumerate(group):
+                n = len(job.prompt)
+                prefix_cache.store(job.prompt, [(layer.keys[r : r + 1, :, -n:], layer.values[r : r + 1, :, -n:])
+                                                for layer in layers])
+    return passes
+
+
 def decode_live(
     model: torch.nn.Module,
     take: Callable[[int], list[TokenJob]],
@@ -162,12 +265,14 @@ def decode_live(
     batch_size: int,
     eos_token_ids: set[int],
     pad_token_id: int,
+    prefix_cache: PrefixCache | None = None,
 ) -> None:
     """Decode jobs as they come: whenever fewer than `batch_size` rows run, `take(free_slots)` is asked for
     more; `on_done(job, new_token_ids)` (EOS excluded) is called the moment a row ends and may queue further
     jobs. Returns when `take` has nothing and no row is left. Each job's own `GenerationParams` apply to its
     row (max_new_tokens, repetition penalty, temperature, top_p); the first sampled job's seed seeds the
-    sampling generator of the session."""
+    sampling generator of the session. With a `prefix_cache`, a prompt that starts like an earlier one only
+    prefills what is new."""
     batch = _Batch(model.get_output_embeddings().weight.shape[0])
     generator: torch.Generator | None = None
 
@@ -178,20 +283,12 @@ def decode_live(
             if generator is None and any(j.params.temperature > 0 for j in jobs):
                 seed = next(j.params.seed for j in jobs if j.params.temperature > 0)
                 generator = torch.Generator().manual_seed(seed)
-            width = max(len(j.prompt) for j in jobs)
-            ids = torch.full((len(jobs), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(jobs), width), dtype=torch.long)
-            for r, job in enumerate(jobs):
-                ids[r, width - len(job.prompt) :] = torch.tensor(job.prompt, dtype=torch.long)
-                mask[r, width - len(job.prompt) :] = 1
-            cache = DynamicCache()
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
             fresh = len(batch)
-            batch.join(jobs, cache, mask)
+            for group, cache, mask, logits in _prefill(model, jobs, pad_token_id, prefix_cache):
+                batch.join(group, cache, mask)
+                rows = slice(len(batch) - len(group), len(batch))
+                batch.pending = torch.cat([batch.pending, _sample(logits, batch, rows, generator)])
             rows = slice(fresh, len(batch))
-            batch.pending = torch.cat([batch.pending, _sample(out.logits[:, -1, :], batch, rows, generator)])
         elif batch.rows:
             fresh = 0
             rows = slice(0, len(batch))
@@ -230,6 +327,7 @@ def generate_with_refill(
     eos_token_ids: set[int],
     pad_token_id: int,
     on_row_done: Callable[[int, list[int]], None] | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> list[list[int]]:
     """A fixed list of prompts through `decode_live`, shortest first; returns the new token ids per prompt.
     `on_row_done(index, tokens)` is called as each prompt finishes (so callers can persist it at once)."""
@@ -244,5 +342,6 @@ def generate_with_refill(
         if on_row_done is not None:
             on_row_done(job.id, tokens)
 
-    decode_live(model, take, done, batch_size=batch_size, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+    decode_live(model, take, done, batch_size=batch_size, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+                prefix_cache=prefix_cache)
     return results

@@ -48,6 +48,7 @@ class TransformersBackend(ChatBackend):
         max_input_tokens: int = 1536,
         torch_threads: int | None = None,
         decoding: str = "refill",
+        prefix_cache_tokens: int = 4096,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,11 +74,14 @@ class TransformersBackend(ChatBackend):
             self.model_id = f"{model}+lora:{adapter_fingerprint(adapter_path)}"
         self.model.eval()
         self.decoding = decoding
-        from matrix_assets.llm.refill import supports_refill
+        from matrix_assets.llm.refill import PrefixCache, supports_refill
 
         if decoding == "refill" and not supports_refill(self.model):
             logger.info("model %s has sliding-window or non-attention layers: padded decoding", model)
             self.decoding = "padded"
+        # Refill decoding reuses the KV of prompt prefixes it has seen (0 turns it off); valid for this
+        # backend's lifetime because its weights (base + adapter) never change.
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -145,7 +149,8 @@ class TransformersBackend(ChatBackend):
 
         with self._lock, torch.inference_mode():
             decode_live(self.model, take_tokenized, done, batch_size=self.batch_size,
-                        eos_token_ids=self.eos_token_ids(), pad_token_id=self.tokenizer.pad_token_id)
+                        eos_token_ids=self.eos_token_ids(), pad_token_id=self.tokenizer.pad_token_id,
+                        prefix_cache=self.prefix_cache)
 
     def generate_encoded(self, batch: Sequence[list[int]], params: GenerationParams) -> list[Completion]:
         """One padded `model.generate` call over already tokenized prompts (also used by the benchmark)."""
@@ -207,7 +212,7 @@ class TransformersBackend(ChatBackend):
         with self._lock, torch.inference_mode():
             generate_with_refill(
                 self.model, batch, params, batch_size=self.batch_size, eos_token_ids=self.eos_token_ids(),
-                pad_token_id=self.tokenizer.pad_token_id, on_row_done=row_done,
+                pad_token_id=self.tokenizer.pad_token_id, on_row_done=row_done, prefix_cache=self.prefix_cache,
             )
         return [r for r in results if r is not None]
 
