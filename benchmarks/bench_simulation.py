@@ -363,7 +363,7 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
     rows = [
         ("(a) simulation tokens/s ÷ raw tokens/s", fmt_ratio(ratio_a), ">= 0.8", ok(ratio_a >= 0.8)),
         ("(a) simulation: generated tokens / time in backend",
-         f"{gen_tokens} tok / {backend_s:.1f} s = {sim_tps:.1f} tok/s ({len(calls)} calls, {all_rows} conversations)",
+         f"{gen_tokens} tok / {backend_s:.1f} s = {sim_tps:.1f} tok/s ({all_rows} conversations, {len(calls)} decoding settings)",
          "", ""),
         ("(a) raw limit: same shapes, every row to max_new_tokens",
          f"{replay_tokens} tok / {replay_s:.1f} s = {raw_tps:.1f} tok/s (rows short of full length: {short_rows})",
@@ -379,7 +379,7 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
          f"{speedup:.2f}x", ">= 3x at batch 8", ok(speedup >= 3.0) + ("" if args.batch_size == 8 else " (batch != 8)")),
         ("(b) batched: wall time per scene",
          f"{per_scene_batched:.1f} s ({cold.wall_seconds:.1f} s / {cold.scenes} scenes, "
-         f"{cold.conversations} conversations, {len(cold.calls)} backend calls)", "", ""),
+         f"{cold.conversations} conversations in one live session)", "", ""),
         ("(b) sequential: wall time per scene",
          f"{per_scene_seq:.1f} s ({seq.wall_seconds:.1f} s / {seq.scenes} scenes, the first {seq.scenes} only, "
          f"{seq.conversations} conversations, one at a time)", "", ""),
