@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import httpx
@@ -175,51 +175,23 @@ class OpenAICompatibleBackend(ChatBackend):
         if n == 0:
             return []
         results: list[Completion | None] = [None] * n
-        stop = threading.Event()
-        failures: list[tuple[int, BackendError]] = []
-        delivered = 0
+        queue = [Job(i, conversation, params) for i, conversation in enumerate(conversations)]
 
-        executor = ThreadPoolExecutor(
-            max_workers=min(self.max_concurrency, n), thread_name_prefix="openai-backend"
-        )
-        try:
-            futures = {
-                executor.submit(self._request_with_retries, i, conversation, params, stop): i
-                for i, conversation in enumerate(conversations)
-            }
-            for future in as_completed(futures):
-                index = futures[future]
-                try:
-                    completion = future.result()
-                except (_Cancelled, CancelledError):
-                    continue
-                except BackendError as exc:
-                    failures.append((index, exc))
-                except Exception as exc:  # unexpected bug in parsing etc.: still report as a backend error
-                    failures.append(
-                        (index, BackendError(self._redact(f"request to {self._chat_url} failed: {exc!r}")))
-                    )
-                else:
-                    results[index] = completion
-                    delivered += 1
-                    if on_result is not None:
-                        on_result(index, completion)
-                    continue
-                if len(failures) == 1:
-                    stop.set()
-                    for other in futures:
-                        other.cancel()
-        except BaseException:
-            # on_result raised, or the caller was interrupted: abandon the rest without waiting.
-            stop.set()
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise
-        executor.shutdown(wait=True)
+        def take(limit: int | None) -> list[Job]:
+            taken = queue[:limit] if limit is not None else queue[:]
+            del queue[: len(taken)]
+            return taken
 
+        def deliver(job: Job, completion: Completion) -> None:
+            results[job.id] = completion
+            if on_result is not None:
+                on_result(job.id, completion)
+
+        failures, delivered = self._run(take, deliver)
         if failures:
-            index, first = min(failures, key=lambda item: item[0])
+            job, first = min(failures, key=lambda item: item[0].id)
             raise BackendError(
-                f"{first} [conversation {index} of {n}; {len(failures)} request(s) failed permanently, "
+                f"{first} [conversation {job.id} of {n}; {len(failures)} request(s) failed permanently, "
                 f"{delivered} of {n} completed before the batch was stopped]"
             ) from first
         return [completion for completion in results if completion is not None]
@@ -230,6 +202,17 @@ class OpenAICompatibleBackend(ChatBackend):
         thread as each request finishes (it may queue more jobs). A request that fails permanently stops the
         session like it stops `generate_streaming`: no new job is taken, the ones in flight are awaited (their
         successes still delivered), then `BackendError` is raised."""
+        failures, delivered = self._run(take, on_completion)
+        if failures:
+            raise BackendError(
+                f"{failures[0][1]} [{len(failures)} request(s) failed permanently, {delivered} completed before "
+                "the session was stopped]"
+            ) from failures[0][1]
+
+    def _run(self, take: TakeJobs, on_completion: OnCompletion) -> tuple[list[tuple[Job, BackendError]], int]:
+        """Keep up to `max_concurrency` jobs in flight until `take` has none left; returns the permanent failures
+        and how many jobs were delivered. After the first failure no job is taken and those not started are
+        cancelled; if `on_completion` raises (or the caller is interrupted), the rest is abandoned at once."""
         stop = threading.Event()
         failures: list[tuple[Job, BackendError]] = []
         delivered = 0
@@ -267,11 +250,7 @@ class OpenAICompatibleBackend(ChatBackend):
             executor.shutdown(wait=False, cancel_futures=True)
             raise
         executor.shutdown(wait=True)
-        if failures:
-            raise BackendError(
-                f"{failures[0][1]} [{len(failures)} request(s) failed permanently, {delivered} completed before "
-                "the session was stopped]"
-            ) from failures[0][1]
+        return failures, delivered
 
     # ------------------------------------------------------------------ internals
 
