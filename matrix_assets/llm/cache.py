@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from matrix_assets.llm.base import (
@@ -44,6 +45,10 @@ class CacheStats:
 ProgressCallback = Callable[[int, int], None]  # (done, total) over cache misses
 
 
+def _cached_completion(row: dict) -> Completion:
+    return Completion(row["completion"], row["prompt_tokens"], row["completion_tokens"], cached=True)
+
+
 class CachedBackend(ChatBackend):
     def __init__(
         self, backend: ChatBackend, store: Store, *, chunk_size: int = 8, progress: ProgressCallback | None = None
@@ -65,10 +70,7 @@ class CachedBackend(ChatBackend):
         progress = progress or self.progress
         keys = [cache_key(self.model_id, params, conv) for conv in conversations]
         found = self.store.get_generations(keys)
-        results: dict[str, Completion] = {
-            k: Completion(r["completion"], r["prompt_tokens"], r["completion_tokens"], cached=True)
-            for k, r in found.items()
-        }
+        results: dict[str, Completion] = {k: _cached_completion(r) for k, r in found.items()}
         self.stats.requested += len(conversations)
         self.stats.hits += sum(1 for k in keys if k in found)
         # Identical conversations in one request are generated once.
@@ -111,7 +113,6 @@ class CachedBackend(ChatBackend):
         identical requests in flight are generated once."""
         waiting: dict[str, list[Job]] = {}  # cache key of a miss in flight -> the jobs that want its answer
         key_of: dict[int, str] = {}
-        began = last = time.perf_counter()
 
         def take_misses(limit: int | None) -> list[Job]:
             misses: list[Job] = []
@@ -127,29 +128,20 @@ class CachedBackend(ChatBackend):
                         waiting[key].append(job)
                     elif key in found:
                         self.stats.hits += 1
-                        row = found[key]
-                        on_completion(job, Completion(row["completion"], row["prompt_tokens"], row["completion_tokens"],
-                                                      cached=True))
+                        on_completion(job, _cached_completion(found[key]))
                     else:
                         waiting[key], key_of[job.id] = [job], key
                         misses.append(job)
             return misses
 
         def finished(job: Job, completion: Completion) -> None:
-            nonlocal last
-            now = time.perf_counter()
             key = key_of.pop(job.id)
-            self._persist([(key, job.conversation)], [completion], job.params, now - last)
-            last = now
-            self.stats.generated += 1
-            self.stats.completion_tokens += completion.completion_tokens
+            commit(key, job.conversation, job.params, completion)
             for waiter in waiting.pop(key):
                 on_completion(waiter, completion)
 
-        try:
+        with self._committing() as commit:
             self.backend.serve(take_misses, finished)
-        finally:
-            self.stats.seconds += time.perf_counter() - began
 
     def _generate_streaming(
         self,
@@ -162,24 +154,36 @@ class CachedBackend(ChatBackend):
         """Generate with a backend that reports each completion as it finishes, committing every completion at
         once: when a later request fails for good, or the process dies, the finished ones are already in the
         cache and a re-run does not ask for them again."""
-        began = last = time.perf_counter()
         done = 0
 
         def on_result(index: int, completion: Completion) -> None:
-            nonlocal last, done
-            now = time.perf_counter()
-            # Each row gets the wall time since the previous completion, so the rows add up to the call's time.
-            self._persist([pending[index]], [completion], params, now - last)
-            last = now
+            nonlocal done
+            commit(*pending[index], params, completion)
             results[pending[index][0]] = completion
-            self.stats.generated += 1
-            self.stats.completion_tokens += completion.completion_tokens
             done += 1
             if progress:
                 progress(done, len(pending))
 
-        try:
+        with self._committing() as commit:
             streaming([conv for _, conv in pending], params, on_result=on_result)
+
+    @contextmanager
+    def _committing(self) -> Iterator[Callable[[str, Conversation, GenerationParams, Completion], None]]:
+        """`commit(key, conversation, params, completion)` stores one completion the moment a backend delivers it.
+        Each row gets the wall time since the previous one, so the rows add up to the call's time, which goes
+        into the stats even when the call fails half-way."""
+        began = last = time.perf_counter()
+
+        def commit(key: str, conversation: Conversation, params: GenerationParams, completion: Completion) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            self._persist([(key, conversation)], [completion], params, now - last)
+            last = now
+            self.stats.generated += 1
+            self.stats.completion_tokens += completion.completion_tokens
+
+        try:
+            yield commit
         finally:
             self.stats.seconds += time.perf_counter() - began
 
