@@ -141,19 +141,22 @@ class CountingBackend(ChatBackend):
         self.one_at_a_time = one_at_a_time
         self.calls: list[CallRecord] = []
 
-        if not one_at_a_time and callable(getattr(inner, "generate_streaming", None)):
-            # Same path as the pipeline: the generation cache hands a streaming backend all its misses at once.
-            self.generate_streaming = self._generate_streaming
-
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        return self._timed(conversations, params, None)
+        """A plain batched call (the simulation itself uses `serve`): timed and recorded like a session."""
+        began = time.perf_counter()
+        if self.one_at_a_time:
+            completions = [c for conv in conversations for c in self.inner.generate([conv], params)]
+        else:
+            completions = self.inner.generate(conversations, params)
+        self._record([(params, c) for c in completions], time.perf_counter() - began)
+        return completions
 
     def serve(self, take: TakeJobs, on_completion: OnCompletion) -> None:
-        """The simulation's live session: timed as a whole, recorded as one CallRecord per decoding setting."""
-        done: list[tuple[Job, Completion]] = []
+        """The simulation's live session, timed as a whole."""
+        done: list[tuple[GenerationParams, Completion]] = []
 
         def record(job: Job, completion: Completion) -> None:
-            done.append((job, completion))
+            done.append((job.params, completion))
             on_completion(job, completion)
 
         began = time.perf_counter()
@@ -162,10 +165,13 @@ class CountingBackend(ChatBackend):
                 record(jobs[0], self.inner.generate([jobs[0].conversation], jobs[0].params)[0])
         else:
             self.inner.serve(take, record)
-        seconds = time.perf_counter() - began
+        self._record(done, time.perf_counter() - began)
+
+    def _record(self, done: Sequence[tuple[GenerationParams, Completion]], seconds: float) -> None:
+        """One CallRecord per decoding setting; each replayed raw right away when a replay is attached."""
         groups: dict[GenerationParams, list[Completion]] = {}
-        for job, completion in done:
-            groups.setdefault(job.params, []).append(completion)
+        for params, completion in done:
+            groups.setdefault(params, []).append(completion)
         records = []
         for params, completions in groups.items():
             records.append(CallRecord(
@@ -176,7 +182,7 @@ class CountingBackend(ChatBackend):
             ))
             self._count_slots(records[-1])
         total_slots = sum(r.decode_slots for r in records) or 1
-        for r in records:  # the session's time, shared by decoded row-steps (only sums are reported)
+        for r in records:  # the call's time, shared by decoded row-steps (only sums are reported)
             r.seconds = seconds * r.decode_slots / total_slots
         self.calls += records
         if self.replay is not None:
@@ -194,37 +200,6 @@ class CountingBackend(ChatBackend):
             # generate() stops once every row has ended; rows that ended early are padding until then.
             steps = min(params.max_new_tokens, max(record.completion_tokens[i] for i in rows) + 1)
             record.decode_slots += len(rows) * steps
-
-    def _generate_streaming(self, conversations: Sequence[Conversation], params: GenerationParams,
-                            on_result=None) -> list[Completion]:  # noqa: ANN001
-        return self._timed(conversations, params, on_result)
-
-    def _timed(self, conversations: Sequence[Conversation], params: GenerationParams, on_result) -> list[Completion]:  # noqa: ANN001
-        began = time.perf_counter()
-        if self.one_at_a_time:
-            completions = [c for conv in conversations for c in self.inner.generate([conv], params)]
-        elif on_result is not None:
-            completions = self.inner.generate_streaming(conversations, params, on_result=on_result)
-        else:
-            completions = self.inner.generate(conversations, params)
-        seconds = time.perf_counter() - began
-        record = CallRecord(
-            n_conversations=len(conversations),
-            prompt_tokens=[c.prompt_tokens for c in completions],
-            completion_tokens=[c.completion_tokens for c in completions],
-            max_new_tokens=params.max_new_tokens,
-            params=params,
-            seconds=seconds,
-        )
-        self._count_slots(record)
-        self.calls.append(record)
-        if self.replay is not None:
-            self.replay.run(record)
-        return completions
-
-    @property
-    def backend_seconds(self) -> float:
-        return sum(c.seconds for c in self.calls)
 
     @property
     def replay_seconds(self) -> float:
