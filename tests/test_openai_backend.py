@@ -8,10 +8,11 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from http_helpers import JsonHandler
 
 from matrix_assets.llm.base import BackendError, Completion, GenerationParams
 from matrix_assets.llm.openai_backend import OpenAICompatibleBackend
@@ -45,37 +46,21 @@ def _reply_for(body: dict[str, Any]) -> str:
     return f"echo: {last_user}"
 
 
-def make_handler(state: FakeServerState) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
-            pass
-
-        def _send_json(self, status: int, payload: dict[str, Any]) -> None:
-            data = json.dumps(payload).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # client gave up (timeout test)
-
+def make_handler(state: FakeServerState) -> type[JsonHandler]:
+    class Handler(JsonHandler):
         def do_GET(self) -> None:
             if self.path != "/v1/models":
-                self._send_json(404, {"error": "not found"})
+                self.send_json(404, {"error": "not found"})
                 return
             with state.lock:
                 state.model_requests += 1
-            self._send_json(200, {"object": "list", "data": [{"id": "echo-model", "object": "model"}]})
+            self.send_json(200, {"object": "list", "data": [{"id": "echo-model", "object": "model"}]})
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
             raw = self.rfile.read(length)
             if self.path != "/v1/chat/completions":
-                self._send_json(404, {"error": "not found"})
+                self.send_json(404, {"error": "not found"})
                 return
             body = json.loads(raw)
             with state.lock:
@@ -99,7 +84,7 @@ def make_handler(state: FakeServerState) -> type[BaseHTTPRequestHandler]:
                     time.sleep(state.sleep_s)
                 if fail:
                     # echo the Authorization header back to prove the client redacts error bodies
-                    self._send_json(state.fail_status, {"error": "boom", "auth": self.headers.get("Authorization")})
+                    self.send_json(state.fail_status, {"error": "boom", "auth": self.headers.get("Authorization")})
                     return
                 reply = _reply_for(body)
                 payload: dict[str, Any] = {
@@ -117,7 +102,7 @@ def make_handler(state: FakeServerState) -> type[BaseHTTPRequestHandler]:
                         "completion_tokens": len(reply.split()),
                         "total_tokens": prompt_words + len(reply.split()),
                     }
-                self._send_json(200, payload)
+                self.send_json(200, payload)
             finally:
                 with state.lock:
                     state.in_flight -= 1

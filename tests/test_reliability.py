@@ -25,12 +25,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pytest
+from http_helpers import JsonHandler
 
 from matrix_assets.defs.assets.baselines import cai_revisions_asset
 from matrix_assets.defs.assets.evaluation import evaluation_scores
@@ -109,25 +110,9 @@ class ModelServer:
         self.answered: list[str] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
-                self._send(200, {"object": "list", "data": [{"id": "echo-model", "object": "model"}]})
+                self.send_json(200, {"object": "list", "data": [{"id": "echo-model", "object": "model"}]})
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
@@ -138,15 +123,15 @@ class ModelServer:
                     fault = server.fault
                 if broken and fault == "hang":
                     server.release.wait(30)
-                    self._send(503, {"error": "was hanging"})
+                    self.send_json(503, {"error": "was hanging"})
                     return
                 if broken:
-                    self._send(500, {"error": "model worker crashed"})
+                    self.send_json(500, {"error": "model worker crashed"})
                     return
                 text = _answer("\n".join(m["content"] for m in body["messages"]))
                 with server.lock:
                     server.answered.append(canonical)
-                self._send(200, {
+                self.send_json(200, {
                     "object": "chat.completion", "model": body["model"],
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": len(text.split())},

@@ -19,12 +19,12 @@ import re
 import shlex
 import sqlite3
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pytest
+from http_helpers import JsonHandler
 from dagster._serdes import serialize_value
 
 from matrix_assets.defs.assets.evaluation import evaluation_scores
@@ -55,24 +55,11 @@ class KeyCheckingServer:
         self.reject = False
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 with server.lock:
                     server.auth.append(self.headers.get("Authorization"))
-                self._send(200, {"object": "list", "data": [{"id": "remote-model"}]})
+                self.send_json(200, {"object": "list", "data": [{"id": "remote-model"}]})
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
@@ -82,10 +69,10 @@ class KeyCheckingServer:
                     fail = server.fail_next > 0 or server.reject
                     server.fail_next = max(0, server.fail_next - 1)
                 if fail:
-                    self._send(401 if server.reject else 500, {"error": "denied", "you_sent": header})
+                    self.send_json(401 if server.reject else 500, {"error": "denied", "you_sent": header})
                     return
                 text = _answer("\n".join(m["content"] for m in body["messages"]))
-                self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+                self.send_json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
                                  "usage": {"prompt_tokens": 7, "completion_tokens": len(text.split())}})
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
