@@ -58,6 +58,17 @@ def supports_refill(model: torch.nn.Module) -> bool:
     return all(kind == "full_attention" for kind in layer_types)
 
 
+def left_padded(prompts: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of prompts padded on the left (decoder-only models continue on the right)."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids) :] = 1
+    return input_ids, mask
+
+
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - tensor.shape[dim]
     if missing <= 0:
@@ -236,12 +247,7 @@ def _prefill(
         passes.append(([job], cache, mask, out.logits[:, -1, :]))
     if misses:
         group = [job for job, _ in misses]
-        width = max(len(j.prompt) for j in group)
-        ids = torch.full((len(group), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for r, job in enumerate(group):
-            ids[r, width - len(job.prompt) :] = torch.tensor(job.prompt, dtype=torch.long)
-            mask[r, width - len(job.prompt) :] = 1
+        ids, mask = left_padded([job.prompt for job in group], pad_token_id)
         cache = DynamicCache()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,

@@ -157,12 +157,10 @@ class TransformersBackend(ChatBackend):
         import torch
 
         pad_id = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids) :] = 1
+        from matrix_assets.llm.refill import left_padded
+
+        input_ids, attention = left_padded(batch, pad_id)
+        width = input_ids.shape[1]
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
             "pad_token_id": pad_id,
