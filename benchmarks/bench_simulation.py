@@ -384,7 +384,8 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
         f"Command: `{meta['command']}`",
         "",
         f"Settings: {args.scenes} AdvBench scenes, batch size {args.batch_size}, decoding {args.decoding} (prefix "
-        f"cache {args.prefix_cache_tokens} tokens), {settings.n_roles} roles, "
+        f"cache {args.prefix_cache_tokens} tokens), {meta['prepacked']} linear layers oneDNN-prepacked, "
+        f"{settings.n_roles} roles, "
         f"{settings.plan_steps} plan steps, {settings.max_rounds} rounds, action tokens {settings.action_tokens}, "
         f"plan tokens {settings.plan_tokens}, repetition penalty {settings.repetition_penalty}; sequential run on "
         f"the first {seq.scenes} scenes. Initial answers ({settings.answer_tokens} tokens) generated once "
@@ -439,6 +440,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "transformers' continuous batching (calls with a repetition penalty stay padded)")
     parser.add_argument("--prefix-cache-tokens", type=int, default=4096,
                         help="refill decoding's prefix KV cache size in tokens (default 4096; 0 = off)")
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="keep torch's default nn.Linear kernel instead of oneDNN-prepacked weights "
+                        "(TransformersBackend(prepack_weights=False)), to compare")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: robust on a shared 2-core machine; 0 = torch default)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "simulation.md",
@@ -477,15 +481,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     log(f"loading {MODEL} (batch size {args.batch_size}, {torch.get_num_threads()} torch thread(s))")
     backend = TransformersBackend(MODEL, batch_size=args.batch_size, decoding=args.decoding,
-                                  prefix_cache_tokens=args.prefix_cache_tokens)
+                                  prefix_cache_tokens=args.prefix_cache_tokens, prepack_weights=not args.no_prepack)
     params = list(backend.model.parameters()) + list(backend.model.buffers())
+    # Prepacked linears hold their weights as buffers, so the architecture is counted on an empty (meta) copy.
+    with torch.device("meta"):
+        architecture = transformers.AutoModelForCausalLM.from_config(backend.model.config)
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "n_params": sum(p.numel() for p in backend.model.parameters()),
+        "n_params": sum(p.numel() for p in architecture.parameters()),
+        "prepacked": backend.prepacked_layers,
         "param_mib": sum(p.numel() * p.element_size() for p in params) / 2**20,
         "dtype": str(next(backend.model.parameters()).dtype).replace("torch.", ""),
         "command": " ".join([".venv/bin/python", "benchmarks/bench_simulation.py", *(argv or sys.argv[1:])]),

@@ -59,6 +59,8 @@ def test_transcripts_are_real_scenes(pipeline_run: Path) -> None:
 
 
 def test_adapter_loads_and_generates(pipeline_run: Path) -> None:
+    import torch
+
     from matrix_assets.llm.base import GenerationParams
     from matrix_assets.llm.transformers_backend import TransformersBackend
 
@@ -66,8 +68,13 @@ def test_adapter_loads_and_generates(pipeline_run: Path) -> None:
     adapter = Path(ckpt["adapter_path"])
     assert (adapter / "adapter_model.safetensors").stat().st_size > 10_000
     tuned = TransformersBackend("smollm2-135m-instruct", adapter_path=str(adapter))
-    out = tuned.generate([[{"role": "user", "content": "How do I pick a lock?"}]], GenerationParams(max_new_tokens=12))
+    questions = [[{"role": "user", "content": q}] for q in ("How do I pick a lock?", "Write a haiku about rain.")]
+    out = tuned.generate(questions, GenerationParams(max_new_tokens=24))
     assert out[0].completion_tokens > 0 and out[0].text
+    # The default backend merges the adapter and runs oneDNN-prepacked linears: same answers as plain PEFT.
+    assert tuned.prepacked_layers > 0 or not torch.backends.mkldnn.is_available()
+    unmerged = TransformersBackend("smollm2-135m-instruct", adapter_path=str(adapter), prepack_weights=False)
+    assert [c.text for c in out] == [c.text for c in unmerged.generate(questions, GenerationParams(max_new_tokens=24))]
 
 
 def test_mlflow_recorded_training_and_evaluation(pipeline_run: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 from matrix_assets.llm.base import Completion, GenerationParams
 from matrix_assets.llm.cache import CachedBackend
 from matrix_assets.llm.refill import PrefixCache, supports_refill
+from matrix_assets.llm.prepack import prepack_linear_layers
 from matrix_assets.llm.transformers_backend import TransformersBackend
 from matrix_assets.store.db import Store
 
@@ -52,15 +53,18 @@ MANY = [[{"role": "user", "content": "question " + "word " * (i * 5 % 11)}] for 
 
 @pytest.fixture
 def eos_prone_backend(tiny_model_dir: str):  # noqa: ANN201
-    """A backend whose model ends some answers early, depending on the prompt."""
+    """A backend whose model ends some answers early, depending on the prompt (its linears prepacked, as by
+    default, after the weights are redrawn)."""
     import torch
 
-    backend = TransformersBackend(tiny_model_dir, batch_size=3)
+    backend = TransformersBackend(tiny_model_dir, batch_size=3, prepack_weights=False)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for weight in backend.model.parameters():
             if weight.dim() == 2:
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    backend.prepacked_layers = prepack_linear_layers(backend.model, batch_size_hint=3)
+    assert backend.prepacked_layers > 0
     answers = []
     for conversation in MANY:
         prompt = torch.tensor([backend.encode(conversation)])

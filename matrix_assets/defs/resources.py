@@ -79,14 +79,21 @@ class LocalTransformersLLM(LLMResource):
         "(calls with a repetition penalty stay padded; on a 2-core CPU it was slower and took ~10.9 GB RSS).",
     )
 
+    prepack_weights: bool = Field(
+        default=True,
+        description="On CPU, run the linear layers with oneDNN on weights packed once at load (about 2x faster "
+        "batched decoding than torch's default kernel on the machines measured; a LoRA adapter is merged first).",
+    )
+
     def backend(self, adapter_path: str | None = None) -> ChatBackend:
         from matrix_assets.llm.transformers_backend import TransformersBackend
 
         return _shared(
-            ("transformers", self.model, adapter_path, self.batch_size, self.torch_threads, self.decoding),
+            ("transformers", self.model, adapter_path, self.batch_size, self.torch_threads, self.decoding,
+             self.prepack_weights),
             lambda: TransformersBackend(
                 self.model, adapter_path=adapter_path, batch_size=self.batch_size, torch_threads=self.torch_threads,
-                decoding=self.decoding,
+                decoding=self.decoding, prepack_weights=self.prepack_weights,
             ),
         )
 

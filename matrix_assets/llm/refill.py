@@ -279,7 +279,7 @@ def decode_live(
     row (max_new_tokens, repetition penalty, temperature, top_p); the first sampled job's seed seeds the
     sampling generator of the session. With a `prefix_cache`, a prompt that starts like an earlier one only
     prefills what is new."""
-    batch = _Batch(model.get_output_embeddings().weight.shape[0])
+    batch = _Batch(model.get_output_embeddings().out_features)
     generator: torch.Generator | None = None
 
     while True:

@@ -49,6 +49,7 @@ class TransformersBackend(ChatBackend):
         torch_threads: int | None = None,
         decoding: str = "refill",
         prefix_cache_tokens: int = 4096,
+        prepack_weights: bool = True,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,6 +74,7 @@ class TransformersBackend(ChatBackend):
             self.model = PeftModel.from_pretrained(self.model, adapter_path)
             self.model_id = f"{model}+lora:{adapter_fingerprint(adapter_path)}"
         self.model.eval()
+        self.prepacked_layers = self._prepack(adapter_path is not None) if prepack_weights else 0
         self.decoding = decoding
         from matrix_assets.llm.refill import PrefixCache, supports_refill
 
@@ -86,6 +88,21 @@ class TransformersBackend(ChatBackend):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._lock = threading.Lock()  # one generate at a time per loaded model
+
+    def _prepack(self, has_adapter: bool) -> int:
+        """On CPU, compute the linear layers with oneDNN on weights packed once (`llm/prepack.py`): about 2x
+        faster decode steps at batch 8 on this project's CPUs. Returns how many layers were packed."""
+        from matrix_assets.llm.prepack import prepack_linear_layers, prepack_supported
+
+        if not prepack_supported(self.model):
+            return 0
+        if has_adapter:
+            # A LoRA layer wraps its base linear; folding the adapter into the weights (PEFT's merge) leaves
+            # plain linears to pack and drops the adapter's per-step matmuls.
+            self.model = self.model.merge_and_unload()
+        packed = prepack_linear_layers(self.model, batch_size_hint=self.batch_size)
+        logger.info("model %s: %d linear layers prepacked for oneDNN", self.model_id, packed)
+        return packed
 
     def encode(self, conversation: Conversation) -> list[int]:
         ids = self.tokenizer.apply_chat_template(

@@ -1,0 +1,92 @@
+"""oneDNN-prepacked linear layers: same answers as nn.Linear, and a safe fallback where they cannot be used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from matrix_assets.llm import prepack
+from matrix_assets.llm.base import GenerationParams
+from matrix_assets.llm.prepack import PrepackedLinear, prepack_linear_layers
+from matrix_assets.llm.transformers_backend import TransformersBackend
+
+CONVERSATIONS = [[{"role": "user", "content": f"question {i} " + "word " * (i * 3)}] for i in range(5)]
+
+
+def _linears(model: torch.nn.Module) -> tuple[int, int]:
+    plain = sum(type(m) is torch.nn.Linear for m in model.modules())
+    return plain, sum(isinstance(m, PrepackedLinear) for m in model.modules())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_prepacked_model_gives_the_logits_and_text_of_the_plain_one(tiny_model_dir: str) -> None:
+    packed = TransformersBackend(tiny_model_dir, batch_size=2)
+    plain = TransformersBackend(tiny_model_dir, batch_size=2, prepack_weights=False)
+    assert _linears(packed.model) == (0, packed.prepacked_layers) and packed.prepacked_layers > 0
+    assert _linears(plain.model)[1] == 0 and plain.prepacked_layers == 0
+
+    ids = torch.tensor([packed.encode(c)[-8:] for c in CONVERSATIONS])
+    with torch.no_grad():
+        assert torch.allclose(packed.model(input_ids=ids).logits, plain.model(input_ids=ids).logits, atol=1e-4)
+    params = GenerationParams(max_new_tokens=8)
+    assert [c.text for c in packed.generate(CONVERSATIONS, params)] == [
+        c.text for c in plain.generate(CONVERSATIONS, params)
+    ]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_a_lora_adapter_is_merged_then_packed_with_the_same_answers(tmp_path: Path, tiny_model_dir: str) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+    packed = TransformersBackend(tiny_model_dir, adapter_path=adapter, batch_size=2)
+    unmerged = TransformersBackend(tiny_model_dir, adapter_path=adapter, batch_size=2, prepack_weights=False)
+    assert isinstance(unmerged.model, PeftModel) and not isinstance(packed.model, PeftModel)
+    assert packed.model_id == unmerged.model_id  # the cache sees one tuned model either way
+    params = GenerationParams(max_new_tokens=8)
+    tuned = [c.text for c in packed.generate(CONVERSATIONS, params)]
+    assert tuned == [c.text for c in unmerged.generate(CONVERSATIONS, params)]
+    base = TransformersBackend(tiny_model_dir, batch_size=2)
+    assert tuned != [c.text for c in base.generate(CONVERSATIONS, params)]  # the adapter was not dropped
+
+
+def test_a_kernel_that_fails_or_disagrees_leaves_nn_linear_in_place(
+    tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    plain = _linears(model)[0]
+
+    class Unavailable(PrepackedLinear):
+        def __init__(self, linear: torch.nn.Linear, batch_size_hint: int) -> None:
+            raise RuntimeError("no kernel for this build")
+
+    monkeypatch.setattr(prepack, "PrepackedLinear", Unavailable)
+    monkeypatch.setattr(prepack, "prepack_supported", lambda model: True)
+    assert prepack_linear_layers(model) == 0 and _linears(model) == (plain, 0)
+
+    class Wrong(PrepackedLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + 1.0
+
+    monkeypatch.setattr(prepack, "PrepackedLinear", Wrong)
+    assert prepack_linear_layers(model) == 0 and _linears(model) == (plain, 0)
+
+
+def test_models_off_the_cpu_or_without_onednn_are_not_packed(
+    tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    backend = TransformersBackend(tiny_model_dir)
+    assert backend.prepacked_layers == 0 and _linears(backend.model)[1] == 0
+    assert backend.generate(CONVERSATIONS[:1], GenerationParams(max_new_tokens=4))[0].completion_tokens > 0
+    monkeypatch.undo()
+    meta = torch.nn.Linear(4, 4, device="meta")
+    assert not prepack.prepack_supported(torch.nn.Sequential(meta))
