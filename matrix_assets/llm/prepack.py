@@ -98,4 +98,17 @@ def prepack_linear_layers(model: torch.nn.Module, batch_size_hint: int = 8) -> i
             continue
         setattr(parent, name, packed)
         replaced += 1
+    if replaced:
+        _own_remaining_parameters(model)
     return replaced
+
+
+def _own_remaining_parameters(model: torch.nn.Module) -> None:
+    """Copy the parameters left (embeddings, norms) out of the checkpoint's memory map.
+
+    transformers maps the safetensors file and the parameters are views of it; packing read every page of it,
+    so the whole file stayed resident (~the model's size again in RSS) for as long as any parameter still
+    pointed into it. Own copies let the map go."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
