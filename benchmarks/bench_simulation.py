@@ -390,7 +390,7 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
         f"{settings.n_roles} roles, "
         f"{settings.plan_steps} plan steps, {settings.max_rounds} rounds, action tokens {settings.action_tokens}, "
         f"plan tokens {settings.plan_tokens}, repetition penalty {settings.repetition_penalty}; sequential run on "
-        f"the first {seq.scenes} scenes. Initial answers ({settings.answer_tokens} tokens) generated once "
+        f"{'the same' if seq.scenes == cold.scenes else 'the first'} {seq.scenes} scenes. Initial answers ({settings.answer_tokens} tokens) generated once "
         f"beforehand in {meta['answers_s']:.0f} s, not measured. Phases: batched {cold.wall_seconds:.0f} s, raw "
         f"replay {replay_s:.0f} s, warm {warm.wall_seconds:.1f} s, sequential {seq.wall_seconds:.0f} s; total "
         f"runtime {meta['total_s']:.0f} s (model load included).",
@@ -531,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rss.append(("warm re-run", max_rss_mib()))
         cold_store.engine.dispose()
 
-        log(f"(b) sequential simulation (one conversation at a time) of the first {args.seq_scenes} scenes")
+        log(f"(b) sequential simulation (one conversation at a time) of {args.seq_scenes} of the scenes")
         seq_store = fresh_store(root, "sequential")
         seq = simulate("sequential", backend, inputs[: args.seq_scenes], settings, seq_store,
                        batch_size=args.batch_size, one_at_a_time=True)
