@@ -55,3 +55,20 @@ def test_definitions_do_not_import_heavy_libraries() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_the_local_backend_is_configured_from_the_environment(monkeypatch) -> None:  # noqa: ANN001
+    import pytest
+
+    from matrix_assets.defs.resources import LocalTransformersLLM, llm_from_env
+
+    monkeypatch.delenv("MATRIX_LLM_BACKEND", raising=False)
+    monkeypatch.setenv("MATRIX_DECODING", "padded")
+    monkeypatch.setenv("MATRIX_PREPACK_WEIGHTS", "off")
+    llm = llm_from_env()
+    assert isinstance(llm, LocalTransformersLLM) and llm.decoding == "padded" and llm.prepack_weights is False
+    monkeypatch.delenv("MATRIX_PREPACK_WEIGHTS")
+    assert llm_from_env().prepack_weights is True
+    monkeypatch.setenv("MATRIX_PREPACK_WEIGHTS", "maybe")
+    with pytest.raises(ValueError, match="MATRIX_PREPACK_WEIGHTS must be"):
+        llm_from_env()

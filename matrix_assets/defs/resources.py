@@ -279,16 +279,28 @@ def _as_uri(path: str) -> str:
     return path if "://" in path else f"file://{os.path.abspath(path)}"
 
 
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    if value.strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    if value.strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{name} must be 1/0, true/false, yes/no or on/off, not {value!r}")
+
+
 def llm_from_env(prefix: str = "MATRIX_") -> LLMResource:
     """The deployment's backend from {prefix}LLM_BACKEND = transformers (default) | openai | fake,
     {prefix}MODEL, {prefix}OPENAI_BASE_URL, {prefix}OPENAI_API_KEY_ENV, {prefix}LOCAL_MODEL, {prefix}BATCH_SIZE,
-    {prefix}DECODING (refill | padded | continuous, local backend)."""
+    {prefix}DECODING (refill | padded | continuous, local backend), {prefix}PREPACK_WEIGHTS (1 | 0, local backend)."""
     env = os.environ.get
     kind = env(f"{prefix}LLM_BACKEND", "transformers")
     batch_size = int(env(f"{prefix}BATCH_SIZE", "8"))
     if kind == "transformers":
         return LocalTransformersLLM(
-            model=env(f"{prefix}MODEL", DEFAULT_MODEL), batch_size=batch_size, decoding=env(f"{prefix}DECODING", "refill")
+            model=env(f"{prefix}MODEL", DEFAULT_MODEL), batch_size=batch_size, decoding=env(f"{prefix}DECODING", "refill"),
+            prepack_weights=_env_flag(f"{prefix}PREPACK_WEIGHTS", True),
         )
     if kind == "openai":
         return OpenAICompatibleLLM(
