@@ -370,8 +370,11 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
         ("(c) warm transcripts identical to cold", "yes" if identical else "no", "", ""),
     ]
     rows += [(f"(d) peak RSS after {phase}", f"{mib:.0f} MiB", "", "") for phase, mib in rss]
+    extra = meta["param_mib"] - meta["weights_mib"]
     rows.append(("(d) model parameters + buffers", f"{meta['param_mib']:.0f} MiB ({meta['n_params'] / 1e6:.1f} M "
-                 f"params, {meta['dtype']})", "", ""))
+                 f"params = {meta['weights_mib']:.0f} MiB in {meta['dtype']}"
+                 + (f"; +{extra:.0f} MiB of buffers, e.g. the packed copy of an output layer tied to the embeddings"
+                    if extra >= 1 else "") + ")", "", ""))
 
     table = ["| measurement | value | target | met |", "|---|---|---|---|"]
     table += [f"| {m} | {v} | {t} | {k} |" for m, v, t, k in rows]
@@ -454,6 +457,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.scenes < 1 or args.batch_size < 1 or args.roles < 1 or args.rounds < 1 or args.steps < 1:
         parser.error("--scenes, --batch-size, --roles, --steps and --rounds must be >= 1")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0 (0: torch's default)")
     if args.seq_scenes is None:
         args.seq_scenes = args.scenes
     args.seq_scenes = max(1, min(args.seq_scenes, args.scenes))
@@ -497,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "n_params": sum(p.numel() for p in architecture.parameters()),
+        "weights_mib": sum(p.numel() * p.element_size() for p in architecture.parameters()) / 2**20,
         "prepacked": backend.prepacked_layers,
         "param_mib": sum(p.numel() * p.element_size() for p in params) / 2**20,
         "dtype": str(next(backend.model.parameters()).dtype).replace("torch.", ""),

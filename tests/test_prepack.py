@@ -48,7 +48,7 @@ def test_a_lora_adapter_is_merged_then_packed_with_the_same_answers(tmp_path: Pa
     packed = TransformersBackend(tiny_model_dir, adapter_path=adapter, batch_size=2)
     unmerged = TransformersBackend(tiny_model_dir, adapter_path=adapter, batch_size=2, prepack_weights=False)
     assert isinstance(unmerged.model, PeftModel) and not isinstance(packed.model, PeftModel)
-    assert packed.model_id == unmerged.model_id  # the cache sees one tuned model either way
+    assert packed.prepacked_layers > 0
     params = GenerationParams(max_new_tokens=8)
     tuned = [c.text for c in packed.generate(CONVERSATIONS, params)]
     assert tuned == [c.text for c in unmerged.generate(CONVERSATIONS, params)]
@@ -90,3 +90,55 @@ def test_models_off_the_cpu_or_without_onednn_are_not_packed(
     monkeypatch.undo()
     meta = torch.nn.Linear(4, 4, device="meta")
     assert not prepack.prepack_supported(torch.nn.Sequential(meta))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("kind", ["lora_on_tied_output_layer", "lora_on_embeddings", "prompt_tuning"])
+def test_adapters_that_cannot_merge_cleanly_stay_unmerged_and_unpacked(
+    tmp_path: Path, tiny_model_dir: str, kind: str
+) -> None:
+    """Merging LoRA into the output layer would also change the input embeddings tied to it; other adapter types
+    have no merge at all. Such adapters keep PEFT's own forward, with the answers they had before packing."""
+    from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = {
+        "lora_on_tied_output_layer": LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False),
+        "lora_on_embeddings": LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False),
+        "prompt_tuning": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    }[kind]
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(tmp_path / "a")
+    backend = TransformersBackend(tiny_model_dir, adapter_path=str(tmp_path / "a"), batch_size=2)
+    assert isinstance(backend.model, PeftModel) and backend.prepacked_layers == 0
+    assert _linears(backend.model)[1] == 0
+    params = GenerationParams(max_new_tokens=8)
+    plain = TransformersBackend(tiny_model_dir, adapter_path=str(tmp_path / "a"), batch_size=2, prepack_weights=False)
+    assert [c.text for c in backend.generate(CONVERSATIONS, params)] == [
+        c.text for c in plain.generate(CONVERSATIONS, params)
+    ]
+
+
+def test_one_disagreeing_shape_keeps_only_its_layers_plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.Linear(8, 16))
+
+    class WrongForWideOutputs(PrepackedLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + (1.0 if self.out_features == 16 else 0.0)
+
+    monkeypatch.setattr(prepack, "PrepackedLinear", WrongForWideOutputs)
+    monkeypatch.setattr(prepack, "prepack_supported", lambda model: True)
+    assert prepack_linear_layers(model) == 1
+    assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "WrongForWideOutputs", "Linear"]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_a_linear_shared_by_two_parents_is_packed_once_and_stays_shared() -> None:
+    shared = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(torch.nn.Sequential(shared), torch.nn.Sequential(shared), torch.nn.Linear(8, 4))
+    probe = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = model(probe)
+    assert prepack_linear_layers(model) == 2
+    assert model[0][0] is model[1][0] and isinstance(model[0][0], PrepackedLinear)
+    with torch.no_grad():
+        assert torch.allclose(model(probe), expected, atol=1e-5)

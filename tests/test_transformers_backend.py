@@ -64,7 +64,7 @@ def eos_prone_backend(tiny_model_dir: str):  # noqa: ANN201
             if weight.dim() == 2:
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
     backend.prepacked_layers = prepack_linear_layers(backend.model, batch_size_hint=3)
-    assert backend.prepacked_layers > 0
+    assert backend.prepacked_layers > 0 or not torch.backends.mkldnn.is_available()
     answers = []
     for conversation in MANY:
         prompt = torch.tensor([backend.encode(conversation)])

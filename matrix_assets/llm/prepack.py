@@ -11,7 +11,8 @@ Measured on SmolLM2-135M, 1 thread (`benchmarks/README.md`): a decode step went 
 and from 77 to 41 ms at batch 8, and prefill from ~2.3 to ~1.2 ms per token. Logits differ from MKL's by
 float rounding only (the check below bounds it).
 
-Inference only: the packed weight is a copy outside autograd, so a prepacked model cannot be trained.
+Inference only: the packed weight is an opaque oneDNN tensor outside autograd. A prepacked model cannot be
+trained, converted (`.to(dtype)`), deep-copied or saved; pack a model once it is in its final dtype and device.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ class PrepackedLinear(torch.nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
-        # Buffers, not parameters: they move with .to() but never reach an optimizer or a state_dict save path
-        # that expects the plain layout.
+        # Non-persistent buffers, not parameters: nothing trains them and no state_dict carries them.
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, batch_size_hint),
                              persistent=False)
-        bias = None if linear.bias is None else linear.bias.detach()
+        # A copy, so the layer never keeps the checkpoint's memory map alive.
+        bias = None if linear.bias is None else linear.bias.detach().clone()
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,47 +61,61 @@ def prepack_supported(model: torch.nn.Module) -> bool:
 def _agrees(linear: torch.nn.Linear, packed: PrepackedLinear) -> bool:
     """The packed layer computes what the plain one does, up to float rounding (checked once per shape)."""
     probe = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0)).to(linear.weight.dtype)
-    with torch.no_grad():
-        expected, got = linear(probe), packed(probe)
+    try:
+        with torch.no_grad():
+            expected, got = linear(probe), packed(probe)
+    except RuntimeError as exc:
+        logger.warning("oneDNN prepacked linear fails for %s: %s", (linear.in_features, linear.out_features), exc)
+        return False
     tolerance = 1e-3 if expected.dtype == torch.float32 else 5e-2
     return bool(torch.allclose(expected.float(), got.float(), rtol=tolerance, atol=tolerance))
 
 
 def prepack_linear_layers(model: torch.nn.Module, batch_size_hint: int = 8) -> int:
-    """Replace every `nn.Linear` of an inference model with a `PrepackedLinear`; returns how many were replaced.
+    """Replace every `nn.Linear` of an inference model with a `PrepackedLinear`; returns how many were packed.
 
-    Leaves a layer as it is where the packed kernel is missing or disagrees with the plain one on a probe, and
-    the whole model where oneDNN is missing or the model is not on the CPU, so callers can always ask for it.
+    A layer stays as it is where the packed kernel disagrees with the plain one on a probe (checked once per
+    shape), and the whole model where oneDNN is missing, the model is not on the CPU, or this torch build lacks
+    the ops, so callers can always ask for it. A Linear that sits under two parents is packed once and stays
+    shared. Subclasses of nn.Linear (e.g. PEFT's LoRA layers) are left alone: merge adapters first.
     """
     if not prepack_supported(model):
         return 0
-    linears = [
-        (parent, name, child)
+    # Names, not modules: the original layer is dropped as soon as it is replaced, so a model whose weights are
+    # in ordinary memory never holds two full copies (a memory-mapped checkpoint stays mapped, and resident as
+    # far as it was read, until `_own_remaining_parameters` lets it go).
+    slots = [
+        (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is torch.nn.Linear  # not subclasses (e.g. LoRA-wrapped layers): merge adapters first
+        if type(child) is torch.nn.Linear
     ]
-    checked: dict[tuple[int, int, bool], bool] = {}
-    replaced = 0
-    # One layer at a time, so a large model never holds two full copies of its weights. A half-packed model is
-    # still correct: every packed shape was checked before it was used.
-    for parent, name, linear in linears:
-        shape = (linear.in_features, linear.out_features, linear.bias is not None)
-        try:
-            packed = PrepackedLinear(linear, batch_size_hint)
-            if shape not in checked:
-                checked[shape] = _agrees(linear, packed)
-        except (RuntimeError, AttributeError) as exc:  # op missing or refused in this torch build
-            logger.warning("oneDNN weight prepacking unavailable (%s): keeping nn.Linear", exc)
-            break
-        if not checked[shape]:
-            logger.warning("oneDNN prepacked linear disagrees with nn.Linear for %s: keeping nn.Linear", shape)
+    agrees: dict[tuple[int, int, bool], bool] = {}
+    packed_by_layer: dict[int, PrepackedLinear] = {}
+    for parent, name in slots:
+        linear = getattr(parent, name)
+        if isinstance(linear, PrepackedLinear):  # shared with a parent handled earlier
             continue
+        shape = (linear.in_features, linear.out_features, linear.bias is not None)
+        if agrees.get(shape) is False:
+            continue
+        packed = packed_by_layer.get(id(linear))
+        if packed is None:
+            try:
+                packed = PrepackedLinear(linear, batch_size_hint)
+            except (RuntimeError, AttributeError) as exc:  # ops missing or refused in this torch build
+                logger.warning("oneDNN weight prepacking unavailable (%s): keeping nn.Linear", exc)
+                break
+            if shape not in agrees:
+                agrees[shape] = _agrees(linear, packed)
+                if not agrees[shape]:
+                    logger.warning("oneDNN prepacked linear disagrees with nn.Linear for %s: keeping it", shape)
+                    continue
+            packed_by_layer[id(linear)] = packed
         setattr(parent, name, packed)
-        replaced += 1
-    if replaced:
+    if packed_by_layer:
         _own_remaining_parameters(model)
-    return replaced
+    return len(packed_by_layer)
 
 
 def _own_remaining_parameters(model: torch.nn.Module) -> None:

@@ -50,7 +50,10 @@ class _Row:
 
 
 def supports_refill(model: torch.nn.Module) -> bool:
-    """Plain full-attention decoder caches only: sliding-window or recurrent layers keep extra state."""
+    """Plain full-attention decoder caches only: sliding-window or recurrent layers keep extra state, and
+    prompt-learning adapters (prompt or prefix tuning) add virtual tokens that the refill loop does not place."""
+    if any(getattr(c, "is_prompt_learning", False) for c in getattr(model, "peft_config", {}).values()):
+        return False
     config = getattr(model, "config", None)
     if config is None or getattr(config, "sliding_window", None):
         return False

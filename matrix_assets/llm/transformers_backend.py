@@ -38,6 +38,31 @@ def adapter_fingerprint(adapter_path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _lora_merges_cleanly(model: Any) -> bool:
+    """PEFT's merge gives the same model only for LoRA on plain linears whose weights nothing else shares: other
+    adapter types have no merge, and merging into a weight tied to another module (an output layer tied to the
+    input embeddings) would change that module too."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not hasattr(model, "merge_and_unload") or any(
+        getattr(config, "modules_to_save", None) for config in model.peft_config.values()
+    ):
+        return False
+    merged_into: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            if not isinstance(module, LoraLinear) or type(module.get_base_layer()) is not torch.nn.Linear:
+                return False
+            merged_into.add(id(module.get_base_layer().weight))
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    return all(owners.get(weight, 0) <= 1 for weight in merged_into)
+
+
 class TransformersBackend(ChatBackend):
     def __init__(
         self,
@@ -97,6 +122,10 @@ class TransformersBackend(ChatBackend):
         if not prepack_supported(self.model):
             return 0
         if has_adapter:
+            if not _lora_merges_cleanly(self.model):
+                logger.info("adapter of %s cannot be merged without changing its answers: linears not prepacked",
+                            self.model_id)
+                return 0
             # A LoRA layer wraps its base linear; folding the adapter into the weights (PEFT's merge) leaves
             # plain linears to pack and drops the adapter's per-step matmuls.
             self.model = self.model.merge_and_unload()
