@@ -212,3 +212,40 @@ def test_prefix_cache_never_reuses_another_prompt_and_stays_bounded(monkeypatch)
     colliding.store(list(range(8)), kv)
     assert colliding.lookup(list(range(8)) + [5])[0] == 8
     assert colliding.lookup([7] * 9) is None
+
+
+def test_growing_cache_layers_hold_what_dynamic_layers_hold_and_write_steps_in_place(tiny_model_dir: str) -> None:
+    """Refill decoding's KV layers: the model sees the same keys and values (so the same logits) as with
+    transformers' DynamicLayer, through prefill, steps, a batch rebuilt from outside (a row joining or
+    leaving) and growth past the headroom; a plain step writes into the existing buffer."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from matrix_assets.llm.refill import GrowingLayer, growing_cache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(5, 500, (3, 9), generator=generator)
+    steps = torch.randint(5, 500, (3, 2 * GrowingLayer.min_headroom + 10), generator=generator)
+    plain, growing = DynamicCache(), growing_cache()
+    with torch.no_grad():
+        expected = [model(input_ids=prompt, past_key_values=plain, use_cache=True).logits]
+        got = [model(input_ids=prompt, past_key_values=growing, use_cache=True).logits]
+        rooms = []
+        for i in range(steps.shape[1]):
+            if i == 20:  # a row leaves, as `_Batch.keep` does it: the layers' tensors are replaced from outside
+                keep = torch.tensor([0, 2])
+                plain.batch_select_indices(keep)
+                growing.batch_select_indices(keep)
+                steps = steps[keep]
+            token = steps[:, i : i + 1]
+            expected.append(model(input_ids=token, past_key_values=plain, use_cache=True).logits)
+            got.append(model(input_ids=token, past_key_values=growing, use_cache=True).logits)
+            rooms.append(growing.layers[0]._room[0])  # kept alive: no address is reused
+    assert all(type(layer) is GrowingLayer for layer in growing.layers)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+    for p_layer, g_layer in zip(plain.layers, growing.layers, strict=True):
+        assert torch.equal(p_layer.keys, g_layer.keys) and torch.equal(p_layer.values, g_layer.values)
+    # Buffers are reallocated only on adoption (the row that left) and growth, not on every step.
+    assert len({room.data_ptr() for room in rooms}) <= 5 < len(rooms)
