@@ -142,3 +142,20 @@ def test_a_linear_shared_by_two_parents_is_packed_once_and_stays_shared() -> Non
     assert model[0][0] is model[1][0] and isinstance(model[0][0], PrepackedLinear)
     with torch.no_grad():
         assert torch.allclose(model(probe), expected, atol=1e-5)
+
+
+def test_lora_merge_check_counts_a_linear_shared_by_two_layers(tiny_model_dir: str) -> None:
+    """PEFT wraps a shared linear in one place only; merging into its weight would change the other place too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from matrix_assets.llm.transformers_backend import _lora_merges_cleanly
+
+    def lora(share_q_proj: bool):  # noqa: ANN202
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        if share_q_proj:
+            model.model.layers[1].self_attn.q_proj = model.model.layers[0].self_attn.q_proj
+        return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    assert _lora_merges_cleanly(lora(share_q_proj=False))  # the common case (tied embeddings, q/v LoRA) merges
+    assert not _lora_merges_cleanly(lora(share_q_proj=True))

@@ -238,14 +238,37 @@ def test_growing_cache_layers_hold_what_dynamic_layers_hold_and_write_steps_in_p
                 plain.batch_select_indices(keep)
                 growing.batch_select_indices(keep)
                 steps = steps[keep]
+            if i == 30:  # a row joins and the leading column is cut, as `_Batch.join` / `_Batch.keep` do
+                for cache in (plain, growing):
+                    for layer in cache.layers:
+                        layer.keys = torch.cat([layer.keys, layer.keys[:1]])[:, :, 1:]
+                        layer.values = torch.cat([layer.values, layer.values[:1]])[:, :, 1:]
+                steps = torch.cat([steps, steps[:1]])
             token = steps[:, i : i + 1]
-            expected.append(model(input_ids=token, past_key_values=plain, use_cache=True).logits)
-            got.append(model(input_ids=token, past_key_values=growing, use_cache=True).logits)
+            positions = torch.full((token.shape[0], 1), plain.get_seq_length())  # the cut column shifts no position
+            expected.append(model(input_ids=token, past_key_values=plain, position_ids=positions,
+                                  use_cache=True).logits)
+            got.append(model(input_ids=token, past_key_values=growing, position_ids=positions, use_cache=True).logits)
             rooms.append(growing.layers[0]._room[0])  # kept alive: no address is reused
     assert all(type(layer) is GrowingLayer for layer in growing.layers)
     for e, g in zip(expected, got, strict=True):
         assert torch.equal(e, g)
     for p_layer, g_layer in zip(plain.layers, growing.layers, strict=True):
         assert torch.equal(p_layer.keys, g_layer.keys) and torch.equal(p_layer.values, g_layer.values)
-    # Buffers are reallocated only on adoption (the row that left) and growth, not on every step.
-    assert len({room.data_ptr() for room in rooms}) <= 5 < len(rooms)
+    # Buffers are reallocated only on adoption (the row that left, the row that joined) and growth, not every step.
+    assert len({room.data_ptr() for room in rooms}) <= 6 < len(rooms)
+
+
+def test_growing_cache_layers_refuse_an_update_of_another_batch_size() -> None:
+    import torch
+
+    from matrix_assets.llm.refill import GrowingLayer
+
+    layer = GrowingLayer()
+    layer.update(torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        layer.update(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8))
+    layer.values = layer.values.clone()  # replaced from outside alone: adopted, not written over
+    layer.values[0, 0, 0, 0] = 7.0
+    keys, values = layer.update(torch.ones(2, 1, 1, 8), torch.ones(2, 1, 1, 8))
+    assert values[0, 0, 0, 0] == 7.0 and keys.shape == values.shape == (2, 1, 5, 8)

@@ -98,9 +98,14 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        if length and (self.keys.shape[:2] != key_states.shape[:2] or self.values.shape[:2] != value_states.shape[:2]):
+            raise ValueError(f"KV update of shape {tuple(key_states.shape)} does not fit a cache of "
+                             f"{tuple(self.keys.shape)}")
         new = key_states.shape[-2]
         room: tuple[torch.Tensor, torch.Tensor] | None = getattr(self, "_room", None)
-        if room is None or self.keys is not self._handed_out or length + new > room[0].shape[-2]:
+        stale = room is not None and (self.keys is not self._handed_out[0] or self.values is not self._handed_out[1])
+        if room is None or stale or length + new > room[0].shape[-2]:
+            self._room = self._handed_out = room = None  # the old buffer goes before the new one is allocated
             capacity = length + new + max(self.min_headroom, length // 2)
             keys = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
             values = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
@@ -112,8 +117,12 @@ class GrowingLayer(DynamicLayer):
         keys[:, :, length : length + new] = key_states
         values[:, :, length : length + new] = value_states
         self.keys, self.values = keys[:, :, : length + new], values[:, :, : length + new]
-        self._handed_out = self.keys
+        self._handed_out = (self.keys, self.values)
         return self.keys, self.values
+
+    def reset(self) -> None:
+        self._room = self._handed_out = None
+        super().reset()
 
 
 def growing_cache() -> DynamicCache:

@@ -57,7 +57,7 @@ def _lora_merges_cleanly(model: Any) -> bool:
                 return False
             merged_into.add(id(module.get_base_layer().weight))
     owners: dict[int, int] = {}
-    for module in model.modules():
+    for _, module in model.named_modules(remove_duplicate=False):  # a module under two parents counts twice
         for parameter in module.parameters(recurse=False):
             owners[id(parameter)] = owners.get(id(parameter), 0) + 1
     return all(owners.get(weight, 0) <= 1 for weight in merged_into)
@@ -104,7 +104,8 @@ class TransformersBackend(ChatBackend):
         from matrix_assets.llm.refill import PrefixCache, supports_refill
 
         if decoding == "refill" and not supports_refill(self.model):
-            logger.info("model %s has sliding-window or non-attention layers: padded decoding", model)
+            logger.info("model %s: sliding-window or non-attention layers, or a prompt-learning adapter: "
+                        "padded decoding", model)
             self.decoding = "padded"
         # Refill decoding reuses the KV of prompt prefixes it has seen (0 turns it off); valid for this
         # backend's lifetime because its weights (base + adapter) never change.
