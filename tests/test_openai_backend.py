@@ -7,7 +7,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -27,6 +27,7 @@ class FakeServerState:
         self.lock = threading.Lock()
         self.release = threading.Event()  # set at teardown to free hanging handlers
         self.sleep_s = 0.0
+        self.sleep_for: Callable[[dict[str, Any]], float] | None = None  # per-request delay, overrides sleep_s
         self.fail_next = 0  # answer the next N chat requests with `fail_status`
         self.fail_status = 500
         self.fail_after: int | None = None  # answer every chat request after the first K with 500
@@ -80,8 +81,9 @@ def make_handler(state: FakeServerState) -> type[JsonHandler]:
             try:
                 if state.hang_s:
                     state.release.wait(state.hang_s)
-                if state.sleep_s:
-                    time.sleep(state.sleep_s)
+                delay = state.sleep_for(body) if state.sleep_for else state.sleep_s
+                if delay:
+                    time.sleep(delay)
                 if fail:
                     # echo the Authorization header back to prove the client redacts error bodies
                     self.send_json(state.fail_status, {"error": "boom", "auth": self.headers.get("Authorization")})
@@ -340,7 +342,10 @@ def test_live_session_refills_request_slots_without_waiting_for_a_wave(server: t
     from matrix_assets.llm.base import Job
 
     base_url, state = server
-    state.sleep_s = 0.1
+    # The last two chains' first requests take long, so they are surely still running when the first second step
+    # goes out on the live session, however slowly a loaded machine schedules the threads.
+    slow = {"chain 4 step 0", "chain 5 step 0"}
+    state.sleep_for = lambda body: 2.0 if body["messages"][0]["content"] in slow else 0.1
     queue = [Job(chain * 10, [{"role": "user", "content": f"chain {chain} step 0"}], GenerationParams())
              for chain in range(6)]
     answered: list[int] = []
