@@ -327,6 +327,7 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
 
     per_scene_batched = cold.wall_seconds / cold.scenes
     per_scene_seq = seq.wall_seconds / seq.scenes
+    seq_scope = "the same" if seq.scenes == cold.scenes else "the first"
     speedup = per_scene_seq / per_scene_batched if per_scene_batched else 0.0
     seq_tps = seq.generated_tokens / seq.backend_seconds if seq.backend_seconds else 0.0
 
@@ -357,8 +358,7 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
          f"{per_scene_batched:.1f} s ({cold.wall_seconds:.1f} s / {cold.scenes} scenes, "
          f"{cold.conversations} conversations in one live session)", "", ""),
         ("(b) sequential: wall time per scene",
-         f"{per_scene_seq:.1f} s ({seq.wall_seconds:.1f} s / {seq.scenes} scenes, "
-         f"{'the same scenes' if seq.scenes == cold.scenes else f'the first {seq.scenes} only'}, "
+         f"{per_scene_seq:.1f} s ({seq.wall_seconds:.1f} s / {seq_scope} {seq.scenes} scenes, "
          f"{seq.conversations} conversations, one at a time)", "", ""),
         ("(b) tokens/s batched ÷ tokens/s sequential",
          f"{sim_tps / seq_tps:.2f}x ({sim_tps:.1f} vs {seq_tps:.1f} tok/s)" if seq_tps else "n/a", "", ""),
@@ -393,7 +393,7 @@ def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: d
         f"{settings.n_roles} roles, "
         f"{settings.plan_steps} plan steps, {settings.max_rounds} rounds, action tokens {settings.action_tokens}, "
         f"plan tokens {settings.plan_tokens}, repetition penalty {settings.repetition_penalty}; sequential run on "
-        f"{'the same' if seq.scenes == cold.scenes else 'the first'} {seq.scenes} scenes. Initial answers ({settings.answer_tokens} tokens) generated once "
+        f"{seq_scope} {seq.scenes} scenes. Initial answers ({settings.answer_tokens} tokens) generated once "
         f"beforehand in {meta['answers_s']:.0f} s, not measured. Phases: batched {cold.wall_seconds:.0f} s, raw "
         f"replay {replay_s:.0f} s, warm {warm.wall_seconds:.1f} s, sequential {seq.wall_seconds:.0f} s; total "
         f"runtime {meta['total_s']:.0f} s (model load included).",

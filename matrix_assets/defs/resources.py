@@ -280,14 +280,14 @@ def _as_uri(path: str) -> str:
 
 
 def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
         return default
-    if value.strip().lower() in {"1", "true", "yes", "on"}:
+    if value in {"1", "true", "yes", "on"}:
         return True
-    if value.strip().lower() in {"0", "false", "no", "off"}:
+    if value in {"0", "false", "no", "off"}:
         return False
-    raise ValueError(f"{name} must be 1/0, true/false, yes/no or on/off, not {value!r}")
+    raise ValueError(f"{name} must be 1/0, true/false, yes/no or on/off, not {os.environ[name]!r}")
 
 
 def llm_from_env(prefix: str = "MATRIX_") -> LLMResource:

@@ -94,8 +94,6 @@ def prepack_linear_layers(model: torch.nn.Module, batch_size_hint: int = 8) -> i
     packed_by_layer: dict[int, PrepackedLinear] = {}
     for parent, name in slots:
         linear = getattr(parent, name)
-        if isinstance(linear, PrepackedLinear):  # shared with a parent handled earlier
-            continue
         shape = (linear.in_features, linear.out_features, linear.bias is not None)
         if agrees.get(shape) is False:
             continue

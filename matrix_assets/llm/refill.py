@@ -91,6 +91,8 @@ class GrowingLayer(DynamicLayer):
     on the next update. Attention sees the same values, so the logits are the same (tested)."""
 
     min_headroom = 64
+    _room: tuple[torch.Tensor, torch.Tensor] | None = None  # the buffer; keys/values are views of its start
+    _handed_out: tuple[torch.Tensor, torch.Tensor] | None = None  # the views last returned (replaced = stale)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -102,8 +104,8 @@ class GrowingLayer(DynamicLayer):
             raise ValueError(f"KV update of shape {tuple(key_states.shape)} does not fit a cache of "
                              f"{tuple(self.keys.shape)}")
         new = key_states.shape[-2]
-        room: tuple[torch.Tensor, torch.Tensor] | None = getattr(self, "_room", None)
-        stale = room is not None and (self.keys is not self._handed_out[0] or self.values is not self._handed_out[1])
+        room, handed_out = self._room, self._handed_out
+        stale = handed_out is not None and (self.keys is not handed_out[0] or self.values is not handed_out[1])
         if room is None or stale or length + new > room[0].shape[-2]:
             self._room = self._handed_out = room = None  # the old buffer goes before the new one is allocated
             capacity = length + new + max(self.min_headroom, length // 2)

@@ -3,8 +3,9 @@
 By default the batch is decoded by `llm/refill.py`: rows are admitted shortest prompt first, a row
 leaves as soon as it ends and the next queued prompt takes its slot, so no step is spent on rows that
 already stopped. `decoding="padded"` splits the caller's batch into length-sorted chunks of
-`batch_size`, left-padded, one `model.generate` each (the benchmark's raw reference). A LoRA adapter folder can be stacked on the base model; it becomes part of `model_id` so
-the cache never mixes base and tuned answers.
+`batch_size`, left-padded, one `model.generate` each (the benchmark's raw reference). On CPU the linear
+layers run on oneDNN-prepacked weights (`llm/prepack.py`). A LoRA adapter folder can be stacked on the
+base model; it becomes part of `model_id` so the cache never mixes base and tuned answers.
 """
 
 from __future__ import annotations
@@ -203,9 +204,9 @@ class TransformersBackend(ChatBackend):
         """One padded `model.generate` call over already tokenized prompts (also used by the benchmark)."""
         import torch
 
-        pad_id = self.tokenizer.pad_token_id
         from matrix_assets.llm.refill import left_padded
 
+        pad_id = self.tokenizer.pad_token_id
         input_ids, attention = left_padded(batch, pad_id)
         width = input_ids.shape[1]
         kwargs: dict[str, Any] = {
