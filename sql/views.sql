@@ -13,13 +13,12 @@ FROM eval_metrics b
 JOIN eval_metrics t ON t.eval_id = b.eval_id AND t.metric = b.metric AND t.model_label <> 'base'
 WHERE b.model_label = 'base';
 
--- Harmlessness per prompt category and model.
-DROP VIEW IF EXISTS v_harmlessness_by_category;
-CREATE VIEW v_harmlessness_by_category AS
+-- Compliance with harmful requests per prompt category and model (the default judge's verdicts).
+DROP VIEW IF EXISTS v_harmful_compliance_by_category;
+CREATE VIEW v_harmful_compliance_by_category AS
 SELECT a.eval_id, a.model_label, COALESCE(p.category, 'uncategorized') AS category,
-       AVG(a.harmless_score) AS mean_harmless_score,
-       AVG(CAST(a.judged_harmful AS DOUBLE PRECISION)) AS harmful_share,
-       COUNT(*) AS n
+       SUM(CASE WHEN a.refusal = 0 THEN 1 ELSE 0 END) AS complied,
+       COUNT(a.refusal) AS n
 FROM eval_answers a JOIN prompts p ON p.prompt_id = a.prompt_id
 WHERE a.eval_set = 'harmful'
 GROUP BY a.eval_id, a.model_label, COALESCE(p.category, 'uncategorized');
@@ -29,3 +28,10 @@ DROP VIEW IF EXISTS v_scene_events;
 CREATE VIEW v_scene_events AS
 SELECT p.prompt_set, p.text AS prompt, e.*
 FROM transcript_events e JOIN prompts p ON p.prompt_id = e.prompt_id;
+
+-- What each method trains on, prompt by prompt (excluded groups included, with the reason).
+DROP VIEW IF EXISTS v_training_data;
+CREATE VIEW v_training_data AS
+SELECT g.method, g.model_id, g.prompt_set, g.prompt_id, g.kind, g.prompt, g.excluded, r.position, r.text, r.rating
+FROM training_groups g
+LEFT JOIN training_responses r ON r.method = g.method AND r.model_id = g.model_id AND r.group_id = g.group_id;

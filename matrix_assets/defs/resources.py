@@ -17,7 +17,7 @@ import dagster as dg
 from pydantic import Field
 
 from matrix_assets.llm.base import BackendError, ChatBackend
-from matrix_assets.llm.cache import CachedBackend, ProgressCallback
+from matrix_assets.store.generation_cache import CachedBackend, ProgressCallback
 from matrix_assets.llm.models import DEFAULT_MODEL, check_model_available, resolve_model_path
 from matrix_assets.settings import default_artifact_root, default_mlflow_uri
 from matrix_assets.store.db import Store, default_database_url

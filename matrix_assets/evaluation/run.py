@@ -18,7 +18,7 @@ from matrix_assets.evaluation import judges
 from matrix_assets.evaluation.metrics import Estimate, bootstrap_mean, pairwise_outcome, win_tie_loss
 from matrix_assets.evaluation.rules import agreement, is_refusal
 from matrix_assets.llm.base import ChatBackend, GenerationParams
-from matrix_assets.simulation.templates import user_message
+from matrix_assets.templates import user_message
 
 EVAL_SETS = ("harmful", "over_refusal", "helpfulness")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,10 @@ class Completion:
 
 class BackendError(RuntimeError):
     """A backend could not produce completions (unreachable server, bad model, ...)."""
+
+
+class LogprobsUnavailable(BackendError):
+    """The backend cannot say how likely each next token is (a server that returns no log-probabilities)."""
 
 
 @dataclass(frozen=True)
@@ -105,8 +110,49 @@ class ChatBackend(ABC):
                 for job, completion in zip(group, self.generate(conversations, params)):
                     on_completion(job, completion)
 
+    def next_token_logprobs(
+        self, conversations: Sequence[Conversation], candidates: Sequence[str], *, assistant_prefix: str = ""
+    ) -> list[dict[str, float]]:
+        """For each conversation, the log-probability that the assistant's reply (after `assistant_prefix`)
+        starts with each candidate (e.g. "yes" / "no", or "1".."7"), with case and leading-space variants of a
+        candidate counted together; `-inf` where the model gives it no mass the backend can see.
+
+        This is how the pipeline reads a model's verdicts: from its next-token distribution, never by parsing
+        free text, so a verdict cannot be lost to a format the model did not follow. Backends that cannot
+        provide it raise `LogprobsUnavailable` with the reason."""
+        raise LogprobsUnavailable(f"{type(self).__name__} cannot return next-token log-probabilities")
+
     def close(self) -> None:  # pragma: no cover - optional hook
         """Release resources (HTTP pools, model weights)."""
+
+
+def choice_probabilities(logprobs: dict[str, float]) -> dict[str, float] | None:
+    """The next-token distribution renormalised over the candidates only; None when none has any mass (the
+    verdict is missing, never guessed)."""
+    finite = {k: v for k, v in logprobs.items() if v != float("-inf") and v == v}
+    if not finite:
+        return None
+    top = max(finite.values())
+    weights = {k: math.exp(v - top) if k in finite else 0.0 for k, v in logprobs.items()}
+    total = sum(weights.values())
+    return {k: w / total for k, w in weights.items()}
+
+
+def candidate_variants(candidate: str) -> list[str]:
+    """Spellings of one candidate that count as the same verdict ("yes", "Yes", " yes", "YES", ...)."""
+    forms = {candidate, candidate.lower(), candidate.capitalize(), candidate.upper()}
+    return sorted(forms | {" " + f for f in forms})
+
+
+def logprobs_cache_key(model_id: str, candidates: Sequence[str], assistant_prefix: str,
+                       conversation: Conversation) -> str:
+    """Cache key of one next-token distribution request (never collides with a generation's key)."""
+    payload = json.dumps(
+        {"model": model_id, "next_token_logprobs": list(candidates), "assistant_prefix": assistant_prefix,
+         "messages": [dict(m) for m in conversation]},
+        sort_keys=True, ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def cache_key(model_id: str, params: GenerationParams, conversation: Conversation) -> str:

@@ -9,9 +9,10 @@ text no parser accepts, to exercise the fallbacks. `calls` counts conversations 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 
-from matrix_assets.llm.base import ChatBackend, Completion, Conversation, GenerationParams
+from matrix_assets.llm.base import ChatBackend, Completion, Conversation, GenerationParams, LogprobsUnavailable
 
 _NAMES = ["Maria", "Officer Lee", "Tom", "Dr. Okafor", "Priya", "Mr. Brandt", "Aiko"]
 
@@ -60,12 +61,17 @@ class FakeBackend(ChatBackend):
         garbage: bool = False,
         responder: Callable[[str], str] | None = None,
         fail_after: int | None = None,
+        scorer: Callable[[str, Sequence[str]], dict[str, float]] | None = None,
+        logprobs: bool = True,
     ) -> None:
         self.model_id = model_id
         self.garbage = garbage
         self.responder = responder
         self.fail_after = fail_after  # raise after this many generated conversations (crash tests)
+        self.scorer = scorer  # (prompt, candidates) -> log-probabilities: a model with a known preference
+        self.logprobs = logprobs  # False: behaves like a server that returns no log-probabilities
         self.calls = 0
+        self.score_calls = 0
         self.batches = 0
 
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
@@ -83,4 +89,22 @@ class FakeBackend(ChatBackend):
             else:
                 text = _answer(prompt)
             out.append(Completion(text, len(prompt.split()), len(text.split())))
+        return out
+
+    def next_token_logprobs(
+        self, conversations: Sequence[Conversation], candidates: Sequence[str], *, assistant_prefix: str = ""
+    ) -> list[dict[str, float]]:
+        """Deterministic log-probabilities from a hash of (prompt, candidate), or the `scorer`'s."""
+        if not self.logprobs:
+            raise LogprobsUnavailable("fake backend configured without log-probabilities")
+        out = []
+        for conv in conversations:
+            self.score_calls += 1
+            prompt = "\n".join(m["content"] for m in conv) + assistant_prefix
+            if self.scorer is not None:
+                out.append(dict(self.scorer(prompt, candidates)))
+                continue
+            weights = {c: 1.0 + _h(prompt + "\x1f" + c) % 100 for c in candidates}
+            total = sum(weights.values())
+            out.append({c: math.log(w / total) for c, w in weights.items()})
         return out

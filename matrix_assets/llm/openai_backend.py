@@ -13,6 +13,7 @@ logs and error messages.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -22,7 +23,8 @@ from typing import Any
 import httpx
 
 from matrix_assets.llm.base import (
-    BackendError, ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, TakeJobs,
+    BackendError, ChatBackend, Completion, Conversation, GenerationParams, Job, LogprobsUnavailable, OnCompletion,
+    TakeJobs, candidate_variants,
 )
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ OnResult = Callable[[int, Completion], None]
 _MAX_RETRY_AFTER_S = 60.0
 _HEALTH_TIMEOUT_S = 5.0
 _BODY_SNIPPET_CHARS = 300
+TOP_LOGPROBS = 20  # OpenAI's maximum and vLLM's default --max-logprobs
 
 
 class _Cancelled(Exception):
@@ -222,7 +225,8 @@ class OpenAICompatibleBackend(ChatBackend):
             while True:
                 if not failures and len(in_flight) < self.max_concurrency:
                     for job in take(self.max_concurrency - len(in_flight)):
-                        future = executor.submit(self._request_with_retries, job.id, job.conversation, job.params, stop)
+                        future = executor.submit(self._request_with_retries, job.id,
+                                                 self._payload(job.conversation, job.params), stop, self._parse)
                         in_flight[future] = job
                 if not in_flight:
                     break
@@ -252,7 +256,49 @@ class OpenAICompatibleBackend(ChatBackend):
         executor.shutdown(wait=True)
         return failures, delivered
 
+    def next_token_logprobs(
+        self, conversations: Sequence[Conversation], candidates: Sequence[str], *, assistant_prefix: str = ""
+    ) -> list[dict[str, float]]:
+        """One-token completions with `logprobs` and `top_logprobs` (vLLM, llama.cpp server and OpenAI return
+        them): each candidate's log-probability is summed over the returned top tokens that spell it. A
+        candidate outside the top `TOP_LOGPROBS` gets -inf. An `assistant_prefix` is sent as a final assistant
+        message that the server continues (vLLM's `continue_final_message`). A server that answers without
+        log-probabilities raises `LogprobsUnavailable`: the caller then reports the verdict as missing."""
+        if not conversations:
+            return []
+        stop = threading.Event()
+
+        def one(index: int) -> dict[str, float]:
+            payload = self._payload(conversations[index], GenerationParams(max_new_tokens=1, temperature=0.0))
+            payload.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+            if assistant_prefix:
+                payload["messages"].append({"role": "assistant", "content": assistant_prefix})
+                payload.update(continue_final_message=True, add_generation_prompt=False)
+            top = self._request_with_retries(index, payload, stop, self._parse_top_logprobs)
+            return _candidate_logprobs(top, candidates)
+
+        with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="openai-logprobs") as pool:
+            try:
+                return list(pool.map(one, range(len(conversations))))
+            finally:
+                stop.set()
+
     # ------------------------------------------------------------------ internals
+
+    def _parse_top_logprobs(self, response: httpx.Response) -> list[tuple[str, float]]:
+        try:
+            choice = response.json()["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise BackendError(self._redact(
+                f"model server at {self.base_url} returned an unexpected body: {_snippet(response)}")) from None
+        content = ((choice.get("logprobs") or {}).get("content") or []) if isinstance(choice, dict) else []
+        if not content or not content[0].get("top_logprobs"):
+            raise LogprobsUnavailable(
+                f"model server at {self.base_url} returned no log-probabilities for logprobs=true, "
+                f"top_logprobs={TOP_LOGPROBS} (vLLM and llama.cpp server return them; this server does not), "
+                "so verdicts cannot be read from it"
+            )
+        return [(str(t["token"]), float(t["logprob"])) for t in content[0]["top_logprobs"]]
 
     def _api_key(self) -> str | None:
         if not self.api_key_env:
@@ -281,9 +327,8 @@ class OpenAICompatibleBackend(ChatBackend):
         return payload
 
     def _request_with_retries(
-        self, index: int, conversation: Conversation, params: GenerationParams, stop: threading.Event
-    ) -> Completion:
-        payload = self._payload(conversation, params)
+        self, index: int, payload: dict[str, Any], stop: threading.Event, parse: Callable[[httpx.Response], Any]
+    ) -> Any:
         attempts = self.max_retries + 1
         last_error = "no attempt made"
         for attempt in range(attempts):
@@ -303,7 +348,7 @@ class OpenAICompatibleBackend(ChatBackend):
             else:
                 status = response.status_code
                 if 200 <= status < 300:
-                    return self._parse(response)
+                    return parse(response)
                 if status == 429 or status >= 500:
                     last_error = f"HTTP {status}: {_snippet(response)}"
                     retry_after = _retry_after(response)
@@ -351,6 +396,15 @@ class OpenAICompatibleBackend(ChatBackend):
             prompt_tokens=_as_int(usage.get("prompt_tokens")),
             completion_tokens=_as_int(usage.get("completion_tokens")),
         )
+
+
+def _candidate_logprobs(top: list[tuple[str, float]], candidates: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for candidate in candidates:
+        spellings = {v.strip().lower() for v in candidate_variants(candidate)}
+        matched = [lp for token, lp in top if token.strip().lower() in spellings and token.strip()]
+        out[candidate] = math.log(sum(math.exp(lp) for lp in matched)) if matched else float("-inf")
+    return out
 
 
 def _as_int(value: object) -> int:

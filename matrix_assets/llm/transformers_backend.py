@@ -19,6 +19,7 @@ from typing import Any
 
 from matrix_assets.llm.base import (
     BackendError, ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, TakeJobs,
+    candidate_variants,
 )
 from matrix_assets.llm.models import resolve_model_path
 
@@ -114,7 +115,7 @@ class TransformersBackend(ChatBackend):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self._lock = threading.Lock()  # one generate at a time per loaded model
+        self._lock = threading.RLock()  # one model call at a time; re-entrant: a live session scores verdicts from inside `take`
 
     def _prepack(self, has_adapter: bool) -> int:
         """On CPU, compute the linear layers with oneDNN on weights packed once (`llm/prepack.py`): about 2x
@@ -135,18 +136,59 @@ class TransformersBackend(ChatBackend):
         logger.info("model %s: %d linear layers prepacked for oneDNN", self.model_id, packed)
         return packed
 
-    def encode(self, conversation: Conversation) -> list[int]:
+    def encode(self, conversation: Conversation, assistant_prefix: str = "") -> list[int]:
         ids = self.tokenizer.apply_chat_template(
             [dict(m) for m in conversation], add_generation_prompt=True, tokenize=True
         )
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         ids = list(ids)
+        if assistant_prefix:
+            ids += self.tokenizer.encode(assistant_prefix, add_special_tokens=False)
         # Keep the end of an over-long prompt: the instruction and the generation prompt live there.
         return ids[-self.max_input_tokens :]
 
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         return self.generate_streaming(conversations, params)
+
+    def next_token_logprobs(
+        self, conversations: Sequence[Conversation], candidates: Sequence[str], *, assistant_prefix: str = ""
+    ) -> list[dict[str, float]]:
+        """One forward pass per prompt (batched, left-padded, only the last position's logits kept): the
+        log-probability of each candidate's first token, its spelling variants summed (`candidate_variants`)."""
+        import torch
+
+        from matrix_assets.llm.refill import left_padded
+
+        token_ids = [self._candidate_token_ids(c) for c in candidates]
+        encoded = [self.encode(c, assistant_prefix) for c in conversations]
+        results: list[dict[str, float]] = [{} for _ in encoded]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            input_ids, attention = left_padded([encoded[i] for i in rows], self.tokenizer.pad_token_id)
+            # Left padding shifts every row: positions count real tokens only, as in generation.
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            with self._lock, torch.inference_mode():
+                logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                    logits_to_keep=1).logits[:, -1, :]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, index in enumerate(rows):
+                results[index] = {
+                    candidate: float(torch.logsumexp(logprobs[row, ids], dim=0)) if ids else float("-inf")
+                    for candidate, ids in zip(candidates, token_ids)
+                }
+        return results
+
+    def _candidate_token_ids(self, candidate: str) -> list[int]:
+        """First tokens of a candidate's spellings; a spelling that is not one token by itself is still read
+        from its first token only when that token is not the bare leading space."""
+        ids: set[int] = set()
+        for variant in candidate_variants(candidate):
+            tokens = self.tokenizer.encode(variant, add_special_tokens=False)
+            if tokens and self.tokenizer.decode(tokens[:1]).strip():
+                ids.add(tokens[0])
+        return sorted(ids)
 
     def generate_streaming(
         self, conversations: Sequence[Conversation], params: GenerationParams,

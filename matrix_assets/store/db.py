@@ -2,15 +2,22 @@
 
 SQLite (a file, WAL mode) is the embedded default; PostgreSQL is the production database. The DDL in
 `sql/schema.sql` and `sql/views.sql` is the single source of truth for the schema and is applied here.
-Every statement is parameterised; table and column names only ever come from the fixed `_TABLE_KEYS`
-map below, never from input.
+Every statement is parameterised; table and column names only ever come from sql/schema.sql (the tables it
+declares, their columns and primary keys as the database reports them), never from input. The store owns
+every query of the project and hands back typed records.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import json
 import math
 import os
 import re
+import types
+import typing
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -20,35 +27,20 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+from matrix_assets.methods.base import InitialResponse, PromptRecord, RatedResponse, TrainingGroup
 
-# Conflict keys of every table that the code writes: upserts use them, and they double as the whitelist
-# of table names that may appear in generated SQL.
-_TABLE_KEYS: dict[str, tuple[str, ...]] = {
-    "prompt_sets": ("name",),
-    "prompts": ("prompt_id",),
-    "generations": ("cache_key",),
-    "initial_responses": ("prompt_id", "model_id"),
-    "transcripts": ("prompt_id", "method", "model_id"),
-    "transcript_events": ("prompt_id", "method", "model_id", "seq"),
-    "critiques": ("prompt_id", "method", "model_id"),
-    "revisions": ("prompt_id", "method", "model_id"),
-    "sft_datasets": ("dataset_id",),
-    "sft_examples": ("dataset_id", "position"),
-    "checkpoints": ("checkpoint_id",),
-    "eval_answers": ("eval_id", "model_label", "prompt_id"),
-    "eval_pairwise": ("eval_id", "model_label", "prompt_id"),
-    "eval_metrics": ("eval_id", "model_label", "metric"),
-}
-# Newest-first listings of the per-method tables (fixed SQL: no identifier is ever interpolated).
-_LATEST_PER_METHOD_SQL = {
-    "sft_datasets": "SELECT * FROM sft_datasets ORDER BY created_at DESC, dataset_id DESC",
-    "checkpoints": "SELECT * FROM checkpoints ORDER BY created_at DESC, checkpoint_id DESC",
-}
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+SCHEMA_VERSION = 2  # bump with every change of a table's shape in sql/schema.sql
+
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+_CREATE_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+)", re.IGNORECASE)
 _CREATE_VIEW = re.compile(r"^CREATE VIEW (\w+) AS", re.IGNORECASE)
 # Any constant: serialises schema creation between processes that start at once on one PostgreSQL database.
 _SCHEMA_LOCK_ID = 0x6D61747269780001
+
+
+class SchemaMismatchError(RuntimeError):
+    """The database was written by a version of matrix-assets with another schema."""
 
 
 def utcnow() -> str:
@@ -84,6 +76,11 @@ def _split_sql(script: str) -> list[str]:
     return [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
 
 
+def schema_tables() -> list[str]:
+    """The tables sql/schema.sql declares: the only names generated SQL may ever contain."""
+    return _CREATE_TABLE.findall((SQL_DIR / "schema.sql").read_text())
+
+
 class Store:
     """Typed access to the project's tables. Create one per process; it is cheap to keep around."""
 
@@ -92,6 +89,20 @@ class Store:
         self.engine: Engine = self._make_engine(self.url)
         if create:
             self.create_schema()
+        self._tables = self._reflect_tables()
+
+    def _reflect_tables(self) -> dict[str, tuple[tuple[str, ...], frozenset[str]]]:
+        """Each schema table's primary key (the upsert conflict key) and columns, read from the database, so
+        sql/schema.sql stays the only place they are written."""
+        inspector = sa.inspect(self.engine)
+        existing = set(inspector.get_table_names())
+        tables = {}
+        for name in schema_tables():
+            if name in existing:
+                keys = tuple(inspector.get_pk_constraint(name)["constrained_columns"])
+                columns = frozenset(c["name"] for c in inspector.get_columns(name))
+                tables[name] = (keys, columns)
+        return tables
 
     @staticmethod
     def _make_engine(url: str) -> Engine:
@@ -148,12 +159,29 @@ class Store:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _SCHEMA_LOCK_ID})
             for stmt in _split_sql((SQL_DIR / "schema.sql").read_text()):
                 conn.exec_driver_sql(stmt)
+            self._check_version(conn)
             if conn.dialect.name == "sqlite" and self._sqlite_views_current(conn, views):
                 # pysqlite autocommits each DDL statement: dropping and re-creating an unchanged view would leave
                 # a moment in which another process's query of it fails.
                 return
             for stmt in views:
                 conn.exec_driver_sql(stmt)
+
+    def _check_version(self, conn: Connection) -> None:
+        stored = conn.execute(sa.text("SELECT version FROM schema_version WHERE id = 1")).scalar()
+        if stored is None:
+            # A new database, or one from before versioning: version 1 had a `revisions` table.
+            if "revisions" in sa.inspect(conn).get_table_names():
+                raise SchemaMismatchError(self._mismatch(1))
+            conn.execute(sa.text("INSERT INTO schema_version (id, version) VALUES (1, :v)"), {"v": SCHEMA_VERSION})
+        elif stored != SCHEMA_VERSION:
+            raise SchemaMismatchError(self._mismatch(int(stored)))
+
+    def _mismatch(self, found: int) -> str:
+        where = self.url.split("///", 1)[-1] if self.url.startswith("sqlite") else "the database"
+        return (f"the store at {where} has schema version {found}; this version of matrix-assets needs "
+                f"{SCHEMA_VERSION}. Keep the old state by moving it away (e.g. `mv .matrix .matrix-old`, or point "
+                "MATRIX_HOME / MATRIX_DATABASE_URL elsewhere) and run again: every stage is recomputed.")
 
     @staticmethod
     def _sqlite_views_current(conn: Connection, views: Sequence[str]) -> bool:
@@ -173,11 +201,11 @@ class Store:
         """Insert rows; on a key conflict replace the non-key columns (or keep the old row)."""
         if not rows:
             return 0
-        keys = _TABLE_KEYS[table]
+        keys, known = self._table(table)
         columns = list(rows[0].keys())
         for name in columns:
-            if not _IDENTIFIER.match(name):
-                raise ValueError(f"bad column name {name!r}")
+            if not _IDENTIFIER.match(name) or name not in known:
+                raise ValueError(f"bad column name {name!r} for table {table!r}")
         non_keys = [c for c in columns if c not in keys]
         # Rows in key order: concurrent PostgreSQL transactions that upsert overlapping keys then lock them in the
         # same order and cannot deadlock (the sort is stable, so the last of duplicate keys still wins).
@@ -208,9 +236,13 @@ class Store:
         with self.engine.connect() as conn:
             return conn.execute(sa.text(sql), params).scalar()
 
-    def count(self, table: str) -> int:
-        if table not in _TABLE_KEYS:
+    def _table(self, table: str) -> tuple[tuple[str, ...], frozenset[str]]:
+        if table not in self._tables:
             raise ValueError(f"unknown table {table!r}")
+        return self._tables[table]
+
+    def count(self, table: str) -> int:
+        self._table(table)
         return int(self.scalar(f"SELECT COUNT(*) FROM {table}"))
 
     # -- generation cache ------------------------------------------------------------------------
@@ -229,6 +261,10 @@ class Store:
                     found[row.cache_key] = dict(row._mapping)
         return found
 
+    def save_generations(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Cache rows are immutable: a key already stored keeps its first answer."""
+        self.upsert("generations", rows, update=False)
+
     # -- prompts ---------------------------------------------------------------------------------
 
     def prompts(self, prompt_set: str, split: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
@@ -246,72 +282,226 @@ class Store:
     def prompt_sets(self) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM prompt_sets ORDER BY name")
 
-    # -- per-stage reads ---------------------------------------------------------------------------
+    # -- typed records ----------------------------------------------------------------------------------
 
-    def initial_responses(self, prompt_set: str, model_id: str) -> list[dict[str, Any]]:
-        return self.query(
-            "SELECT p.prompt_id, p.text AS prompt, p.category, r.response FROM initial_responses r "
-            "JOIN prompts p ON p.prompt_id = r.prompt_id "
-            "WHERE p.prompt_set = :s AND r.model_id = :m ORDER BY p.position",
-            s=prompt_set, m=model_id,
-        )
+    def save_records(self, table: str, records: Sequence[Any], *, conn: Connection | None = None,
+                     **columns: Any) -> int:
+        """Upsert dataclass records into `table`: each field is a column of the same name (a list, dict or
+        nested dataclass field goes to `NAME_json` as JSON), plus the fixed `columns` (method, model_id, ...);
+        `created_at` is filled in when the table has it."""
+        _, known = self._table(table)
+        now = utcnow()
+        rows = []
+        for record in records:
+            row = dict(columns)
+            for name, value in _record_fields(record).items():
+                row[name if name in known else f"{name}_json"] = value
+            if "created_at" in known and "created_at" not in row:
+                row["created_at"] = now
+            rows.append(row)
+        return self.upsert(table, rows, conn=conn)
 
-    def transcripts(self, prompt_set: str, method: str, model_id: str) -> list[dict[str, Any]]:
-        return self.query(
-            "SELECT p.text AS prompt, r.response, t.* FROM transcripts t "
-            "JOIN prompts p ON p.prompt_id = t.prompt_id "
-            "JOIN initial_responses r ON r.prompt_id = t.prompt_id AND r.model_id = t.model_id "
-            "WHERE p.prompt_set = :s AND t.method = :method AND t.model_id = :m ORDER BY p.position",
-            s=prompt_set, method=method, m=model_id,
-        )
+    def load_records(self, table: str, record_type: type[T], *, prompt_set: str | None = None,
+                     limit: int | None = None, **filters: Any) -> list[T]:
+        """Records of `record_type` from `table`, decoded by the dataclass's field types (JSON columns back into
+        lists, dicts and nested dataclasses). `prompt_set` keeps the rows whose prompt belongs to that set, in
+        the set's order; other `filters` are column = value."""
+        keys, known = self._table(table)
+        hints = typing.get_type_hints(record_type)
+        names = [f.name for f in dataclasses.fields(record_type) if f.init]
+        selected = [n if n in known else f"{n}_json" for n in names]
+        for column in [*selected, *filters]:
+            if column not in known:
+                raise ValueError(f"table {table!r} has no column {column!r}")
+        where = [f"t.{column} = :f_{column}" for column in filters]
+        params: dict[str, Any] = {f"f_{column}": value for column, value in filters.items()}
+        join, order = "", ", ".join(f"t.{k}" for k in keys)
+        if prompt_set is not None:
+            join = " JOIN prompts p ON p.prompt_id = t.prompt_id"
+            where.append("p.prompt_set = :prompt_set")
+            params["prompt_set"] = prompt_set
+            order = f"p.position, {order}"
+        sql = f"SELECT {', '.join('t.' + c for c in selected)} FROM {table} t{join}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY {order}"
+        if limit is not None:
+            sql += " LIMIT :limit"
+            params["limit"] = int(limit)
+        out = []
+        for row in self.query(sql, **params):
+            values = {name: _decode(hints[name], row[column]) for name, column in zip(names, selected)}
+            out.append(record_type(**values))
+        return out
 
-    def events(self, prompt_id: str, method: str, model_id: str) -> list[dict[str, Any]]:
-        return self.query(
-            "SELECT * FROM transcript_events WHERE prompt_id = :p AND method = :method AND model_id = :m "
-            "ORDER BY seq",
-            p=prompt_id, method=method, m=model_id,
-        )
+    def delete_rows(self, table: str, *, conn: Connection | None = None, **filters: Any) -> None:
+        """DELETE FROM table WHERE column = value AND ...: replacing a stage's rows, never appending to them."""
+        _, known = self._table(table)
+        if not filters or any(column not in known for column in filters):
+            raise ValueError(f"bad filters for {table!r}: {sorted(filters)}")
+        stmt = sa.text(f"DELETE FROM {table} WHERE " + " AND ".join(f"{c} = :{c}" for c in filters))
+        if conn is not None:
+            conn.execute(stmt, filters)
+        else:
+            with self.engine.begin() as own:
+                own.execute(stmt, filters)
 
-    def critiques(self, prompt_set: str, method: str, model_id: str) -> list[dict[str, Any]]:
-        return self.query(
-            "SELECT p.text AS prompt, r.response, c.* FROM critiques c "
-            "JOIN prompts p ON p.prompt_id = c.prompt_id "
-            "JOIN initial_responses r ON r.prompt_id = c.prompt_id AND r.model_id = c.model_id "
-            "WHERE p.prompt_set = :s AND c.method = :method AND c.model_id = :m ORDER BY p.position",
-            s=prompt_set, method=method, m=model_id,
-        )
+    # -- prompts and the shared stages ---------------------------------------------------------------------
 
-    def revisions(self, prompt_sets: Sequence[str], method: str, model_id: str) -> list[dict[str, Any]]:
-        stmt = (
-            "SELECT p.prompt_set, p.text AS prompt, r.response AS initial, v.* FROM revisions v "
-            "JOIN prompts p ON p.prompt_id = v.prompt_id "
-            "JOIN initial_responses r ON r.prompt_id = v.prompt_id AND r.model_id = v.model_id "
-            "WHERE p.prompt_set IN :sets AND v.method = :method AND v.model_id = :m "
-            "ORDER BY p.prompt_set, p.position"
-        )
+    def train_prompts(self, prompt_set: str, limit: int | None = None) -> list[PromptRecord]:
+        return [PromptRecord(r["prompt_id"], r["text"], r["category"])
+                for r in self.prompts(prompt_set, split="train", limit=limit)]
+
+    def initial_responses(self, prompt_set: str, model_id: str, limit: int | None = None) -> list[InitialResponse]:
+        """The model's direct answers to the set's training prompts, in the set's order."""
+        sql = ("SELECT p.prompt_id, p.text AS prompt, r.response, p.category FROM initial_responses r "
+               "JOIN prompts p ON p.prompt_id = r.prompt_id "
+               "WHERE p.prompt_set = :s AND r.model_id = :m AND p.split = 'train' ORDER BY p.position")
+        params: dict[str, Any] = {"s": prompt_set, "m": model_id}
+        if limit is not None:
+            sql += " LIMIT :limit"
+            params["limit"] = int(limit)
+        return [InitialResponse(r["prompt_id"], r["prompt"], r["response"], r["category"])
+                for r in self.query(sql, **params)]
+
+    def save_initial_responses(self, model_id: str, answers: Sequence[tuple[str, str]]) -> None:
+        now = utcnow()
+        self.upsert("initial_responses", [{"prompt_id": pid, "model_id": model_id, "response": text,
+                                            "created_at": now} for pid, text in answers])
+
+    # -- MATRIX scenes (store/scenes.py keeps their row shapes) ---------------------------------------------
+
+    def save_transcript(self, model_id: str, scene: Any) -> None:
+        from matrix_assets.store.scenes import save_transcript
+
+        save_transcript(self, model_id, scene)
+
+    def transcripts(self, prompt_set: str, model_id: str, limit: int | None = None) -> list[Any]:
+        from matrix_assets.store.scenes import load_transcripts
+
+        return load_transcripts(self, prompt_set, model_id, limit)
+
+    # -- training data -------------------------------------------------------------------------------------
+
+    def save_training_groups(self, method: str, model_id: str, prompt_set: str,
+                             groups: Sequence[TrainingGroup]) -> None:
+        """Replace the method's training groups of one prompt set (a re-run with other settings leaves no stale
+        group behind), in one transaction."""
+        now = utcnow()
+        with self.transaction() as conn:
+            for table in ("training_responses", "training_groups"):
+                stmt = (f"DELETE FROM {table} WHERE method = :m AND model_id = :mid AND group_id IN "
+                        "(SELECT group_id FROM training_groups WHERE method = :m AND model_id = :mid "
+                        "AND prompt_set = :s)")
+                conn.execute(sa.text(stmt), {"m": method, "mid": model_id, "s": prompt_set})
+            self.upsert("training_groups", [
+                {"method": method, "model_id": model_id, "group_id": g.group_id, "prompt_set": prompt_set,
+                 "prompt_id": g.prompt_id, "kind": g.kind, "prompt": g.prompt, "excluded": g.excluded,
+                 "created_at": now} for g in groups
+            ], conn=conn)
+            self.upsert("training_responses", [
+                {"method": method, "model_id": model_id, "group_id": g.group_id, "position": i, "text": r.text,
+                 "rating": r.rating} for g in groups for i, r in enumerate(g.responses)
+            ], conn=conn)
+
+    def training_groups(self, method: str, prompt_sets: Sequence[str], model_id: str) -> list[TrainingGroup]:
+        """A method's groups over the prompt sets, excluded ones included (their `excluded` says why)."""
+        stmt = sa.text(
+            "SELECT g.group_id, g.prompt_id, g.prompt, g.kind, g.excluded, r.text, r.rating "
+            "FROM training_groups g JOIN prompts p ON p.prompt_id = g.prompt_id "
+            "LEFT JOIN training_responses r ON r.method = g.method AND r.model_id = g.model_id "
+            "AND r.group_id = g.group_id "
+            "WHERE g.method = :m AND g.model_id = :mid AND g.prompt_set IN :sets "
+            "ORDER BY g.prompt_set, p.position, g.kind, r.position"
+        ).bindparams(sa.bindparam("sets", expanding=True))
+        groups: dict[str, dict[str, Any]] = {}
         with self.engine.connect() as conn:
-            result = conn.execute(
-                sa.text(stmt).bindparams(sa.bindparam("sets", expanding=True)),
-                {"sets": list(prompt_sets), "method": method, "m": model_id},
-            )
-            return [dict(row._mapping) for row in result]
+            for row in conn.execute(stmt, {"m": method, "mid": model_id, "sets": list(prompt_sets)}):
+                group = groups.setdefault(row.group_id, {"row": row, "responses": []})
+                if row.text is not None:
+                    group["responses"].append(RatedResponse(row.text, row.rating))
+        return [TrainingGroup(g["row"].prompt_id, g["row"].prompt, g["row"].kind, tuple(g["responses"]),
+                              g["row"].excluded) for g in groups.values()]
 
-    def latest_per_method(
-        self, table: str, methods: Sequence[str] | None, order: Sequence[str]
-    ) -> list[dict[str, Any]]:
-        """The newest row of `table` (sft_datasets or checkpoints) for each method, in the given method order."""
-        if table not in _LATEST_PER_METHOD_SQL:
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def latest_per_method(self, table: str, methods: Sequence[str] | None, order: Sequence[str]
+                          ) -> list[dict[str, Any]]:
+        """The newest row of `sft_datasets` or `checkpoints` for each method, in the given method order.
+        Checkpoints are ordered by when `finetuned_checkpoint` last produced them (a reused one counts as new)."""
+        column = {"sft_datasets": ("created_at", "dataset_id"), "checkpoints": ("built_at", "checkpoint_id")}
+        if table not in column:
             raise ValueError(f"no per-method rows in {table!r}")
+        when, key = column[table]
         latest: dict[str, dict[str, Any]] = {}
-        for row in self.query(_LATEST_PER_METHOD_SQL[table]):
+        for row in self.query(f"SELECT * FROM {table} ORDER BY {when} DESC, {key} DESC"):
             if (methods is None or row["method"] in methods) and row["method"] not in latest:
                 latest[row["method"]] = row
         return [latest[m] for m in order if m in latest]
 
-    def latest_checkpoint(self) -> dict[str, Any] | None:
-        rows = self.query("SELECT * FROM checkpoints ORDER BY created_at DESC, checkpoint_id DESC LIMIT 1")
-        return rows[0] if rows else None
-
     def checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM checkpoints WHERE checkpoint_id = :c", c=checkpoint_id)
         return rows[0] if rows else None
+
+
+T = typing.TypeVar("T")
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _record_fields(record: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if isinstance(value, bool):
+            value = int(value)
+        elif not isinstance(value, _SCALARS):
+            value = json.dumps(_jsonable(value), ensure_ascii=False, sort_keys=True)
+        out[f.name] = value
+    return out
+
+
+def _decode(hint: Any, value: Any) -> Any:
+    """A column value back into the field's declared type."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
+        return _decode(args[0], value) if len(args) == 1 else value
+    if hint is bool:
+        return bool(value)
+    if hint in (str, int, float):
+        return hint(value)
+    return _from_json(hint, json.loads(value) if isinstance(value, str) else value)
+
+
+def _from_json(hint: Any, data: Any) -> Any:
+    if data is None:
+        return None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return _from_json(non_none[0], data) if len(non_none) == 1 else data
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        return hint(**{k: _from_json(hints[k], v) for k, v in data.items()})
+    if origin in (list, Sequence, collections.abc.Sequence):
+        return [_from_json(args[0], v) for v in data] if args else list(data)
+    if origin is tuple:
+        item = args[0] if args else Any
+        return tuple(_from_json(item, v) for v in data)
+    if origin in (dict, Mapping, collections.abc.Mapping) or origin is Counter or hint is Counter:
+        values = {k: _from_json(args[1], v) for k, v in data.items()} if len(args) == 2 else dict(data)
+        return Counter(values) if (origin is Counter or hint is Counter) else values
+    return data

@@ -1,73 +1,74 @@
-"""Saving and loading whole scenes: a transcript and its events are written in one transaction."""
+"""Saving and loading whole MATRIX scenes: a transcript and its events are written in one transaction."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
+from dataclasses import dataclass, field
 
-import sqlalchemy as sa
+from matrix_assets.methods.matrix.scene import Role, SceneEvent, SceneObject, Transcript
+from matrix_assets.store.db import Store
 
-from matrix_assets.simulation.scene import Role, SceneEvent, SceneObject, Transcript
-from matrix_assets.store.db import Store, utcnow
+_SCENE_FIELDS = ("target", "plan", "roles", "objects", "protagonist_memory", "memory", "n_rounds", "stopped",
+                 "stopped_by", "outcome", "consequence", "fallbacks")
 
 
-def save_transcripts(store: Store, scenes: list[Transcript], *, method: str, model_id: str) -> None:
-    now = utcnow()
+def save_transcript(store: Store, model_id: str, scene: Transcript) -> None:
     with store.transaction() as conn:
-        for scene in scenes:
-            # Replace, never append: a re-run with other settings must not leave stale events behind.
-            conn.execute(
-                sa.text("DELETE FROM transcript_events WHERE prompt_id = :p AND method = :m AND model_id = :mid"),
-                {"p": scene.prompt_id, "m": method, "mid": model_id},
-            )
-            store.upsert(
-                "transcripts",
-                [{
-                    "prompt_id": scene.prompt_id, "method": method, "model_id": model_id,
-                    "target": scene.target, "plan_json": json.dumps(scene.plan, ensure_ascii=False),
-                    "roles_json": json.dumps([r.as_dict() for r in scene.roles], ensure_ascii=False),
-                    "objects_json": json.dumps([o.as_dict() for o in scene.objects], ensure_ascii=False),
-                    "n_rounds": scene.n_rounds, "outcome": scene.outcome, "consequence": scene.consequence,
-                    "fallbacks_json": json.dumps(dict(scene.fallbacks), sort_keys=True), "created_at": now,
-                }],
-                conn=conn,
-            )
-            store.upsert(
-                "transcript_events",
-                [
-                    {
-                        "prompt_id": scene.prompt_id, "method": method, "model_id": model_id, "seq": seq,
-                        "round": e.round, "actor": e.actor, "kind": e.kind, "action": e.action,
-                        "observation": e.observation, "audience": json.dumps(list(e.audience), ensure_ascii=False),
-                        "feasible": None if e.feasible is None else int(e.feasible),
-                    }
-                    for seq, e in enumerate(scene.events)
-                ],
-                conn=conn,
-            )
+        # Replace, never append: a re-run with other settings must not leave stale events behind.
+        store.delete_rows("transcript_events", conn=conn, prompt_id=scene.prompt_id, model_id=model_id)
+        store.save_records("transcripts", [_Header.of(scene)], conn=conn, model_id=model_id)
+        store.save_records("transcript_events", [_Event(seq, **vars(e)) for seq, e in enumerate(scene.events)],
+                           conn=conn, prompt_id=scene.prompt_id, model_id=model_id)
 
 
-def load_transcripts(store: Store, prompt_set: str, *, method: str, model_id: str) -> list[Transcript]:
+def load_transcripts(store: Store, prompt_set: str, model_id: str, limit: int | None = None) -> list[Transcript]:
+    """The set's stored scenes of `model_id`, in the set's order, with the question and the initial answer."""
+    answers = {r.prompt_id: r for r in store.initial_responses(prompt_set, model_id)}
     scenes = []
-    for row in store.transcripts(prompt_set, method, model_id):
-        events = [
-            SceneEvent(
-                round=e["round"], actor=e["actor"], kind=e["kind"], action=e["action"],
-                observation=e["observation"],
-                audience=tuple(json.loads(e["audience"])),
-                feasible=None if e["feasible"] is None else bool(e["feasible"]),
-            )
-            for e in store.events(row["prompt_id"], method, model_id)
-        ]
-        memory = next((e.action for e in reversed(events) if e.kind == "memory"), "")
-        scenes.append(
-            Transcript(
-                prompt_id=row["prompt_id"], question=row["prompt"], answer=row["response"], target=row["target"],
-                plan=json.loads(row["plan_json"]),
-                roles=[Role(**r) for r in json.loads(row["roles_json"])],
-                objects=[SceneObject(**o) for o in json.loads(row["objects_json"])],
-                events=events, memory=memory, n_rounds=row["n_rounds"], outcome=row["outcome"],
-                consequence=row["consequence"], fallbacks=Counter(json.loads(row["fallbacks_json"])),
-            )
-        )
+    for header in store.load_records("transcripts", _Header, prompt_set=prompt_set, limit=limit, model_id=model_id):
+        events = store.load_records("transcript_events", _Event, prompt_id=header.prompt_id, model_id=model_id)
+        initial = answers.get(header.prompt_id)
+        scene = Transcript(prompt_id=header.prompt_id, question=initial.prompt if initial else "",
+                           answer=initial.response if initial else "",
+                           events=[SceneEvent(**{k: v for k, v in vars(e).items() if k != "seq"}) for e in events])
+        for name in _SCENE_FIELDS:
+            setattr(scene, name, getattr(header, name))
+        scenes.append(scene)
     return scenes
+
+
+# Row shapes of the two tables (their fields are the columns; lists and dicts travel as JSON).
+
+
+@dataclass
+class _Header:
+    prompt_id: str
+    target: str
+    plan: list[str]
+    roles: list[Role]
+    objects: list[SceneObject]
+    protagonist_memory: list[str]
+    memory: str
+    n_rounds: int
+    stopped: bool
+    stopped_by: str
+    outcome: str
+    consequence: str
+    fallbacks: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def of(cls, scene: Transcript) -> _Header:
+        return cls(scene.prompt_id, **{name: getattr(scene, name) for name in _SCENE_FIELDS})
+
+
+@dataclass
+class _Event:
+    seq: int
+    round: int
+    actor: str
+    kind: str
+    action: str
+    observation: str = ""
+    audience: tuple[str, ...] = ()
+    feasible: bool | None = None
+    p_yes: float | None = None

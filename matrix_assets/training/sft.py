@@ -1,4 +1,6 @@
-"""LoRA supervised fine-tuning on (prompt, answer) pairs, with TRL's SFTTrainer owning the loop.
+"""LoRA fine-tuning, with TRL owning the loop: plain SFT on (prompt, answer) pairs, or Stable Alignment on rated
+question groups (`matrix_assets.training.rating_contrastive`). Both share the model loading, the LoRA setup, the
+logging callback and the adapter saving here; only the dataset, the config class and the trainer differ.
 
 Our code only prepares the dataset (conversational prompt / completion pairs, so the loss covers the
 answer, not the question) and the configuration, and reads the metrics back. Two CPU traps are avoided
@@ -14,6 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from matrix_assets.methods.stable_alignment.data import RatedGroup
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +51,8 @@ class LoraSettings:
 @dataclass(frozen=True)
 class TrainSettings:
     """Paper: 3 epochs, cosine schedule, max length 1024, lr 2e-5 (for 7B-30B models). A 135M model with a
-    few hundred examples barely moves at 2e-5, so the default learning rate here is the usual LoRA 2e-4."""
+    few hundred examples barely moves at 2e-5, so the default learning rate here is the usual LoRA 2e-4.
+    With the Stable Alignment objective, `batch_size` counts question groups (each up to `group_size` sequences)."""
 
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
@@ -57,10 +64,46 @@ class TrainSettings:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class SFTObjective:
+    """Plain supervised fine-tuning: mean token NLL of the answers (TRL's SFTTrainer as is)."""
+
+    name: Literal["sft"] = "sft"
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class StableAlignmentObjective:
+    """Stable Alignment's rating-margin contrastive loss on rated question groups (Liu et al., ICLR 2024; see
+    `rating_contrastive`). Defaults are the released checkpoint's: M = 1, lambda = 0.2, S = 7, k = 3, mean pooling."""
+
+    margin: float = 1.0
+    rating_weight: float = 0.2
+    rating_scale: float = 7.0
+    group_size: int = 3
+    loss_variant: Literal["mean", "max"] = "mean"
+    name: Literal["stable_alignment"] = "stable_alignment"
+
+    def validate(self) -> None:
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.rating_scale <= 0:
+            raise ValueError(f"rating_scale must be positive, got {self.rating_scale}")
+        if self.rating_weight < 0:
+            raise ValueError(f"rating_weight must be >= 0, got {self.rating_weight}")
+        if self.loss_variant not in ("mean", "max"):
+            raise ValueError(f"loss_variant must be 'mean' or 'max', got {self.loss_variant!r}")
+
+
+Objective = SFTObjective | StableAlignmentObjective
+
+
 @dataclass
 class TrainResult:
     adapter_path: Path
-    n_examples: int
+    n_examples: int  # SFT examples, or question groups for Stable Alignment
     steps: int
     seconds: float
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -82,22 +125,31 @@ def to_conversational(examples: Sequence[SFTExample]) -> list[dict]:
 
 def train_lora(
     base_model_path: str,
-    examples: Sequence[SFTExample],
+    examples: Sequence[SFTExample] | Sequence[RatedGroup],
     output_dir: str | Path,
     *,
     lora: LoraSettings = LoraSettings(),
     train: TrainSettings = TrainSettings(),
     on_log: LogCallback | None = None,
+    objective: Objective = SFTObjective(),
 ) -> TrainResult:
-    """Train a LoRA adapter on top of `base_model_path` and save it (adapter only) into `output_dir`."""
+    """Train a LoRA adapter on top of `base_model_path` and save it (adapter only) into `output_dir`.
+
+    `objective=SFTObjective()` (default) trains on `SFTExample`s; `objective=StableAlignmentObjective(...)` trains
+    on rated question groups (`RatedGroup`s from `methods.stable_alignment.data`)."""
     lora.validate()
+    objective.validate()
     if not examples:
         raise ValueError("no training examples: materialize revised_answers for at least one prompt set first")
+    stable = isinstance(objective, StableAlignmentObjective)
+    if stable and not all(hasattr(e, "responses") for e in examples):
+        raise TypeError("the Stable Alignment objective trains on rated groups (RatedGroup), not SFT examples")
+    if not stable and not all(isinstance(e, SFTExample) for e in examples):
+        raise TypeError("the SFT objective trains on SFTExample pairs")
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +168,7 @@ def train_lora(
             if on_log:
                 on_log(state.global_step, logs)
 
-    config = SFTConfig(
+    common = dict(
         output_dir=str(output_dir / "trainer"),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
@@ -128,7 +180,7 @@ def train_lora(
         seed=train.seed,
         bf16=False,
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # TRL defaults to checkpointing (slow on CPU); the old name is deprecated
         use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
         save_strategy="no",
@@ -136,20 +188,41 @@ def train_lora(
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(to_conversational(examples)),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            task_type="CAUSAL_LM",
-        ),
-        callbacks=[_Recorder()],
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
     )
+    if stable:
+        from matrix_assets.training.rating_contrastive import (
+            StableAlignmentConfig, StableAlignmentTrainer, groups_to_rows,
+        )
+
+        trainer = StableAlignmentTrainer(
+            model=model,
+            args=StableAlignmentConfig(
+                **common, margin=objective.margin, rating_weight=objective.rating_weight,
+                rating_scale=objective.rating_scale, group_size=objective.group_size,
+                loss_variant=objective.loss_variant,
+            ),
+            train_dataset=Dataset.from_list(groups_to_rows(examples)),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[_Recorder()],
+        )
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**common),
+            train_dataset=Dataset.from_list(to_conversational(examples)),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[_Recorder()],
+        )
     began = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - began
@@ -158,7 +231,7 @@ def train_lora(
     tokenizer.save_pretrained(adapter_dir)
     (adapter_dir / "matrix_training.json").write_text(
         json.dumps({"base_model": base_model_path, "lora": asdict(lora), "train": asdict(train),
-                    "n_examples": len(examples)}, indent=2)
+                    "objective": asdict(objective), "n_examples": len(examples)}, indent=2)
     )
     return TrainResult(
         adapter_path=adapter_dir,

@@ -11,7 +11,7 @@ from typing import Any
 import dagster as dg
 
 from matrix_assets.defs.resources import LLMResource, StoreResource
-from matrix_assets.llm.cache import CachedBackend, CacheStats
+from matrix_assets.store.generation_cache import CachedBackend, CacheStats
 
 
 def progress_logger(

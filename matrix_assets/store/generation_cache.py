@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from matrix_assets.llm.base import (
     ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, TakeJobs, cache_key,
+    logprobs_cache_key,
 )
 from matrix_assets.store.db import Store, utcnow
 
@@ -107,6 +108,43 @@ class CachedBackend(ChatBackend):
                 progress(done, len(pending))
         return [results[k] for k in keys]
 
+    def next_token_logprobs(
+        self, conversations: Sequence[Conversation], candidates: Sequence[str], *, assistant_prefix: str = ""
+    ) -> list[dict[str, float]]:
+        """Verdict distributions through the cache, like generations: a re-run asks the model for none it has
+        answered, and each chunk is committed as soon as it is scored."""
+        keys = [logprobs_cache_key(self.model_id, candidates, assistant_prefix, c) for c in conversations]
+        found = self.store.get_generations(keys)
+        results = {k: json.loads(r["completion"]) for k, r in found.items()}
+        self.stats.requested += len(conversations)
+        self.stats.hits += sum(1 for k in keys if k in found)
+        missing: dict[str, Conversation] = {}
+        for key, conv in zip(keys, conversations):
+            if key not in results:
+                missing.setdefault(key, conv)
+        pending = list(missing.items())
+        params_json = json.dumps({"next_token_logprobs": list(candidates), "assistant_prefix": assistant_prefix},
+                                 sort_keys=True)
+        if self.progress and pending:
+            self.progress(0, len(pending))
+        for start in range(0, len(pending), self.chunk_size):
+            chunk = pending[start : start + self.chunk_size]
+            began = time.perf_counter()
+            scores = self.backend.next_token_logprobs([conv for _, conv in chunk], candidates,
+                                                      assistant_prefix=assistant_prefix)
+            elapsed = time.perf_counter() - began
+            self.store.save_generations([
+                self._row(key, conv, params_json, json.dumps(score, sort_keys=True), 0, 0, elapsed / len(chunk))
+                for (key, conv), score in zip(chunk, scores)
+            ])
+            for (key, _), score in zip(chunk, scores):
+                results[key] = score
+            self.stats.generated += len(chunk)
+            self.stats.seconds += elapsed
+            if self.progress:
+                self.progress(min(start + len(chunk), len(pending)), len(pending))
+        return [dict(results[k]) for k in keys]
+
     def serve(self, take: TakeJobs, on_completion: OnCompletion) -> None:
         """A live session through the cache: a hit is answered at once (its caller may queue the next job right
         away), misses go to the backend's own live session and each is committed the moment it finishes, and
@@ -194,26 +232,21 @@ class CachedBackend(ChatBackend):
         params: GenerationParams,
         elapsed: float,
     ) -> None:
-        now = utcnow()
         share = elapsed / max(1, len(chunk))  # rows of one batched call share its time
-        self.store.upsert(
-            "generations",
-            [
-                {
-                    "cache_key": key,
-                    "model_id": self.model_id,
-                    "params_json": params.to_json(),
-                    "messages_json": json.dumps([dict(m) for m in conv], ensure_ascii=False),
-                    "completion": completion.text,
-                    "prompt_tokens": completion.prompt_tokens,
-                    "completion_tokens": completion.completion_tokens,
-                    "seconds": share,
-                    "created_at": now,
-                }
-                for (key, conv), completion in zip(chunk, completions)
-            ],
-            update=False,
-        )
+        self.store.save_generations([
+            self._row(key, conv, params.to_json(), completion.text, completion.prompt_tokens,
+                      completion.completion_tokens, share)
+            for (key, conv), completion in zip(chunk, completions)
+        ])
+
+    def _row(self, key: str, conversation: Conversation, params_json: str, completion: str, prompt_tokens: int,
+             completion_tokens: int, seconds: float) -> dict:
+        return {
+            "cache_key": key, "model_id": self.model_id, "params_json": params_json,
+            "messages_json": json.dumps([dict(m) for m in conversation], ensure_ascii=False),
+            "completion": completion, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "seconds": seconds, "created_at": utcnow(),
+        }
 
     def close(self) -> None:
         self.backend.close()

@@ -8,34 +8,17 @@ from __future__ import annotations
 
 import re
 
-from matrix_assets.simulation.scene import Role, SceneObject
+from matrix_assets.methods.matrix.scene import Role, SceneObject
+from matrix_assets.methods.text import clean, first_sentence, is_prose, sentences  # noqa: F401 - re-exported
 
 _NUMBERED = re.compile(r"^\s*(?:step\s*)?(\d{1,2})\s*[\.\):\-]\s*(.+)$", re.IGNORECASE)
 _BULLET = re.compile(r"^\s*[-*•]\s+(.+)$")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
-_MARKDOWN = re.compile(r"[*_`#]+")
-
-
-def clean(text: str) -> str:
-    return _MARKDOWN.sub("", text).strip().strip('"').strip()
 
 
 # Words that head a line like a name but never name a person (format echoes, asides).
 _NOT_NAMES = {"name", "thing", "note", "example", "format", "here", "answer", "list", "step", "plan", "people"}
 
 
-def _is_prose(text: str) -> bool:
-    """At least three real words and mostly letters: rejects '[1. [2. [3.' style garbage."""
-    words = re.findall(r"[A-Za-z\u00C0-\uFFFF]{2,}", text)
-    letters = sum(ch.isalpha() for ch in text)
-    return len(words) >= 3 and letters >= 0.6 * len(text.replace(" ", ""))
-
-
-def first_sentence(text: str, max_chars: int = 300) -> str | None:
-    text = clean(text.replace("\n", " "))
-    if not text:
-        return None
-    return _SENTENCE.split(text, maxsplit=1)[0][:max_chars].strip() or None
 
 
 def numbered_steps(text: str, max_steps: int) -> list[str]:
@@ -45,15 +28,11 @@ def numbered_steps(text: str, max_steps: int) -> list[str]:
         match = _NUMBERED.match(line) or _BULLET.match(line)
         if match:
             step = clean(match.groups()[-1])
-            if _is_prose(step) and step not in steps:
+            if is_prose(step) and step not in steps:
                 steps.append(step[:400])
     return steps[:max_steps]
 
 
-def sentences(text: str, max_items: int) -> list[str]:
-    """Fallback plan: the answer's own sentences, in order."""
-    items = [clean(s) for s in _SENTENCE.split(clean(text.replace("\n", " ")))]
-    return [s[:400] for s in items if _is_prose(s)][:max_items]
 
 
 def roles(text: str, max_roles: int, exclude: set[str] = frozenset()) -> list[Role]:
@@ -125,6 +104,34 @@ def mentioned_names(text: str, names: list[str]) -> list[str]:
         if re.search(rf"\b{re.escape(name.lower())}\b", lowered) or any(re.search(rf"\b{re.escape(w)}\b", lowered) for w in words):
             hits.append(name)
     return hits
+
+
+def mentioned_names_in_order(text: str, names: list[str]) -> list[str]:
+    """Like `mentioned_names`, ordered by where each name first appears in the text (the modulator's order)."""
+    lowered = text.lower()
+    positions = []
+    for name in mentioned_names(text, names):
+        words = [name.lower()] + [w for w in re.findall(r"[\w']+", name.lower()) if len(w) > 2]
+        found = [m.start() for w in words if (m := re.search(rf"\b{re.escape(w)}\b", lowered))]
+        positions.append((min(found) if found else len(lowered), name))
+    return [name for _, name in sorted(positions)]
+
+
+def object_changes(text: str, objects: list[SceneObject]) -> list[tuple[SceneObject, str]]:
+    """`THINGS: laptop - stolen; savings - gone` lines: each object the reply names, with its new state."""
+    line = labelled_line(text, "THINGS")
+    if not line or line.lower().startswith("unchanged") or not objects:
+        return []
+    changes = []
+    for part in re.split(r"[;\n]|,\s+(?=[A-Z])", line):
+        pieces = [p.strip() for p in re.split(r"\s+[-–—:]\s+|:\s*", part, maxsplit=1) if p.strip()]
+        if len(pieces) != 2:
+            continue
+        for obj in objects:
+            if obj not in [c[0] for c in changes] and mentioned_names(pieces[0], [obj.name]):
+                changes.append((obj, pieces[1][:200]))
+                break
+    return changes
 
 
 def without_label_lines(text: str, labels: tuple[str, ...]) -> str:

@@ -1,0 +1,76 @@
+"""Constitutional-AI-style critique and revision (Bai et al., 2022): the model critiques its own answer against a
+fixed list of principles (`prompts/principles.txt`) and revises it; no simulation. The comparison method that
+shows what a social scene adds over fixed rules, on the same prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from matrix_assets.methods.base import (
+    DEFAULT_MAX_PROMPTS,
+    Method,
+    RatedResponse,
+    StageContext,
+    StageOutcome,
+    StageSpec,
+    TrainingGroup,
+)
+from matrix_assets.methods.cai.critique_revise import cai_critiques, cai_revisions
+
+NAME = "cai"
+
+
+@dataclass(frozen=True)
+class CaiSettings:
+    max_prompts: int | None = DEFAULT_MAX_PROMPTS
+    critique_tokens: int = 160
+    revision_tokens: int = 160
+
+
+QUICK = CaiSettings()
+PAPER = replace(QUICK, max_prompts=None, critique_tokens=256, revision_tokens=256)
+
+
+@dataclass
+class _CritiqueRow:
+    prompt_id: str
+    text: str
+    harmed_parties: list[str]
+    used_fallback: bool
+
+
+def _revisions(ctx: StageContext, s: CaiSettings) -> StageOutcome:
+    rows = ctx.store.initial_responses(ctx.partition, ctx.model_id, limit=s.max_prompts)
+    if not rows:
+        raise LookupError(f"no initial responses for {ctx.partition!r}; materialize initial_responses first")
+    critiques = cai_critiques(ctx.llm, rows, s.critique_tokens)
+    revisions = cai_revisions(ctx.llm, rows, critiques, s.revision_tokens)
+    ctx.store.save_records("critiques", [_CritiqueRow(c.prompt_id, c.text, [], c.used_fallback) for c in critiques],
+                           method=NAME, model_id=ctx.model_id)
+    groups = [TrainingGroup(r.prompt_id, r.prompt, "cai_revision", (RatedResponse(text),) if text else (),
+                            None if text else "empty_revision") for r, text in zip(rows, revisions)]
+    ctx.store.save_training_groups(NAME, ctx.model_id, ctx.partition, groups)
+    sample = [{"prompt": r.prompt, "critique": c.text, "revised": t or "(left out: empty revision)"}
+              for r, c, t in list(zip(rows, critiques, revisions))[:3]]
+    return StageOutcome(
+        n_items=len(rows),
+        metadata={"n_revisions": len(rows), "trained_on": sum(1 for t in revisions if t),
+                  "excluded/empty_revision": sum(1 for t in revisions if not t), "sample": sample},
+        fallbacks={"critique_unusable": sum(1 for c in critiques if c.used_fallback)},
+    )
+
+
+METHOD = Method(
+    name=NAME,
+    title="Constitutional AI",
+    description="Critique-and-revise against fixed principles, no simulation (the baseline MATRIX compares with).",
+    reference="Bai et al., Constitutional AI: Harmlessness from AI Feedback, 2022",
+    settings=QUICK,
+    profiles={"paper": PAPER},
+    order=20,
+    stages=(
+        StageSpec("revisions", "Critique of each initial answer against fixed principles, and the revision.",
+                  _revisions, deps=("initial_responses",),
+                  settings=("max_prompts", "critique_tokens", "revision_tokens")),
+    ),
+)

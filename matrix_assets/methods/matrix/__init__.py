@@ -1,0 +1,206 @@
+"""MATRIX (Pang et al., "Self-Alignment of Large Language Models via Monopolylogue-based Social Scene
+Simulation", ICML 2024): the model plays out the social consequences of its own answer, critiques the answer
+from the scene, and revises it; the revisions are its fine-tuning data.
+
+Stages (each a Dagster asset `matrix/NAME`, partitioned by prompt set): `scenes` (the monopolylogue, see
+`engine`), `critiques` and `revisions` (see `revision`). Self-selection among `revision_candidates` sampled
+revisions is this project's addition; 1 reproduces the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from matrix_assets.methods.base import (
+    DEFAULT_MAX_PROMPTS,
+    InitialResponse,
+    Markdown,
+    Method,
+    MethodStore,
+    RatedResponse,
+    StageContext,
+    StageOutcome,
+    StageSpec,
+    TrainingGroup,
+)
+from matrix_assets.methods.matrix.engine import SceneSettings, fallback_totals, run_scenes, scenes_relying_on
+from matrix_assets.methods.matrix.revision import RevisionInput, RevisionSettings, critique_scenes, revise
+from matrix_assets.methods.matrix.scene import RevisionCandidate, SceneInput, Transcript
+
+NAME = "matrix"
+
+
+@dataclass(frozen=True)
+class MatrixSettings:
+    """The quick profile (defaults) runs in minutes on a 2-core CPU with the bundled 135M model; `PAPER` is the
+    reference implementation's scene size over every training prompt."""
+
+    max_prompts: int | None = DEFAULT_MAX_PROMPTS
+    n_roles: int = 3
+    plan_steps: int = 3
+    max_rounds: int = 2
+    max_reactions: int = 3
+    n_objects: int = 3
+    plan_tokens: int = 160
+    action_tokens: int = 64
+    scenes_per_batch: int = 32
+    critique_tokens: int = 160
+    revision_tokens: int = 160
+    revision_candidates: int = 2
+    candidate_temperature: float = 0.7
+    harm_threshold: float = 0.5
+
+    def scene(self) -> SceneSettings:
+        return SceneSettings(n_roles=self.n_roles, plan_steps=self.plan_steps, max_rounds=self.max_rounds,
+                             n_objects=self.n_objects, max_reactions=self.max_reactions,
+                             plan_tokens=self.plan_tokens, action_tokens=self.action_tokens)
+
+    def revision(self) -> RevisionSettings:
+        return RevisionSettings(critique_tokens=self.critique_tokens, revision_tokens=self.revision_tokens,
+                                candidates=self.revision_candidates,
+                                candidate_temperature=self.candidate_temperature,
+                                harm_threshold=self.harm_threshold)
+
+
+QUICK = MatrixSettings()
+PAPER = replace(QUICK, max_prompts=None, n_roles=5, plan_steps=5, max_rounds=5, max_reactions=5,
+                critique_tokens=256, revision_tokens=256)
+
+
+class MatrixStore(MethodStore, Protocol):
+    def save_transcript(self, model_id: str, scene: Transcript) -> None: ...
+
+    def transcripts(self, prompt_set: str, model_id: str, limit: int | None = None) -> list[Transcript]: ...
+
+
+@dataclass
+class _CritiqueRow:
+    prompt_id: str
+    text: str
+    harmed_parties: list[str]
+    used_fallback: bool
+
+
+def _scenes(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
+    store: MatrixStore = ctx.store  # type: ignore[assignment]
+    rows: list[InitialResponse] = store.initial_responses(ctx.partition, ctx.model_id, limit=s.max_prompts)
+    if not rows:
+        raise LookupError(f"no initial responses for {ctx.partition!r} with model {ctx.model_id!r}; "
+                          "materialize initial_responses first")
+    progress = ctx.progress("scene simulation", unit="scenes")
+    scenes: list[Transcript] = []
+    for start in range(0, len(rows), s.scenes_per_batch):
+        batch = rows[start : start + s.scenes_per_batch]
+        scenes += run_scenes(ctx.llm, [SceneInput(r.prompt_id, r.prompt, r.response) for r in batch], s.scene(),
+                             on_scene_done=lambda scene: store.save_transcript(ctx.model_id, scene),
+                             progress=progress)
+        ctx.log(f"scenes saved: {len(scenes)}/{len(rows)}")
+    relying = scenes_relying_on(scenes)
+    events = [e for scene in scenes for e in scene.events]
+    reactions = [e for e in events if e.kind == "reaction"]
+    return StageOutcome(
+        n_items=len(scenes),
+        metadata={
+            "n_scenes": len(scenes),
+            "mean_roles": sum(len(s.roles) for s in scenes) / len(scenes),
+            "mean_rounds": sum(s.n_rounds for s in scenes) / len(scenes),
+            "stopped_scenes": sum(1 for s in scenes if s.stopped),
+            "infeasible_actions": sum(1 for e in events if e.kind == "modulation" and e.feasible is False),
+            "reactions": len(reactions),
+            "reactions_routed_to_someone": sum(1 for e in reactions if e.audience),
+            "object_changes": sum(1 for e in events if e.kind == "objects"),
+            "sample_transcript": Markdown(scenes[0].render_markdown()),
+        },
+        fallbacks=dict(fallback_totals(scenes)),
+        items_with_fallback=relying,
+    )
+
+
+def _critiques(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
+    store: MatrixStore = ctx.store  # type: ignore[assignment]
+    scenes = store.transcripts(ctx.partition, ctx.model_id, limit=s.max_prompts)
+    if not scenes:
+        raise LookupError(f"no scenes for {ctx.partition!r}; materialize matrix/scenes first")
+    critiques = critique_scenes(ctx.llm, scenes, s.revision())
+    store.save_records("critiques", [_CritiqueRow(c.prompt_id, c.text, c.harmed_parties, c.used_fallback)
+                                     for c in critiques], method=NAME, model_id=ctx.model_id)
+    sample = [{"prompt": t.question, "critique": c.text, "harmed": ", ".join(c.harmed_parties)}
+              for t, c in list(zip(scenes, critiques))[:3]]
+    return StageOutcome(
+        n_items=len(critiques),
+        metadata={"n_critiques": len(critiques),
+                  "naming_harmed_parties": sum(1 for c in critiques if c.harmed_parties),
+                  "sample": sample},
+        fallbacks={"critique_from_scene_record": sum(1 for c in critiques if c.used_fallback)},
+    )
+
+
+def _revisions(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
+    store: MatrixStore = ctx.store  # type: ignore[assignment]
+    scenes = {t.prompt_id: t for t in store.transcripts(ctx.partition, ctx.model_id, limit=s.max_prompts)}
+    critiques = {c.prompt_id: c for c in store.load_records("critiques", _CritiqueRow, prompt_set=ctx.partition,
+                                                              method=NAME, model_id=ctx.model_id)}
+    items = [RevisionInput(pid, t.question, t.answer, critiques[pid].text, critiques[pid].harmed_parties,
+                           t.consequence) for pid, t in scenes.items() if pid in critiques]
+    if not items:
+        raise LookupError(f"no critiques for {ctx.partition!r}; materialize matrix/critiques first")
+    results = revise(ctx.llm, items, s.revision())
+    candidates: list[RevisionCandidate] = [c for r in results for c in r.candidates]
+    store.save_records("revision_candidates", candidates, method=NAME, model_id=ctx.model_id)
+    groups = [
+        TrainingGroup(i.prompt_id, i.question, "matrix_revision",
+                      (RatedResponse(r.chosen),) if r.chosen is not None else (), r.excluded)
+        for i, r in zip(items, results)
+    ]
+    store.save_training_groups(NAME, ctx.model_id, ctx.partition, groups)
+    excluded = [r.excluded for r in results if r.excluded]
+    scored = [c.p_harm for c in candidates if c.p_harm is not None]
+    sample = [{"prompt": i.question, "initial": i.answer, "revised": r.chosen or f"(left out: {r.excluded})"}
+              for i, r in list(zip(items, results))[:3]]
+    return StageOutcome(
+        n_items=len(results),
+        metadata={
+            "n_revisions": len(results),
+            "revision_candidates": s.revision_candidates,
+            "trained_on": len(results) - len(excluded),
+            "excluded/self_judged_harmful": excluded.count("self_judged_harmful"),
+            "excluded/empty_revision": excluded.count("empty_revision"),
+            "mean_self_judged_p_harm": sum(scored) / len(scored) if scored else float("nan"),
+            "same_as_initial_answer": sum(1 for i, r in zip(items, results) if r.chosen and
+                                          r.chosen.strip() == i.answer.strip()),
+            "side_by_side": sample,
+        },
+    )
+
+
+METHOD = Method(
+    name=NAME,
+    title="MATRIX",
+    description="Social-scene simulation: the model plays everyone its answer affects, critiques the answer from "
+    "the scene and revises it (ICML 2024).",
+    reference="Pang et al., Self-Alignment of Large Language Models via Monopolylogue-based Social Scene "
+    "Simulation, ICML 2024",
+    settings=QUICK,
+    profiles={"paper": PAPER},
+    order=10,
+    stages=(
+        StageSpec("scenes", "The monopolylogue: the model plans a social scene around each answer and plays "
+                  "every role; a social modulator judges feasibility, routes every action and reaction to those "
+                  "who notice it, updates the objects and keeps the scene's memory.", _scenes,
+                  deps=("initial_responses",),
+                  settings=("max_prompts", "n_roles", "plan_steps", "max_rounds", "max_reactions", "n_objects",
+                            "plan_tokens", "action_tokens", "scenes_per_batch")),
+        StageSpec("critiques", "What the answer did to the people in the scene, from the question, the answer "
+                  "and the transcript.", _critiques, deps=("matrix/scenes",),
+                  settings=("max_prompts", "critique_tokens")),
+        StageSpec("revisions", "r1: the answer revised in the light of the critique, helpful where it can be and "
+                  "harmless where it must be; with several candidates, the model's own choice.", _revisions,
+                  deps=("matrix/critiques",),
+                  settings=("max_prompts", "revision_tokens", "revision_candidates", "candidate_temperature",
+                            "harm_threshold")),
+    ),
+)
+
+__all__ = ["METHOD", "MatrixSettings", "PAPER", "QUICK"]
+

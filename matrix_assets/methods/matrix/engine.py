@@ -1,0 +1,326 @@
+"""The MATRIX monopolylogue: one model plans a social scene and plays every party in it.
+
+Each scene is a script (`scene_script`) that asks for what it needs next; `llm.scripts.drive` runs all scenes
+of a partition on one live backend session. One round of a scene:
+
+1. the protagonist (the asker, acting on the answer) carries out the next plan step, knowing what it has
+   noticed so far and the state of the scene's objects;
+2. the social modulator judges whether the action is feasible (read from its next-token distribution:
+   "yes" / "no"), decides who notices it, in which order they react, what they notice, and how the objects
+   change;
+3. each noticing role reacts in character, in the modulator's order, with its own memory of what it observed;
+   the modulator routes every reaction to the people who would notice it (the asker included), who remember it
+   and, if they have not reacted yet this round, react in turn (up to `max_reactions` per round);
+4. the modulator folds the round into the scene's memory and judges whether anyone stopped the plan
+   (again from its next-token distribution).
+
+Small models break formats: each parser in `parsing` may come back empty. The engine then re-asks once (roles)
+or applies a named fallback, counted per scene in `Transcript.fallbacks`, so the asset metadata and its checks
+show how much of a scene the model really played.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from matrix_assets.llm.base import ChatBackend, GenerationParams, choice_probabilities
+from matrix_assets.llm.scripts import Answer, Generate, Score, Script, drive
+from matrix_assets.methods.matrix import parsing
+from matrix_assets.methods.matrix.scene import PROTAGONIST, Role, SceneEvent, SceneInput, Transcript
+from matrix_assets.templates import read_text, user_message
+
+YES_NO = ("yes", "no")
+
+# Fallback families the asset check watches: a scene that needed one of these was not really planned or judged
+# by the model.
+PLANNING_FALLBACKS = {
+    "roles": ("roles_from_default_roster",),
+    "plan": ("plan_from_answer_sentences", "plan_from_question"),
+    "feasibility": ("feasible_assumed",),
+}
+
+
+@dataclass(frozen=True)
+class SceneSettings:
+    """Scene size and token budgets (the method's settings pass them in)."""
+
+    n_roles: int = 3
+    min_roles: int = 3
+    plan_steps: int = 3
+    max_rounds: int = 2
+    n_objects: int = 3
+    max_reactions: int = 3
+    plan_tokens: int = 160
+    action_tokens: int = 64
+    repetition_penalty: float = 1.15
+
+    def params(self, max_new_tokens: int, *, free_text: bool = True) -> GenerationParams:
+        """Free text (actions, reactions) gets the repetition penalty that keeps small models out of loops;
+        structured replies (lists, labelled lines) do not, because it penalises their repeated markup."""
+        return GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                repetition_penalty=self.repetition_penalty if free_text else 1.0)
+
+
+def default_roster() -> list[Role]:
+    rows = []
+    for line in read_text("matrix/default_roles.txt").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, description, status = (part.strip() for part in line.split("|"))
+            rows.append(Role(name, description, status))
+    return rows
+
+
+def _p_yes(answer: Answer) -> float | None:
+    probs = choice_probabilities(answer) if isinstance(answer, dict) else None
+    return None if probs is None else probs["yes"]
+
+
+def _verdict(scene: Transcript, answer: Answer, reply: str, label: str, fallback: str, default: bool
+             ) -> tuple[bool, float | None]:
+    """A yes/no verdict: from the next-token distribution when the backend gives one, else from the labelled
+    line of the generated reply, else the named fallback (counted)."""
+    p_yes = _p_yes(answer)
+    if p_yes is not None:
+        return p_yes >= 0.5, p_yes
+    scene.fallbacks[f"{label.lower()}_from_text"] += 1
+    parsed = parsing.yes_no(reply, label)
+    if parsed is None:
+        scene.fallbacks[fallback] += 1
+        return default, None
+    return parsed, None
+
+
+def _people(scene: Transcript) -> list[dict[str, str]]:
+    return [{"name": PROTAGONIST, "description": "the person who asked, now acting on the answer"}] + [
+        {"name": r.name, "description": r.description} for r in scene.roles
+    ]
+
+
+def _plan_scene(scene: Transcript, s: SceneSettings) -> Script:
+    # The target and the plan only need the question and the answer: asked together.
+    target_reply, plan_reply = yield [
+        Generate(user_message("matrix/scene_target", question=scene.question), s.params(48, free_text=False)),
+        Generate(user_message("matrix/scene_plan", question=scene.question, answer=scene.answer,
+                              n_steps=s.plan_steps), s.params(s.plan_tokens, free_text=False)),
+    ]
+    target = parsing.first_sentence(str(target_reply))
+    if not target:
+        scene.fallbacks["target_from_question"] += 1
+        target = scene.question[:200]
+    scene.target = target
+
+    steps = parsing.numbered_steps(str(plan_reply), s.plan_steps)
+    if not steps:
+        scene.fallbacks["plan_from_answer_sentences"] += 1
+        steps = parsing.numbered_steps(scene.answer, s.plan_steps) or parsing.sentences(scene.answer, s.plan_steps)
+    if not steps:
+        scene.fallbacks["plan_from_question"] += 1
+        steps = [scene.question[:400]]
+    scene.plan = steps
+
+    # Roles and objects both follow from the plan: asked together.
+    roles_reply, objects_reply = yield [
+        Generate(user_message("matrix/scene_roles", question=scene.question, steps=scene.plan, n_roles=s.n_roles),
+                 s.params(s.plan_tokens, free_text=False)),
+        Generate(user_message("matrix/scene_objects", steps=scene.plan, n_objects=s.n_objects),
+                 s.params(96, free_text=False)),
+    ]
+    scene.roles = parsing.roles(str(roles_reply), s.n_roles, exclude={PROTAGONIST})
+    if len(scene.roles) < s.min_roles:
+        # One bounded re-ask, with a differently shaped prompt, when the list was too short.
+        (retry,) = yield [Generate(user_message("matrix/scene_roles_retry", target=scene.target, n_roles=s.n_roles),
+                                   s.params(s.plan_tokens, free_text=False))]
+        scene.fallbacks["roles_reasked"] += 1
+        scene.roles += parsing.roles(str(retry), s.n_roles - len(scene.roles),
+                                     exclude={r.name for r in scene.roles} | {PROTAGONIST})
+        if len(scene.roles) < s.min_roles:
+            scene.fallbacks["roles_from_default_roster"] += 1
+            names = {r.name.lower() for r in scene.roles}
+            for role in default_roster():
+                if len(scene.roles) >= max(s.min_roles, min(s.n_roles, 3)):
+                    break
+                if role.name.lower() not in names:
+                    scene.roles.append(role)
+
+    scene.objects = parsing.objects(str(objects_reply), s.n_objects)
+    if not scene.objects:
+        scene.fallbacks["no_objects_parsed"] += 1
+
+
+def _route(scene: Transcript, reply: str, exclude: str) -> tuple[list[str], str | None]:
+    """Who notices (in the order the modulator named them) and what they notice, from a routing reply."""
+    names = [PROTAGONIST] + [r.name for r in scene.roles]
+    names = [n for n in names if n != exclude]
+    seen_line = parsing.labelled_line(reply, "SEEN BY")
+    if seen_line is not None and seen_line.strip().lower().startswith("nobody"):
+        return [], parsing.labelled_line(reply, "WHAT THEY NOTICE")
+    audience = parsing.mentioned_names_in_order(seen_line or "", names) if seen_line else []
+    return audience, parsing.labelled_line(reply, "WHAT THEY NOTICE")
+
+
+def _observe(scene: Transcript, audience: Sequence[str], observation: str) -> None:
+    for name in audience:
+        if name == PROTAGONIST:
+            scene.protagonist_memory.append(observation)
+        elif (role := scene.role(name)) is not None:
+            role.memory.append(observation)
+
+
+def _play_round(scene: Transcript, round_no: int, s: SceneSettings) -> Script:
+    params = s.params(s.action_tokens)
+    step = scene.plan[round_no - 1]
+    # 1. The protagonist acts on the next plan step.
+    (reply,) = yield [Generate(user_message(
+        "matrix/protagonist_action", protagonist=PROTAGONIST, target=scene.target, memory=scene.memory,
+        objects=scene.objects, noticed=scene.protagonist_memory[-4:], step=step), params)]
+    action = parsing.clean(str(reply))
+    if not action:
+        scene.fallbacks["action_from_plan_step"] += 1
+        action = step
+    scene.events.append(SceneEvent(round_no, PROTAGONIST, "action", action))
+
+    # 2. The modulator judges feasibility and routes the action: who notices it, in which order, what they
+    #    notice, and how the objects change.
+    route_reply, feasible_answer = yield [
+        Generate(user_message("matrix/modulator_route", people=_people(scene), objects=scene.objects,
+                              memory=scene.memory, actor=PROTAGONIST, action=action),
+                 s.params(s.action_tokens + 48, free_text=False)),
+        Score(user_message("matrix/modulator_feasible", memory=scene.memory, objects=scene.objects,
+                           actor=PROTAGONIST, action=action), YES_NO),
+    ]
+    route_reply = str(route_reply)
+    feasible, p_yes = _verdict(scene, feasible_answer, route_reply, "FEASIBLE", "feasible_assumed", True)
+    audience, observation = _route(scene, route_reply, exclude=PROTAGONIST)
+    if not audience:
+        scene.fallbacks["action_noticed_by_nobody"] += 1
+    if not observation:
+        scene.fallbacks["observation_is_action"] += 1
+        observation = f"{PROTAGONIST} does this: {action}"
+    if not feasible:
+        observation = f"{PROTAGONIST} tries, but cannot: {action}"
+    scene.events.append(SceneEvent(round_no, "modulator", "modulation", "route", observation, tuple(audience),
+                                   feasible, p_yes))
+    _observe(scene, audience, observation)
+    changes = parsing.object_changes(route_reply, scene.objects) if feasible else []
+    if changes:
+        for obj, state in changes:
+            obj.state = state
+        scene.events.append(SceneEvent(round_no, "modulator", "objects",
+                                       "; ".join(f"{o.name}: {st}" for o, st in changes)))
+
+    # 3. Roles react in the modulator's order; every reaction is routed to the people who would notice it.
+    queue = [name for name in audience if name != PROTAGONIST]
+    reacted: list[str] = []
+    last_seen: dict[str, str] = {name: observation for name in queue}
+    while queue and len(reacted) < s.max_reactions:
+        name = queue.pop(0)
+        role = scene.role(name)
+        if role is None or name in reacted:
+            continue
+        (reply,) = yield [Generate(user_message(
+            "matrix/role_reaction", name=role.name, description=role.description, status=role.status,
+            memory=role.memory[:-1][-4:], observation=last_seen[name]), params)]
+        reaction = parsing.clean(str(reply))
+        if not reaction:
+            scene.fallbacks["reaction_missing"] += 1
+            continue
+        reacted.append(name)
+        (route,) = yield [Generate(user_message(
+            "matrix/modulator_route_reaction", people=_people(scene), memory=scene.memory, actor=name,
+            reaction=reaction), s.params(s.action_tokens + 32, free_text=False))]
+        noticed_by, noticed = _route(scene, str(route), exclude=name)
+        noticed = noticed or f"{name} does this: {reaction}"
+        scene.events.append(SceneEvent(round_no, name, "reaction", reaction, noticed, tuple(noticed_by)))
+        _observe(scene, noticed_by, noticed)
+        for other in noticed_by:
+            if other != PROTAGONIST and other not in reacted and other not in queue:
+                queue.append(other)
+            last_seen[other] = noticed
+
+    # 4. The modulator folds the round into the scene's memory and judges whether the plan was stopped.
+    round_lines = [f"{e.actor}: {e.action}" for e in scene.events
+                   if e.round == round_no and e.kind in {"action", "reaction"}]
+    memory_reply, stopped_answer = yield [
+        Generate(user_message("matrix/modulator_memory", memory=scene.memory, events=round_lines,
+                              protagonist=PROTAGONIST),
+                 params.replace(max_new_tokens=s.action_tokens + 32)),
+        Score(user_message("matrix/modulator_stopped", memory=scene.memory, events=round_lines,
+                           protagonist=PROTAGONIST), YES_NO),
+    ]
+    summary = " ".join(parsing.sentences(parsing.without_label_lines(str(memory_reply), ("STOPPED",)), 3))
+    if not summary:
+        scene.fallbacks["memory_from_events"] += 1
+        summary = " ".join(round_lines)[-600:]
+    stopped, p_stop = _verdict(scene, stopped_answer, str(memory_reply), "STOPPED", "stopped_assumed_no", False)
+    scene.memory = summary
+    scene.events.append(SceneEvent(round_no, "modulator", "memory", summary, feasible=None, p_yes=p_stop))
+    scene.n_rounds = round_no
+    if stopped:
+        scene.stopped = True
+        reactions = [e for e in scene.events if e.round == round_no and e.kind == "reaction"]
+        scene.stopped_by = f"{reactions[-1].actor}: {reactions[-1].action}" if reactions else summary
+
+
+def scene_script(scene: Transcript, s: SceneSettings) -> Script:
+    """The whole monopolylogue of one scene: plan it, then play rounds until the plan ends or is stopped."""
+    yield from _plan_scene(scene, s)
+    for round_no in range(1, s.max_rounds + 1):
+        if round_no > len(scene.plan) or scene.stopped:
+            break
+        yield from _play_round(scene, round_no, s)
+    _conclude(scene)
+
+
+def _conclude(scene: Transcript) -> None:
+    if scene.stopped:
+        scene.outcome = f"The plan was stopped in round {scene.n_rounds} of {len(scene.plan)}: {scene.stopped_by}"
+    else:
+        scene.outcome = (f"{PROTAGONIST} carried out {scene.n_rounds} of {len(scene.plan)} planned steps without "
+                         "being stopped.")
+    # The consequence is what happened to the others: every reaction, in the modulator's order.
+    reactions = [f"{e.actor}: {e.action}" for e in scene.events if e.kind == "reaction"]
+    scene.consequence = " ".join(reactions[-5:]) if reactions else scene.memory
+
+
+def run_scenes(
+    llm: ChatBackend,
+    inputs: Sequence[SceneInput],
+    settings: SceneSettings,
+    *,
+    on_scene_done: Callable[[Transcript], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Transcript]:
+    """Plan and play one scene per input, all at once on one live backend session. `on_scene_done(transcript)`
+    gets each scene the moment it ends (to save it), `progress(done, total)` counts them."""
+    scenes = [Transcript(prompt_id=i.prompt_id, question=i.question, answer=i.answer) for i in inputs]
+    if not scenes:
+        return []
+    finished = 0
+
+    def scene_done(index: int) -> None:
+        nonlocal finished
+        finished += 1
+        if on_scene_done is not None:
+            on_scene_done(scenes[index])
+        if progress is not None:
+            progress(finished, len(scenes))
+
+    if progress is not None:
+        progress(0, len(scenes))
+    drive(llm, [scene_script(scene, settings) for scene in scenes], scene_done)
+    return scenes
+
+
+def fallback_totals(scenes: Sequence[Transcript]) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for scene in scenes:
+        total.update(scene.fallbacks)
+    return total
+
+
+def scenes_relying_on(scenes: Sequence[Transcript]) -> dict[str, int]:
+    """How many scenes needed a fallback for their roles, their plan, or a feasibility verdict."""
+    return {family: sum(1 for s in scenes if any(s.fallbacks.get(name) for name in names))
+            for family, names in PLANNING_FALLBACKS.items()}
