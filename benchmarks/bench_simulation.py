@@ -67,7 +67,7 @@ if str(REPO) not in sys.path:
 from matrix_assets.llm.base import (  # noqa: E402
     ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, TakeJobs,
 )
-from matrix_assets.llm.cache import CachedBackend  # noqa: E402
+from matrix_assets.store.generation_cache import CachedBackend  # noqa: E402
 from matrix_assets.simulation.engine import SimulationSettings, initial_answers, run_scenes  # noqa: E402
 from matrix_assets.simulation.scene import SceneInput, Transcript  # noqa: E402
 from matrix_assets.store.db import Store  # noqa: E402

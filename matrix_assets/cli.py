@@ -1,20 +1,26 @@
-"""matrix-assets: run the MATRIX self-alignment pipeline from a terminal.
+"""matrix-assets: run the self-alignment pipeline from a terminal.
 
-The same assets as the Dagster UI, executed in-process against the Dagster instance of this repository
-(runs and materializations show up in `dagster dev` afterwards).
+The same assets, jobs and profiles as the Dagster UI, executed in-process against the Dagster instance of this
+repository (runs and materializations show up in `dagster dev` afterwards). `run` with no options does what a
+plain "Materialize" of the two jobs does in the UI: the quick profile.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CLI_PID_TAG = "matrix/cli_pid"
+CLI_HOST_TAG = "matrix/cli_host"
 
 
 def _prepare_environment() -> None:
@@ -42,65 +48,121 @@ def _definitions():  # noqa: ANN202
     return defs()
 
 
+def fail_orphaned_runs(instance: Any) -> list[str]:
+    """Runs this CLI started on this machine whose process is gone (killed, machine crashed) are marked failed,
+    instead of staying "In progress" in the UI forever: the in-process executor has no run worker that Dagster's
+    run monitoring could check."""
+    import dagster as dg
+
+    failed = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        pid, host = run.tags.get(CLI_PID_TAG), run.tags.get(CLI_HOST_TAG)
+        if not pid or host != socket.gethostname() or _alive(int(pid)):
+            continue
+        instance.report_run_failed(run, f"the matrix-assets process (pid {pid}) that ran it ended without "
+                                        "finishing it (killed?); re-run to resume: the cache keeps what was generated")
+        failed.append(run.run_id)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _selection(methods: list[str] | None, leaves: tuple[str, ...]) -> list[Any] | None:
+    """Asset keys of the chosen methods' assets (None: every method)."""
+    import dagster as dg
+
+    from matrix_assets.methods import registry
+
+    if not methods:
+        return None
+    keys = []
+    for name in methods:
+        method = registry()[name]
+        names = [s.name for s in method.stages] if "stages" in leaves else []
+        names += [leaf for leaf in leaves if leaf != "stages"]
+        keys += [dg.AssetKey([name, leaf]) for leaf in names]
+    return keys
+
+
 def build_run_configs(args: argparse.Namespace) -> tuple[dict, dict]:
-    """Run config of the per-prompt-set job and of the train-and-evaluate job."""
+    """Run config of the per-prompt-set job and of the train-and-evaluate job: the chosen profile, then the
+    command line's overrides."""
+    from matrix_assets.defs.configs import profile_run_config
+
+    simulate = profile_run_config(args.profile, partitioned=True)
+    train_eval = profile_run_config(args.profile, partitioned=False)
+    ops = simulate["ops"]
+    stage_overrides = {"max_prompts": args.max_prompts, "n_roles": args.roles, "plan_steps": args.steps,
+                       "max_rounds": args.rounds, "revision_candidates": args.revision_candidates}
+    for name, value in stage_overrides.items():
+        if value is None:
+            continue
+        for op, entry in ops.items():
+            if name in entry["config"]:
+                entry["config"][name] = None if (name == "max_prompts" and value == 0) else value
+    if args.train_fraction is not None:
+        ops["benchmark_prompts"] = {"config": {"train_fraction": args.train_fraction}}
+    for op, entry in train_eval["ops"].items():
+        config = entry["config"]
+        if op.endswith("__training_set"):
+            config["prompt_sets"] = [args.prompt_set]
+            if args.benign_ratio is not None:
+                config["benign_ratio"] = args.benign_ratio
+        if op.endswith("__checkpoint"):
+            for name in ("epochs", "learning_rate", "max_steps"):
+                if getattr(args, name) is not None:
+                    config[name] = getattr(args, name)
+    evaluation = train_eval["ops"]["evaluation_scores"]["config"]
+    harmful = [args.prompt_set, *[s for s in evaluation["harmful_sets"] if s != args.prompt_set]]
+    evaluation["harmful_sets"] = harmful
+    if args.methods:
+        evaluation["methods"] = args.methods
+    if args.eval_prompts is not None:
+        evaluation["max_harmful_per_set"] = evaluation["max_safe_per_set"] = args.eval_prompts or None
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    simulate = {
-        **quiet,
-        "ops": {
-            "benchmark_prompts": {"config": {"train_fraction": args.train_fraction}},
-            "initial_responses": {"config": {"max_prompts": args.max_prompts}},
-            "scene_transcripts": {
-                "config": {"n_roles": args.roles, "plan_steps": args.steps, "max_rounds": args.rounds,
-                           "max_observers": args.observers}
-            },
-        }
-    }
-    train_eval = {
-        **quiet,
-        "ops": {
-            "sft_dataset": {"config": {"prompt_sets": [args.prompt_set], "benign_ratio": args.benign_ratio,
-                                       "methods": args.methods}},
-            "finetuned_checkpoint": {
-                "config": {"epochs": args.epochs, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
-                           "methods": args.methods}
-            },
-            "evaluation_scores": {
-                "config": {"prompt_sets": [args.prompt_set], "max_harmful_per_set": args.eval_prompts,
-                           "max_over_refusal": args.eval_prompts, "max_helpfulness": args.eval_prompts,
-                           "methods": args.methods}
-            },
-        }
-    }
-    return simulate, train_eval
+    return {**quiet, **simulate}, {**quiet, **train_eval}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.full:
-        args.max_prompts = args.eval_prompts = None
-        args.roles, args.steps, args.rounds, args.observers = 5, 5, 5, 5
-    # Training defaults depend on the data size: a dozen examples need more epochs and a higher rate.
-    if args.epochs is None:
-        args.epochs = 3.0 if args.full else 8.0
-    if args.learning_rate is None:
-        args.learning_rate = 2e-4 if args.full else 2e-3
     _prepare_environment()
+    import dagster as dg
+
     defs, instance = _definitions(), _instance()
+    orphans = fail_orphaned_runs(instance)
+    if orphans:
+        print(f"[matrix-assets] marked {len(orphans)} interrupted run(s) as failed: {', '.join(orphans)}")
     if args.prompt_set not in instance.get_dynamic_partitions("prompt_sets"):
         instance.add_dynamic_partitions("prompt_sets", [args.prompt_set])
     simulate_config, train_eval_config = build_run_configs(args)
+    suffix = "" if args.profile == "quick" else "_paper"
+    tags = {CLI_PID_TAG: str(os.getpid()), CLI_HOST_TAG: socket.gethostname()}
     began = time.perf_counter()
-    print(f"[matrix-assets] stage 1/2: MATRIX simulation on prompt set {args.prompt_set!r} "
-          f"({args.max_prompts or 'all'} training prompts)", flush=True)
-    result = defs.resolve_job_def("simulate_prompt_set").execute_in_process(
-        run_config=simulate_config, instance=instance, partition_key=args.prompt_set, raise_on_error=False
+    shared = [dg.AssetKey("benchmark_prompts"), dg.AssetKey("initial_responses")]
+    stages = _selection(args.methods, ("stages",))
+    print(f"[matrix-assets] stage 1/2: data of {', '.join(args.methods) if args.methods else 'every method'} on "
+          f"prompt set {args.prompt_set!r} ({args.profile} profile)", flush=True)
+    result = defs.resolve_job_def(f"simulate_prompt_set{suffix}").execute_in_process(
+        run_config=simulate_config, instance=instance, partition_key=args.prompt_set, raise_on_error=False,
+        asset_selection=None if stages is None else shared + stages, tags=tags,
     )
     if not result.success:
-        print("[matrix-assets] simulation failed; see the log above. Nothing generated so far is lost: re-run to resume.")
+        print("[matrix-assets] the data stages failed; see the log above. Nothing generated so far is lost: "
+              "re-run to resume.")
         return 1
-    print("[matrix-assets] stage 2/2: SFT dataset, LoRA fine-tuning, evaluation", flush=True)
-    result = defs.resolve_job_def("train_and_evaluate").execute_in_process(
-        run_config=train_eval_config, instance=instance, raise_on_error=False
+    print("[matrix-assets] stage 2/2: training sets, LoRA checkpoints, judge validation, evaluation", flush=True)
+    trained = _selection(args.methods, ("training_set", "checkpoint"))
+    evaluation = [dg.AssetKey("judge_validation"), dg.AssetKey("evaluation_scores")]
+    result = defs.resolve_job_def(f"train_and_evaluate{suffix}").execute_in_process(
+        run_config=train_eval_config, instance=instance, raise_on_error=False,
+        asset_selection=None if trained is None else trained + evaluation, tags=tags,
     )
     if not result.success:
         print("[matrix-assets] training/evaluation failed; see the log above.")
@@ -110,51 +172,103 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate the existing checkpoints (no retraining) on the given prompt sets."""
+    _prepare_environment()
+    from matrix_assets import profiles
+
+    defs, instance = _definitions(), _instance()
+    fail_orphaned_runs(instance)
+    settings = dataclasses.asdict(profiles.evaluation(args.profile))
+    for role in ("harmful", "safe", "helpfulness"):
+        chosen = getattr(args, f"{role}_sets")
+        if chosen:
+            settings[f"{role}_sets"] = chosen
+    if args.per_category:
+        settings["per_category"] = args.per_category
+    if args.eval_prompts is not None:
+        settings["max_harmful_per_set"] = settings["max_safe_per_set"] = args.eval_prompts or None
+    if args.methods:
+        settings["methods"] = args.methods
+    config = {"ops": {"evaluation_scores": {"config": {k: list(v) if isinstance(v, tuple) else v
+                                                       for k, v in settings.items()}}}}
+    result = defs.resolve_job_def("evaluate_checkpoints").execute_in_process(
+        run_config=config, instance=instance, raise_on_error=False,
+        tags={CLI_PID_TAG: str(os.getpid()), CLI_HOST_TAG: socket.gethostname()})
+    if not result.success:
+        print("[matrix-assets] evaluation failed; see the log above.")
+        return 1
+    print(latest_table())
+    return 0
+
+
 def latest_table() -> str:
-    from matrix_assets.evaluation.metrics import Estimate
-    from matrix_assets.evaluation.run import format_table
+    from matrix_assets.evaluation.run import HEADLINE, _table
+    from matrix_assets.evaluation.stats import Rate
+    from matrix_assets.methods import registry
     from matrix_assets.store import Store
 
     db = Store()
-    rows = db.query(
-        "SELECT * FROM eval_metrics WHERE eval_id = (SELECT eval_id FROM eval_metrics "
-        "ORDER BY created_at DESC, eval_id DESC LIMIT 1) ORDER BY model_label"
-    )
-    if not rows:
+    runs = db.query("SELECT * FROM eval_runs ORDER BY created_at DESC, eval_id DESC LIMIT 1")
+    if not runs:
         return "no evaluation stored yet"
-    metrics: dict[str, dict[str, Estimate]] = {}
+    run = runs[0]
+    rows = db.query("SELECT * FROM eval_metrics WHERE eval_id = :e", e=run["eval_id"])
+    metrics: dict[str, dict[str, Rate]] = {}
     for r in rows:
-        metrics.setdefault(r["model_label"], {})[r["metric"]] = Estimate(
-            *(float("nan") if r[k] is None else r[k] for k in ("value", "ci_low", "ci_high")), r["n"]
-        )
-    from matrix_assets.simulation.baselines import METHODS
-
-    order = ["base", *METHODS]
-    ordered = {k: metrics[k] for k in sorted(metrics, key=lambda k: order.index(k) if k in order else len(order))}
+        nan = float("nan")
+        metrics.setdefault(r["model_label"], {})[r["metric"]] = Rate(
+            r["k"] or 0, r["n"], *(nan if r[k] is None else r[k] for k in ("value", "ci_low", "ci_high")))
+    order = ["base", *registry(), "champion"]
+    labels = sorted(metrics, key=lambda k: order.index(k) if k in order else len(order))
+    table = [["metric", *labels]]
+    for key, title in HEADLINE:
+        if any(key in metrics[label] for label in labels):
+            table.append([title, *(metrics[label][key].format() if key in metrics[label] else "-" for label in labels)])
+    paired = db.query("SELECT * FROM eval_paired WHERE eval_id = :e", e=run["eval_id"])
+    by = {(p["model_label"], p["metric"]): p for p in paired}
+    diff = [["tuned - base, paired", *[label for label in labels if label != "base"]]]
+    for key, title in HEADLINE:
+        cells = []
+        for label in diff[0][1:]:
+            p = by.get((label, key))
+            cells.append("-" if p is None or not p["n"] else
+                         f"{100 * p['diff']:+.0f} pts [{100 * p['diff_ci_low']:+.0f}, {100 * p['diff_ci_high']:+.0f}]"
+                         f" p={p['mcnemar_p']:.2g} (n={p['n']})")
+        if any(c != "-" for c in cells):
+            diff.append([title.strip(), *cells])
+    validation = db.query("SELECT * FROM judge_agreement WHERE validation_id = :v AND judge = 'embedding' "
+                          "AND metric = 'kappa'", v=run["judge_validation_id"] or "")
     checkpoints = sorted({f"{r['model_label']}={r['checkpoint_id']}" for r in rows if r["checkpoint_id"]})
-    head = (f"Base vs tuned on held-out prompts ({rows[0]['eval_id']}; {', '.join(checkpoints)}).\n"
-            "Columns: base model, and one LoRA checkpoint per method (matrix = social-scene simulation, cai = "
-            "fixed-principle critique/revise, initial_sft = fine-tuning on the model's own answers).\n"
-            "95% bootstrap CIs; n = prompts behind each figure. With the bundled 135M model as judge, judge scores "
-            "are noisy; the rule-based refusal rates are shown beside them.\n")
-    return head + format_table(ordered)
+    counts = json.loads(run["counts_json"])
+    head = [f"Base vs tuned on held-out prompts ({run['eval_id']}; {', '.join(checkpoints)}).",
+            f"Prompts: {json.dumps(json.loads(run['prompt_sets_json']))}, counts {counts}.",
+            "Each cell: share of prompts, exact 95% interval, n. Judge: the embedding refusal classifier" +
+            (f" (kappa {validation[0]['value']:.2f} [{validation[0]['ci_low']:.2f}, {validation[0]['ci_high']:.2f}] "
+             f"against human labels on {validation[0]['subset']} completions it was not fitted on)." if validation
+             else " (not validated in this store).")]
+    return "\n".join(head) + "\n\n" + _table(table) + ("\n\n" + _table(diff) if len(diff) > 1 else "")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     _prepare_environment()
     from matrix_assets.store import Store
 
+    orphans = fail_orphaned_runs(_instance())
     db = Store()
     print(f"store: {db.url}")
+    if orphans:
+        print(f"marked {len(orphans)} interrupted run(s) as failed")
     for row in db.prompt_sets():
         print(f"  prompt set {row['name']:<16} {row['n_prompts']:>5} prompts ({row['n_train']} train / "
-              f"{row['n_eval']} eval)  role={row['role']}")
-    for table in ("generations", "initial_responses", "transcripts", "transcript_events", "critiques", "revisions",
-                  "sft_examples", "checkpoints", "eval_answers"):
-        print(f"  {table:<18} {db.count(table):>7} rows")
-    ckpt = db.latest_checkpoint()
-    if ckpt:
-        print(f"latest checkpoint: {ckpt['checkpoint_id']} (MLflow run {ckpt['mlflow_run_id']}, "
+              f"{row['n_eval']} eval / {row['n_near_duplicates']} near-duplicates out)  role={row['role']}")
+    for table in ("generations", "initial_responses", "transcripts", "transcript_events", "critiques",
+                  "revision_candidates", "sa_interactions", "training_groups", "sft_examples", "checkpoints",
+                  "eval_answers"):
+        print(f"  {table:<20} {db.count(table):>7} rows")
+    for ckpt in db.latest_per_method("checkpoints", None, sorted({r["method"] for r in
+                                                                 db.query("SELECT method FROM checkpoints")})):
+        print(f"latest {ckpt['method']} checkpoint: {ckpt['checkpoint_id']} (MLflow run {ckpt['mlflow_run_id']}, "
               f"{ckpt['registered_model']} v{ckpt['model_version']})")
     print(latest_table())
     return 0
@@ -163,7 +277,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     _prepare_environment()
     from matrix_assets.data.loaders import PromptFileError, load_prompt_file
-    from matrix_assets.store.prompt_sets import drop_dir
+    from matrix_assets.store.prompt_sets import drop_dir, record_role
 
     path = Path(args.file)
     try:
@@ -173,9 +287,15 @@ def cmd_add(args: argparse.Namespace) -> int:
         return 2
     name = args.name or path.stem
     drop_dir().mkdir(parents=True, exist_ok=True)
+    record_role(name, args.role)
     shutil.copyfile(path, drop_dir() / f"{name}{path.suffix.lower()}")
-    print(f"added prompt set {name!r} ({len(records)} prompts) to {drop_dir()}; the sensor picks it up, or run:\n"
-          f"  matrix-assets run --prompt-set {name}")
+    categories = sorted({r.category for r in records if r.category})
+    print(f"added prompt set {name!r} ({len(records)} prompts, role {args.role}"
+          f"{f', {len(categories)} categories' if categories else ''}) to {drop_dir()}")
+    if args.role == "harmful":
+        print(f"  train and evaluate on it:  matrix-assets run --prompt-set {name}")
+    print(f"  evaluate the existing checkpoints on it:  matrix-assets evaluate --{args.role}-sets {name}"
+          + (" --per-category 5" if categories else ""))
     return 0
 
 
@@ -184,12 +304,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     from matrix_assets.store import Store
 
     db = Store()
-    rows = db.query("SELECT * FROM sft_datasets ORDER BY created_at DESC, dataset_id DESC LIMIT 1")
+    checkpoints = db.latest_per_method("checkpoints", [args.method], [args.method])
+    if checkpoints:
+        rows = db.query("SELECT * FROM sft_datasets WHERE dataset_id = :d", d=checkpoints[0]["dataset_id"])
+    else:
+        rows = db.latest_per_method("sft_datasets", [args.method], [args.method])
     if not rows:
-        print("error: no SFT dataset yet; run the pipeline first", file=sys.stderr)
+        print(f"error: no training set of method {args.method!r} yet; run the pipeline first", file=sys.stderr)
         return 2
-    examples = db.query("SELECT prompt, response, source FROM sft_examples WHERE dataset_id = :d ORDER BY position",
-                        d=rows[0]["dataset_id"])
+    dataset = rows[0]
+    examples = db.query("SELECT group_index, prompt, response, rating, source FROM sft_examples "
+                        "WHERE dataset_id = :d ORDER BY position", d=dataset["dataset_id"])
     out = Path(args.out)
     if args.format == "jsonl":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,72 +325,110 @@ def cmd_export(args: argparse.Namespace) -> int:
         from datasets import Dataset
 
         Dataset.from_list(examples).save_to_disk(str(out))
-    print(f"exported {len(examples)} examples of dataset {rows[0]['dataset_id']} to {out} ({args.format})")
+    print(f"exported {len(examples)} examples of {args.method} dataset {dataset['dataset_id']} "
+          f"({'the latest checkpoint' if checkpoints else 'no checkpoint yet: the latest'}'s) to {out} ({args.format})")
     return 0
 
 
+def _method_list(value: str) -> list[str]:
+    from matrix_assets.methods import method_names
+
+    names = [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in names if m not in method_names()]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(method_names())}")
+    return names
+
+
+def _set_list(value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
 def parser() -> argparse.ArgumentParser:
+    from matrix_assets.methods import registry
+
+    methods_help = "; ".join(f"{m.name}: {m.description}" for m in registry().values())
     p = argparse.ArgumentParser(
         prog="matrix-assets",
-        description="MATRIX self-alignment as Dagster assets: the model answers, simulates the social consequences "
-        "of its answer, critiques and revises it, is fine-tuned with LoRA on the revisions, and is evaluated base "
-        "vs tuned. State lives in .matrix/ (SQLite store, MLflow store, adapters) unless MATRIX_HOME says otherwise.",
+        description="Self-alignment of a language model as Dagster assets: MATRIX (the model simulates the social "
+        "consequences of its answers, critiques and revises them) and Stable Alignment (a simulated society rates "
+        "answers), each fine-tuned with LoRA, beside two controls, and evaluated base vs tuned with validated "
+        "judges. State lives in .matrix/ (SQLite store, MLflow store, adapters) unless MATRIX_HOME says otherwise.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run", help="materialize the whole asset graph for one prompt set and print the base-vs-tuned table",
-        description="Runs the simulate_prompt_set job for the prompt set, then train_and_evaluate, in this process. "
-        "Every model call is cached in the store: re-running resumes and pays only for what is missing.",
+        description="Runs simulate_prompt_set for the prompt set, then train_and_evaluate, in this process, with a "
+        "named profile: quick (the default: minutes on a 2-core CPU) or paper (the papers' sizes: hours, meant for "
+        "a GPU or an OpenAI-compatible server). Every model call is cached in the store: re-running resumes and "
+        f"pays only for what is missing. Methods: {methods_help}.",
     )
-    run.add_argument("--prompt-set", default="advbench", help="bundled set (advbench, hh_rlhf, safe_rlhf, harmfulqa, "
-                     "dangerousqa) or a file name added with `add` (default: advbench)")
-    run.add_argument("--max-prompts", type=int, default=8, help="training prompts to simulate (default 8)")
-    run.add_argument("--eval-prompts", type=int, default=8,
-                     help="held-out prompts per evaluation set: harmful, XSTest safe, Vicuna (default 8)")
-    run.add_argument("--roles", type=int, default=3, help="roles per scene besides the protagonist (default 3; paper ~5)")
-    run.add_argument("--steps", type=int, default=3, help="plan steps per scene (default 3; paper ~5)")
-    run.add_argument("--rounds", type=int, default=2, help="interaction rounds per scene (default 2)")
-    run.add_argument("--observers", type=int, default=3, help="roles that react to one action at most (default 3)")
-    run.add_argument("--train-fraction", type=float, default=0.5, help="share of each set used for training (0.5)")
-    run.add_argument("--benign-ratio", type=float, default=0.5, help="benign self-answered examples per revision (0.5)")
-    run.add_argument("--epochs", type=float, default=None,
-                     help="LoRA epochs (default 8 for the quick run's ~12 examples per method; --full uses the "
-                     "paper's 3)")
-    run.add_argument("--max-steps", type=int, default=-1, help="cap on optimizer steps (overrides epochs when > 0)")
-    run.add_argument("--learning-rate", type=float, default=None,
-                     help="LoRA learning rate (default 2e-3 for the quick run: at 2e-4 a dozen examples do not move "
-                     "the model at all; --full uses 2e-4)")
-    run.add_argument("--methods", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
-                     default=["matrix", "cai", "initial_sft"],
-                     help="comma-separated methods to train and compare (default: matrix,cai,initial_sft)")
-    run.add_argument("--full", action="store_true",
-                     help="the whole prompt set and all held-out prompts with the paper's scene size (5 roles, "
-                     "5 steps, 5 rounds): hours on a CPU, meant for a GPU or an OpenAI-compatible server")
+    run.add_argument("--profile", choices=("quick", "paper"), default="quick",
+                     help="settings of every stage (default quick; the Launchpad's defaults are the same)")
+    run.add_argument("--prompt-set", default="advbench", help="harmful prompt set to align on: bundled (advbench, "
+                     "hh_rlhf, safe_rlhf, harmfulqa, dangerousqa) or added with `add` (default advbench)")
+    run.add_argument("--methods", type=_method_list, default=None,
+                     help=f"comma-separated methods to train and compare (default: all: {', '.join(registry())})")
+    run.add_argument("--max-prompts", type=int, default=None,
+                     help="training prompts per method (quick: 8; 0 = all)")
+    run.add_argument("--eval-prompts", type=int, default=None,
+                     help="held-out prompts per harmful and per safe evaluation set (quick: 50 and 100; 0 = all)")
+    run.add_argument("--roles", type=int, default=None, help="MATRIX roles per scene (quick 3, paper 5)")
+    run.add_argument("--steps", type=int, default=None, help="MATRIX plan steps (quick 3, paper 5)")
+    run.add_argument("--rounds", type=int, default=None, help="MATRIX interaction rounds (quick 2, paper 5)")
+    run.add_argument("--revision-candidates", type=int, default=None,
+                     help="MATRIX revisions sampled per prompt, the model choosing (1 = the paper)")
+    run.add_argument("--train-fraction", type=float, default=None, help="share of the prompt set used for training")
+    run.add_argument("--benign-ratio", type=float, default=None, help="benign self-answered examples per aligned one")
+    run.add_argument("--epochs", type=float, default=None, help="LoRA epochs (override the profile)")
+    run.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate (override the profile)")
+    run.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (overrides epochs when > 0)")
     run.set_defaults(func=cmd_run)
 
+    evaluate = sub.add_parser(
+        "evaluate", help="evaluate the existing checkpoints on prompt sets of your choice (no retraining)",
+        description="Runs the evaluate_checkpoints job: judge validation, then base vs each method's latest "
+        "checkpoint on the held-out prompts of the given sets (a set added with `add FILE --role ...` included).",
+    )
+    evaluate.add_argument("--profile", choices=("quick", "paper"), default="quick")
+    evaluate.add_argument("--harmful-sets", type=_set_list, default=None, help="comma-separated harmful sets")
+    evaluate.add_argument("--safe-sets", type=_set_list, default=None, help="comma-separated safe sets")
+    evaluate.add_argument("--helpfulness-sets", type=_set_list, default=None,
+                          help="comma-separated helpfulness sets (replace Vicuna-Bench; list both to join them)")
+    evaluate.add_argument("--per-category", type=int, default=None,
+                          help="for sets with categories: this many prompts per category")
+    evaluate.add_argument("--eval-prompts", type=int, default=None, help="prompts per harmful and safe set (0 = all)")
+    evaluate.add_argument("--methods", type=_method_list, default=None, help="methods whose checkpoints to evaluate")
+    evaluate.set_defaults(func=cmd_evaluate)
+
     status = sub.add_parser(
-        "status", help="prompt sets, row counts, latest checkpoint and evaluation table",
-        description="Prints the prompt sets, the row counts of every table, the latest checkpoint and the latest "
-        "base-vs-tuned table, from the store (MATRIX_DATABASE_URL or .matrix/matrix.db).",
+        "status", help="prompt sets, row counts, latest checkpoints and evaluation table",
+        description="Prints the prompt sets, the row counts of the main tables, the latest checkpoint of each "
+        "method and the latest base-vs-tuned table, from the store (MATRIX_DATABASE_URL or .matrix/matrix.db).",
     )
     status.set_defaults(func=cmd_status)
 
     add = sub.add_parser(
         "add", help="add a prompt file (CSV / JSONL / JSON / TXT) as a new prompt set",
         description="Validates a prompt file (the same loader as the pipeline: a clear error names the file and the "
-        "reason) and copies it into the drop folder as a new prompt set; the sensor then starts its run, or run it "
-        "with `matrix-assets run --prompt-set NAME`.",
+        "reason; nested JSON {category: [questions]} or {category: {subcategory: [questions]}} keeps its "
+        "categories) and copies it into the drop folder as a new prompt set with a role: harmful (trained on and "
+        "evaluated), safe (over-refusal) or helpfulness (e.g. MT-Bench's question file: first turns).",
     )
     add.add_argument("file", help="the prompt file")
+    add.add_argument("--role", choices=("harmful", "safe", "helpfulness"), default="harmful",
+                     help="what the set is for (default harmful)")
     add.add_argument("--name", help="prompt set name (default: the file name without extension)")
     add.add_argument("--prompt-column", help="column or key holding the prompt (auto-detected by default)")
     add.set_defaults(func=cmd_add)
 
     export = sub.add_parser(
-        "export", help="export the latest aligned SFT dataset",
-        description="Exports the latest aligned SFT dataset (prompt / response / source rows) as a JSONL file or a "
-        "Hugging Face `datasets` folder (load it back with datasets.load_from_disk).",
+        "export", help="export a method's training set",
+        description="Exports the training set of a method's latest checkpoint (prompt / response / rating / source "
+        "rows) as a JSONL file or a Hugging Face `datasets` folder (load it back with datasets.load_from_disk).",
     )
+    export.add_argument("--method", type=lambda v: _method_list(v)[0], default="matrix",
+                        help="whose training set (default matrix)")
     export.add_argument("--format", choices=("jsonl", "hf"), default="jsonl",
                         help="jsonl file, or a Hugging Face datasets folder (save_to_disk)")
     export.add_argument("--out", required=True, help="output file (jsonl) or folder (hf)")

@@ -109,12 +109,12 @@ CREATE TABLE IF NOT EXISTS revision_candidates (
     prompt_id   TEXT NOT NULL REFERENCES prompts(prompt_id),
     method      TEXT NOT NULL,
     model_id    TEXT NOT NULL,
-    idx         INTEGER NOT NULL,
+    candidate_index INTEGER NOT NULL,
     text        TEXT NOT NULL,
     p_harm      DOUBLE PRECISION,           -- P(yes) to "would this answer hurt anyone in the scene?"
     selected    INTEGER NOT NULL,
     created_at  TEXT NOT NULL,
-    PRIMARY KEY (prompt_id, method, model_id, idx)
+    PRIMARY KEY (prompt_id, method, model_id, candidate_index)
 );
 
 -- Stable Alignment's society: one row per back-scatter interaction, one per rating.
@@ -143,7 +143,7 @@ CREATE TABLE IF NOT EXISTS sa_ratings (
     round           INTEGER NOT NULL,
     agent           INTEGER NOT NULL,       -- the center agent of the interaction
     rater           TEXT NOT NULL,          -- "peer:<id>", "observer:before" or "observer:after"
-    rating          DOUBLE PRECISION,       -- expected value of the next-token distribution over 1..7; NULL: missing
+    rating          DOUBLE PRECISION,       -- expected value of the next-token distribution over 1..7, NULL when missing
     distribution_json TEXT NOT NULL,        -- {"1": p, ..., "7": p}, {} when missing
     reason          TEXT NOT NULL,          -- the peer's generated reason ('' for the observer)
     PRIMARY KEY (prompt_set, model_id, round, agent, rater)

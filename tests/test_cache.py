@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from matrix_assets.llm.base import GenerationParams, cache_key
-from matrix_assets.llm.cache import CachedBackend
+from matrix_assets.store.generation_cache import CachedBackend
 from matrix_assets.llm.fake import FakeBackend
 from matrix_assets.store.db import Store
 

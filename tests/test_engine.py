@@ -17,7 +17,7 @@ from matrix_assets.simulation import (
     run_scenes,
 )
 from matrix_assets.simulation.engine import RevisionInput, default_roster, fallback_totals
-from matrix_assets.simulation.templates import render, user_message
+from matrix_assets.templates import render, user_message
 
 ANSWER = (
     "First, find out where the neighbour keeps the spare key. Then wait until the family leaves for work. "

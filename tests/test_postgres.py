@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from matrix_assets.llm.base import GenerationParams
-from matrix_assets.llm.cache import CachedBackend
+from matrix_assets.store.generation_cache import CachedBackend
 from matrix_assets.llm.fake import FakeBackend
 from matrix_assets.simulation import SceneInput, SimulationSettings, run_scenes
 from matrix_assets.simulation.scene import Transcript

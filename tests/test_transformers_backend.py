@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from matrix_assets.llm.base import Completion, GenerationParams
-from matrix_assets.llm.cache import CachedBackend
+from matrix_assets.store.generation_cache import CachedBackend
 from matrix_assets.llm.refill import PrefixCache, supports_refill
 from matrix_assets.llm.prepack import prepack_linear_layers
 from matrix_assets.llm.transformers_backend import TransformersBackend

@@ -11,7 +11,8 @@ Formats (chosen by file extension, case-insensitive):
     - a list of strings;
     - a list of objects: the prompt key is resolved like a CSV column (against the first object's
       keys) and every object must have it; the category key likewise;
-    - the nested HarmfulQA shape ``{topic: {subtopic: [question, ...]}}``; category = topic.
+    - the nested HarmfulQA shape ``{topic: {subtopic: [question, ...]}}``; category = topic;
+    - ``{category: [question, ...]}``; category = the key.
 * ``.jsonl``: one object per line, keys resolved as for a JSON list of objects. The ``turns`` key
   (Vicuna-Bench, MT-Bench) is the last prompt candidate; a list-valued prompt field yields its
   first element, i.e. the first turn.
@@ -98,7 +99,7 @@ DEFAULT_MAX_CHARS = 20_000
 _UTF8_BOM = b"\xef\xbb\xbf"
 _KEPT_CONTROLS = frozenset("\n\t")
 
-PromptRole = Literal["harmful", "over_refusal", "helpfulness"]
+PromptRole = Literal["harmful", "safe", "helpfulness"]
 
 
 @dataclass(frozen=True)
@@ -464,9 +465,20 @@ def _read_json(name: str, text: str, columns: _Columns) -> Iterator[_RawRecord |
                         )
                     yield _RawRecord(where=where, text=question, category=topic)
         return
+    if isinstance(data, dict) and data and all(isinstance(qs, list) for qs in data.values()):
+        columns.reject_fields(name, "the nested {category: [questions]} shape has no fields")
+        for category, questions in data.items():
+            for index, question in enumerate(questions, start=1):
+                where = f"{category} / item {index}"
+                if not isinstance(question, str):
+                    raise PromptFileError(
+                        f"{name}: {where}: question must be a string, got {type(question).__name__}"
+                    )
+                yield _RawRecord(where=where, text=question, category=category)
+        return
     raise PromptFileError(
         f"{name}: unsupported JSON shape (top level is {type(data).__name__}); expected a list "
-        "of strings, a list of objects, or {topic: {subtopic: [questions]}}"
+        "of strings, a list of objects, {category: [questions]}, or {category: {subcategory: [questions]}}"
     )
 
 
@@ -504,6 +516,7 @@ class BundledSet:
     prompt_column: str | None = None
     category_column: str | None = None
     filter: Mapping[str, str] | None = None
+    train_fraction: float = 0.5  # evaluation-only sets: 0
 
     def loader_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`load_prompt_file`."""
@@ -560,10 +573,11 @@ BUNDLED_PROMPT_SETS: Mapping[str, BundledSet] = _bundled(
         filename="xstest_prompts.csv",
         description="XSTest safe prompts (250) that a well-calibrated model should answer; "
         "category = XSTest type.",
-        role="over_refusal",
+        role="safe",
         license="CC-BY-4.0",
         category_column="type",
         filter=MappingProxyType({"label": "safe"}),
+        train_fraction=0.0,
     ),
     BundledSet(
         name="vicuna_bench",

@@ -1,103 +1,121 @@
-"""Run configuration of the assets, as shown in the Dagster launchpad."""
+"""Run configuration of the assets, as shown in the Dagster Launchpad.
 
+The defaults of every Config class are the quick profile of the settings dataclasses they are built from
+(`config_class`), so that a plain "Materialize" in the UI does what `matrix-assets run` does, and the `paper`
+jobs carry the paper profile as their run config (`profile_run_config`). No default is written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, create_model
 
-from matrix_assets.simulation.engine import SimulationSettings
-from matrix_assets.training.sft import LoraSettings, TrainSettings
+from matrix_assets import profiles
+from matrix_assets.methods import registry
+from matrix_assets.methods.base import SHARED_PROFILES
 
-_SIM = SimulationSettings()
-_LORA = LoraSettings()
-_TRAIN = TrainSettings()
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in re.split(r"[_/]", name))
+
+
+def _config_type(hint: Any) -> Any:
+    """Dataclass field types as the Launchpad can edit them (tuples become lists)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return typing.Optional[_config_type(next(a for a in args if a is not type(None)))]  # noqa: UP007
+    if origin is tuple:
+        return list[args[0]]
+    return hint
+
+
+def config_class(name: str, settings: Any, fields: typing.Iterable[str] | None = None, doc: str = "",
+                 **extra: Any) -> type[dg.Config]:
+    """A `dg.Config` whose fields are `fields` of the settings dataclass instance `settings`, with its values as
+    defaults and each field's `metadata["help"]` as the Launchpad description; `extra` adds hand-written ones."""
+    hints = typing.get_type_hints(type(settings))
+    declared = {f.name: f for f in dataclasses.fields(settings)}
+    chosen = list(fields) if fields is not None else [n for n, f in declared.items() if f.init]
+    definitions: dict[str, Any] = {}
+    for field_name in chosen:
+        value = getattr(settings, field_name)
+        default = list(value) if isinstance(value, tuple) else value
+        help_text = declared[field_name].metadata.get("help", field_name.replace("_", " "))
+        definitions[field_name] = (_config_type(hints[field_name]), Field(default=default, description=help_text))
+    definitions.update(extra)
+    model = create_model(name, __base__=dg.Config, __doc__=doc or None, **definitions)
+    return typing.cast(type[dg.Config], model)
+
+
+def settings_from(config: dg.Config, settings: Any) -> Any:
+    """The settings dataclass instance with the config's values (lists back into tuples where declared)."""
+    values = {}
+    for f in dataclasses.fields(settings):
+        if f.name in type(config).model_fields:
+            value = getattr(config, f.name)
+            values[f.name] = tuple(value) if isinstance(getattr(settings, f.name), tuple) else value
+    return dataclasses.replace(settings, **values)
 
 
 class PromptSetConfig(dg.Config):
-    source: str | None = Field(default=None, description="Prompt file path; default: bundled set or drop-folder file named like the partition.")
-    prompt_column: str | None = Field(default=None, description="Column/key holding the prompt (auto-detected when empty).")
-    category_column: str | None = Field(default=None, description="Column/key holding a harm category, if any.")
-    train_fraction: float = Field(default=0.5, ge=0.0, le=1.0, description="Share of prompts in the training split.")
+    source: str | None = Field(default=None, description="Prompt file path; default: the bundled set or the "
+                               "drop-folder file named like the partition.")
+    role: str | None = Field(default=None, description="harmful | safe | helpfulness (default: the bundled "
+                             "set's role, else harmful). Only harmful sets are trained on.")
+    prompt_column: str | None = Field(default=None, description="Column/key holding the prompt (auto-detected).")
+    category_column: str | None = Field(default=None, description="Column/key holding a category, if any.")
+    train_fraction: float | None = Field(default=None, ge=0.0, le=1.0,
+                                         description="Share of prompts in the training split (default: the "
+                                         "set's own, 0.5 for harmful sets, 0 for evaluation-only sets).")
+    expected_sha256: str | None = Field(default=None, description="Set by the sensor: the dropped file's "
+                                        "digest, so the snapshot kept for this partition is the file it saw.")
 
 
-class InitialResponsesConfig(dg.Config):
-    max_prompts: int | None = Field(default=None, description="Answer only the first N training prompts (None: all).")
-    answer_tokens: int = Field(default=_SIM.answer_tokens, ge=8)
+InitialResponsesConfig = config_class(
+    "InitialResponsesConfig", SHARED_PROFILES["quick"], doc="The model's direct answers to the training prompts.")
+
+TrainingConfig = config_class("TrainingConfig", profiles.training("quick"), doc="LoRA and optimiser settings.")
+
+EvaluationConfig = config_class("EvaluationConfig", profiles.evaluation("quick"),
+                                doc="Which held-out prompts, how many, judged how.")
+
+TrainingSetConfig = config_class("TrainingSetConfig", profiles.training_set("quick"),
+                                 doc="Which prompt sets a method trains on, and the benign mix.")
 
 
-class SimulationConfig(dg.Config):
-    n_roles: int = Field(default=_SIM.n_roles, ge=3, description="Roles besides the protagonist (paper: ~5).")
-    plan_steps: int = Field(default=_SIM.plan_steps, ge=1, description="Steps in the protagonist's plan (paper: ~5).")
-    max_rounds: int = Field(default=_SIM.max_rounds, ge=1, description="Round cap of the modulated interaction.")
-    max_observers: int = Field(default=_SIM.max_observers, ge=1, description="Roles that react to one action at most.")
-    action_tokens: int = Field(default=_SIM.action_tokens, ge=8)
-    scenes_per_batch: int = Field(
-        default=32, ge=1,
-        description="Scenes simulated at once in one live model session (a few times the model batch size keeps "
-        "the batch full); each scene is saved the moment it ends.",
-    )
-
-    def settings(self) -> SimulationSettings:
-        return SimulationSettings(
-            n_roles=self.n_roles, plan_steps=self.plan_steps, max_rounds=self.max_rounds,
-            max_observers=self.max_observers, action_tokens=self.action_tokens,
-        )
+def stage_config(method_name: str, stage_name: str) -> type[dg.Config]:
+    method = registry()[method_name]
+    stage = next(s for s in method.stages if s.name == stage_name)
+    return config_class(f"{_camel(method_name)}{_camel(stage_name)}Config", method.settings, stage.settings,
+                        doc=stage.description)
 
 
-class CritiqueConfig(dg.Config):
-    critique_tokens: int = Field(default=_SIM.critique_tokens, ge=16)
+def profile_run_config(profile: str, *, partitioned: bool) -> dict[str, Any]:
+    """The op config of every asset of a job under a named profile (`quick` is the Config defaults)."""
+    ops: dict[str, Any] = {}
+    if partitioned:
+        ops["initial_responses"] = {"config": dataclasses.asdict(SHARED_PROFILES[profile])}
+        for method in registry().values():
+            settings = dataclasses.asdict(method.profile(profile))
+            for stage in method.stages:
+                ops[f"{method.name}__{stage.name}"] = {"config": {k: _plain(settings[k]) for k in stage.settings}}
+    else:
+        training = {k: _plain(v) for k, v in dataclasses.asdict(profiles.training(profile)).items()}
+        training_set = {k: _plain(v) for k, v in dataclasses.asdict(profiles.training_set(profile)).items()}
+        for method in registry():
+            ops[f"{method}__training_set"] = {"config": training_set}
+            ops[f"{method}__checkpoint"] = {"config": training}
+        ops["evaluation_scores"] = {"config": {k: _plain(v) for k, v in
+                                               dataclasses.asdict(profiles.evaluation(profile)).items()}}
+    return {"ops": ops}
 
 
-class RevisionConfig(dg.Config):
-    revision_tokens: int = Field(default=_SIM.revision_tokens, ge=16)
-    require_refusal: bool = Field(
-        default=True,
-        description="Safety net for small models: a revision that neither declines nor redirects (rule-based check) "
-        "is replaced by the recorded fallback answer. Turn off with a capable model.",
-    )
-
-
-ALL_METHODS = ["matrix", "cai", "initial_sft"]
-
-
-class SFTDatasetConfig(dg.Config):
-    prompt_sets: list[str] | None = Field(default=None, description="Prompt sets to train on (None: every harmful set loaded).")
-    methods: list[str] = Field(
-        default=ALL_METHODS,
-        description="One dataset per method: matrix (simulation revisions), cai (fixed-principle revisions), "
-        "initial_sft (the model's own initial answers, the fine-tuning-only control).",
-    )
-    benign_set: str = Field(default="vicuna_bench", description="Benign prompts answered by the model itself.")
-    benign_ratio: float = Field(default=0.5, ge=0.0, description="Benign examples per revised example.")
-    answer_tokens: int = Field(default=_SIM.answer_tokens, ge=8)
-
-
-class TrainConfig(dg.Config):
-    methods: list[str] | None = Field(default=None, description="Train one adapter per method (None: every method with a dataset).")
-    lora_r: int = Field(default=_LORA.r, description="LoRA rank (paper: 8).")
-    lora_alpha: int = Field(default=_LORA.alpha)
-    lora_dropout: float = Field(default=_LORA.dropout)
-    epochs: float = Field(default=_TRAIN.epochs)
-    max_steps: int = Field(default=_TRAIN.max_steps, description="> 0 overrides epochs.")
-    learning_rate: float = Field(default=_TRAIN.learning_rate)
-    batch_size: int = Field(default=_TRAIN.batch_size, ge=1)
-    max_length: int = Field(default=_TRAIN.max_length, ge=32)
-
-    def lora(self) -> LoraSettings:
-        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
-
-    def train(self) -> TrainSettings:
-        return TrainSettings(
-            epochs=self.epochs, max_steps=self.max_steps, learning_rate=self.learning_rate,
-            batch_size=self.batch_size, max_length=self.max_length,
-        )
-
-
-class EvaluationConfig(dg.Config):
-    prompt_sets: list[str] | None = Field(default=None, description="Harmful sets whose eval split is used (None: all loaded harmful sets).")
-    max_harmful_per_set: int | None = Field(default=None, description="Held-out harmful prompts per set (None: all).")
-    max_over_refusal: int | None = Field(default=None, description="XSTest safe prompts (None: all 250).")
-    max_helpfulness: int | None = Field(default=None, description="Held-out Vicuna-Bench prompts (None: all).")
-    answer_tokens: int = Field(default=_SIM.answer_tokens, ge=8)
-    methods: list[str] | None = Field(default=None, description="Evaluate the latest checkpoint of these methods (None: all).")
-    champion_method: str = Field(default="matrix", description="Whose checkpoint may move the `champion` alias.")
-    helpfulness_margin: float = Field(default=0.10, ge=0.0, description="Net helpfulness the champion may lose.")
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,18 +1,42 @@
+"""Jobs: the per-prompt-set stages and the train-and-evaluate stages, each with the quick profile as the
+Launchpad's default and a `_paper` twin with the paper profile; and evaluation alone, for judging existing
+checkpoints on new prompt sets without retraining."""
+
 import dagster as dg
 
+from matrix_assets.defs.configs import profile_run_config
 from matrix_assets.defs.partitions import prompt_sets_partitions
+from matrix_assets.methods import registry
 
-# Per prompt set: load, answer, simulate, critique, revise (and the comparison baselines' revisions).
-simulate_prompt_set = dg.define_asset_job(
-    "simulate_prompt_set",
-    selection=dg.AssetSelection.groups("prompts", "matrix_simulation", "baselines"),
-    partitions_def=prompt_sets_partitions,
-    description="The per-prompt MATRIX stages for one prompt set (a partition).",
-)
+PER_PROMPT_SET = dg.AssetSelection.groups("prompts", *registry()) - dg.AssetSelection.keys(
+    *[dg.AssetKey([m, leaf]) for m in registry() for leaf in ("training_set", "checkpoint")])
+TRAIN_AND_EVALUATE = (dg.AssetSelection.keys(*[dg.AssetKey([m, leaf]) for m in registry()
+                                               for leaf in ("training_set", "checkpoint")])
+                      | dg.AssetSelection.groups("evaluation"))
 
-# Across every prompt set: build the SFT data, train the LoRA checkpoint, evaluate it against base.
-train_and_evaluate = dg.define_asset_job(
-    "train_and_evaluate",
-    selection=dg.AssetSelection.groups("training", "evaluation"),
-    description="SFT dataset from all revised answers, LoRA fine-tuning, base-vs-tuned evaluation.",
-)
+
+def _jobs() -> list:
+    jobs = []
+    for profile, suffix in (("quick", ""), ("paper", "_paper")):
+        jobs.append(dg.define_asset_job(
+            f"simulate_prompt_set{suffix}", selection=PER_PROMPT_SET, partitions_def=prompt_sets_partitions,
+            config=profile_run_config(profile, partitioned=True),
+            description=f"Every method's data stages for one prompt set (a partition), {profile} profile.",
+        ))
+        jobs.append(dg.define_asset_job(
+            f"train_and_evaluate{suffix}", selection=TRAIN_AND_EVALUATE,
+            config=profile_run_config(profile, partitioned=False),
+            description=f"Training sets, LoRA checkpoints, judge validation and base-vs-tuned evaluation, "
+            f"{profile} profile.",
+        ))
+    jobs.append(dg.define_asset_job(
+        "evaluate_checkpoints", selection=dg.AssetSelection.groups("evaluation"),
+        description="Judge validation and evaluation of the latest checkpoints, without retraining (set "
+        "harmful_sets / safe_sets / helpfulness_sets in the Launchpad to evaluate on a new prompt set).",
+    ))
+    return jobs
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(jobs=_jobs())

@@ -55,9 +55,18 @@ class LLMResource(dg.ConfigurableResource):
     def check(self) -> None:
         """Fail fast, before expensive work, if the backend cannot work (missing model, server down)."""
 
+    @abstractmethod
+    def model_identity(self) -> str:
+        """The base model's `model_id`, known without loading it (records are keyed by it)."""
+
     def base_model_path(self) -> str:
         """A local folder with the base weights, for training. Remote backends cannot provide one."""
         raise BackendError(f"{type(self).__name__} has no local base model to fine-tune; use LocalTransformersLLM")
+
+    def base_model_name(self) -> str:
+        """The base model as `models.resolve_model_path` finds it on any machine with this package (the bundled
+        alias, a hub id) or this one (a folder): what a registered checkpoint records to load itself."""
+        return self.base_model_path()
 
     def cached(
         self, store: Store, adapter_path: str | None = None, progress: ProgressCallback | None = None
@@ -100,16 +109,25 @@ class LocalTransformersLLM(LLMResource):
     def check(self) -> None:
         check_model_available(self.model)
 
+    def model_identity(self) -> str:
+        return self.model
+
+    def base_model_name(self) -> str:
+        return self.model
+
     def base_model_path(self) -> str:
         return resolve_model_path(self.model)
 
 
 class OpenAICompatibleLLM(LLMResource):
-    """A vLLM / TGI / llama.cpp server. The API key is read from the named environment variable only."""
+    """A vLLM / TGI / llama.cpp server. The API key comes from the environment: `api_key=dg.EnvVar("NAME")`
+    (resolved at launch, stored as the variable's name only), or the variable named by `api_key_env`."""
 
     base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
     model: str = Field(description="Model name as the server knows it.")
-    api_key_env: str | None = Field(default="OPENAI_API_KEY", description="Environment variable with the key.")
+    api_key: str | None = Field(default=None, description="Set with dg.EnvVar(NAME): never a literal key.")
+    api_key_env: str | None = Field(default="OPENAI_API_KEY",
+                                    description="Environment variable with the key, when api_key is not set.")
     max_concurrency: int = Field(default=8, description="Requests in flight at once.")
     timeout_s: float = 60.0
     max_retries: int = 3
@@ -127,16 +145,19 @@ class OpenAICompatibleLLM(LLMResource):
         from matrix_assets.llm.openai_backend import OpenAICompatibleBackend
 
         return _shared(
-            ("openai", self.base_url, self.model, self.api_key_env, self.max_concurrency, self.timeout_s,
-             self.max_retries),
+            ("openai", self.base_url, self.model, self.api_key_env, self.api_key, self.max_concurrency,
+             self.timeout_s, self.max_retries),
             lambda: OpenAICompatibleBackend(
-                self.base_url, self.model, api_key_env=self.api_key_env, max_concurrency=self.max_concurrency,
-                timeout_s=self.timeout_s, max_retries=self.max_retries,
+                self.base_url, self.model, api_key_env=self.api_key_env, api_key=self.api_key,
+                max_concurrency=self.max_concurrency, timeout_s=self.timeout_s, max_retries=self.max_retries,
             ),
         )
 
     def check(self) -> None:
         self.backend().check_health()  # type: ignore[attr-defined]
+
+    def model_identity(self) -> str:
+        return f"openai:{self.model}@{self.base_url.rstrip('/')}"
 
     def base_model_path(self) -> str:
         if not self.local_model_for_training:
@@ -158,6 +179,9 @@ class FakeLLM(LLMResource):
 
     def check(self) -> None:
         return None
+
+    def model_identity(self) -> str:
+        return "fake-llm"
 
     def base_model_path(self) -> str:
         if not self.tiny_model_path:
@@ -227,6 +251,18 @@ class MLflowResource(dg.ConfigurableResource):
         # Never leave a run active in the process, whatever happens inside.
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
             yield run
+
+    def register_adapter(self, run_id: str, adapter_dir: Any, base_model: str, tags: dict[str, str]) -> str:
+        """Log the checkpoint as a loadable pyfunc model (base model identity + adapter) in the active run and
+        register it as a version of `registered_model_name`; returns the version as MLflow gives it."""
+        import mlflow
+
+        from matrix_assets.llm.pyfunc import log_adapter_model
+
+        info = log_adapter_model(adapter_dir, base_model)
+        self.client()  # sets the tracking URI for the registry call below
+        version = mlflow.register_model(info.model_uri, self.registered_model_name, tags=tags)
+        return str(version.version)
 
     def run_url(self, run_id: str) -> str:
         return f"{self.ui_url}/#/experiments/{self.experiment_id()}/runs/{run_id}"
@@ -303,10 +339,12 @@ def llm_from_env(prefix: str = "MATRIX_") -> LLMResource:
             prepack_weights=_env_flag(f"{prefix}PREPACK_WEIGHTS", True),
         )
     if kind == "openai":
+        key_env = env(f"{prefix}OPENAI_API_KEY_ENV", "OPENAI_API_KEY")
         return OpenAICompatibleLLM(
             base_url=env(f"{prefix}OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),
             model=env(f"{prefix}MODEL", DEFAULT_MODEL),
-            api_key_env=env(f"{prefix}OPENAI_API_KEY_ENV", "OPENAI_API_KEY"),
+            api_key=dg.EnvVar(key_env) if key_env and env(key_env) else None,
+            api_key_env=key_env,
             local_model_for_training=env(f"{prefix}LOCAL_MODEL"),
             batch_size=batch_size,
         )

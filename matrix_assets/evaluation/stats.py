@@ -126,8 +126,11 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2.0 * n)) / denom
     half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
-    # Clamp only float noise: mathematically the interval lies in [0, 1].
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # At k = 0 (k = n) the bound is exactly 0 (1); set it so float noise cannot leave 1e-17 or
+    # 0.9999999999999999. Otherwise clamp float noise only: the interval lies in [0, 1].
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return (low, high)
 
 
 # ------------------------------------------------------------------------- paired comparison

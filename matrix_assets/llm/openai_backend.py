@@ -5,9 +5,9 @@ sent as concurrent requests (at most `max_concurrency` in flight) over one share
 transient failures (connection errors, timeouts, HTTP 429 and 5xx) are retried with exponential
 backoff, other 4xx responses fail at once.
 
-The API key is never part of the configuration: it is read from the environment variable named by
-`api_key_env` each time a request is built, sent only as a Bearer header, and kept out of `repr`,
-logs and error messages.
+The API key is never part of a stored configuration: the Dagster resource resolves it from the environment at
+launch (`dg.EnvVar`), standalone use reads the environment variable named by `api_key_env`; either way it is sent
+only as a Bearer header and kept out of `repr`, logs and error messages.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class OpenAICompatibleBackend(ChatBackend):
         backoff_s: float = 0.5,
         *,
         client: httpx.Client | None = None,
+        api_key: str | None = None,
     ) -> None:
         if not base_url:
             raise ValueError("base_url must not be empty")
@@ -78,6 +79,7 @@ class OpenAICompatibleBackend(ChatBackend):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
+        self._key = api_key or None  # resolved by the caller (Dagster's EnvVar); never in repr or logs
         self.max_concurrency = int(max_concurrency)
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
@@ -301,6 +303,8 @@ class OpenAICompatibleBackend(ChatBackend):
         return [(str(t["token"]), float(t["logprob"])) for t in content[0]["top_logprobs"]]
 
     def _api_key(self) -> str | None:
+        if self._key:
+            return self._key
         if not self.api_key_env:
             return None
         return os.environ.get(self.api_key_env) or None

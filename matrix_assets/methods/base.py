@@ -135,6 +135,7 @@ class Method:
     control: bool = False  # a named control, not a method: the only kind allowed to train on fixed text
     profiles: Mapping[str, Any] = field(default_factory=dict)  # "paper" (and others) -> settings instance
     order: int = 100  # position in tables and listings
+    objective: Any = None  # the trainer's loss settings when `trainer` is not plain SFT
 
     def profile(self, name: str) -> Any:
         if name == "quick":

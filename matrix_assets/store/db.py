@@ -44,7 +44,7 @@ class SchemaMismatchError(RuntimeError):
 
 
 def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")  # no same-second ties
 
 
 def _set_wal(cursor: Any, attempts: int = 100) -> None:
@@ -72,7 +72,8 @@ def default_database_url() -> str:
 
 
 def _split_sql(script: str) -> list[str]:
-    lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
+    # Comments go first (a semicolon may appear in one); the DDL has no string literal containing "--".
+    lines = [line.split("--", 1)[0].rstrip() for line in script.splitlines()]
     return [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
 
 
@@ -438,6 +439,12 @@ class Store:
             if (methods is None or row["method"] in methods) and row["method"] not in latest:
                 latest[row["method"]] = row
         return [latest[m] for m in order if m in latest]
+
+    def touch_checkpoint(self, checkpoint_id: str, dagster_run_id: str) -> None:
+        """A reused checkpoint is the latest build from now on (evaluation picks the newest `built_at`)."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE checkpoints SET built_at = :t, dagster_run_id = :r WHERE checkpoint_id = :c"),
+                         {"t": utcnow(), "r": dagster_run_id, "c": checkpoint_id})
 
     def checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM checkpoints WHERE checkpoint_id = :c", c=checkpoint_id)

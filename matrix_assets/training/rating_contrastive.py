@@ -124,11 +124,16 @@ class StableAlignmentConfig(SFTConfig):
 
 
 def groups_to_rows(groups: Sequence[Any]) -> list[dict]:
-    """Dataset rows from rated groups (anything with `group_id`, `prompt` and `responses` of `text` / `rating`)."""
+    """Dataset rows from rated groups: anything with `group_id`, `prompt` and `responses` of `text` / `rating`
+    (Stable Alignment's `RatedGroup`, or a method's `TrainingGroup`, whose `excluded` ones are left out)."""
     rows = []
     for g in groups:
+        if getattr(g, "excluded", None):
+            continue
         if not g.responses:
             raise ValueError(f"group {g.group_id} has no responses")
+        if any(r.rating is None for r in g.responses):
+            raise ValueError(f"group {g.group_id} has a response without a rating: the loss needs every rating")
         rows.append({
             "group_id": g.group_id,
             "prompt": g.prompt,

@@ -146,6 +146,14 @@ def train_lora(
         raise TypeError("the Stable Alignment objective trains on rated groups (RatedGroup), not SFT examples")
     if not stable and not all(isinstance(e, SFTExample) for e in examples):
         raise TypeError("the SFT objective trains on SFTExample pairs")
+    if stable:
+        from matrix_assets.training.rating_contrastive import groups_to_rows
+
+        rows = groups_to_rows(examples)
+        if not rows:
+            raise ValueError("no training groups: every rated group was excluded")
+    else:
+        rows = to_conversational(examples)
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -196,9 +204,7 @@ def train_lora(
         task_type="CAUSAL_LM",
     )
     if stable:
-        from matrix_assets.training.rating_contrastive import (
-            StableAlignmentConfig, StableAlignmentTrainer, groups_to_rows,
-        )
+        from matrix_assets.training.rating_contrastive import StableAlignmentConfig, StableAlignmentTrainer
 
         trainer = StableAlignmentTrainer(
             model=model,
@@ -207,7 +213,7 @@ def train_lora(
                 rating_scale=objective.rating_scale, group_size=objective.group_size,
                 loss_variant=objective.loss_variant,
             ),
-            train_dataset=Dataset.from_list(groups_to_rows(examples)),
+            train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[_Recorder()],
@@ -218,7 +224,7 @@ def train_lora(
         trainer = SFTTrainer(
             model=model,
             args=SFTConfig(**common),
-            train_dataset=Dataset.from_list(to_conversational(examples)),
+            train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[_Recorder()],
@@ -231,11 +237,11 @@ def train_lora(
     tokenizer.save_pretrained(adapter_dir)
     (adapter_dir / "matrix_training.json").write_text(
         json.dumps({"base_model": base_model_path, "lora": asdict(lora), "train": asdict(train),
-                    "objective": asdict(objective), "n_examples": len(examples)}, indent=2)
+                    "objective": asdict(objective), "n_examples": len(rows)}, indent=2)
     )
     return TrainResult(
         adapter_path=adapter_dir,
-        n_examples=len(examples),
+        n_examples=len(rows),
         steps=int(trainer.state.global_step),
         seconds=seconds,
         losses=losses,

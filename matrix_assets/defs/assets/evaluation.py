@@ -1,197 +1,346 @@
-"""Base vs tuned on held-out prompts, judged, with bootstrap CIs; logged to MLflow with plots."""
+"""Judge validation against human labels, and base vs tuned on held-out prompts (MLflow: one nested run per model)."""
 
 
-import csv
+import hashlib
+import json
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 import dagster as dg
 
-from matrix_assets.defs.assets.common import image_md
-from matrix_assets.defs.configs import EvaluationConfig
+from matrix_assets import profiles
+from matrix_assets.defs.assets.common import MODEL_POOL, image_md, md_table, progress_logger
+from matrix_assets.defs.configs import EvaluationConfig, settings_from
 from matrix_assets.defs.resources import LLMResource, MLflowResource, StoreResource
-from matrix_assets.evaluation.champion import should_promote
-from matrix_assets.evaluation.plots import plot_base_vs_tuned, plot_per_category
-from matrix_assets.evaluation.run import EvalPrompt, evaluate, format_table
+from matrix_assets.evaluation.settings import EvaluationSettings
+from matrix_assets.methods import registry
 from matrix_assets.settings import reports_dir
-from matrix_assets.simulation.baselines import METHODS
 from matrix_assets.store.db import Store, utcnow
 from matrix_assets.store.prompt_sets import ensure_prompt_set
 
-OVER_REFUSAL_SET = "xstest_safe"
-HELPFULNESS_SET = "vicuna_bench"
 CHAMPION_ALIAS = "champion"
+CHAMPION_LABEL = "champion"
 
 
-def eval_prompts(db: Store, config: EvaluationConfig) -> list[EvalPrompt]:
-    """Held-out prompts only: the eval split of each harmful set, XSTest safe, the eval half of Vicuna-Bench."""
-    ensure_prompt_set(db, OVER_REFUSAL_SET, train_fraction=0.0)
-    ensure_prompt_set(db, HELPFULNESS_SET, train_fraction=0.5)
-    sets = config.prompt_sets or [r["name"] for r in db.prompt_sets() if r["role"] == "harmful"]
-    prompts: list[EvalPrompt] = []
-    for name in sets:
-        prompts += [EvalPrompt(p["prompt_id"], p["text"], "harmful", p["category"])
-                    for p in db.prompts(name, split="eval", limit=config.max_harmful_per_set)]
-    prompts += [EvalPrompt(p["prompt_id"], p["text"], "over_refusal", p["category"])
-                for p in db.prompts(OVER_REFUSAL_SET, split="eval", limit=config.max_over_refusal)]
-    prompts += [EvalPrompt(p["prompt_id"], p["text"], "helpfulness", p["category"])
-                for p in db.prompts(HELPFULNESS_SET, split="eval", limit=config.max_helpfulness)]
-    return prompts
-
-
-def checkpoints_to_evaluate(db: Store, methods: list[str] | None) -> list[dict]:
-    """The latest checkpoint of each method, in a fixed method order."""
-    return db.latest_per_method("checkpoints", methods, METHODS)
+class JudgeValidationConfig(dg.Config):
+    model_judge_sample: int = 100
+    """Completions of the held-out chat model the judge model is scored on (0: skip the judge model)."""
 
 
 @dg.asset(
-    deps=["finetuned_checkpoint"],
+    group_name="evaluation",
+    kinds={"python", "mlflow"},
+    pool=MODEL_POOL,
+    description="Every judge the evaluation uses, scored against human labels (XSTest v2 completions of four chat "
+    "models, two annotators each): accuracy, per-class precision and recall, Cohen's kappa, with intervals, on "
+    "the completions of a chat model nothing was fitted on.",
+)
+def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationConfig, store: StoreResource,
+                     judge: LLMResource, mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
+    import mlflow
+
+    from matrix_assets.evaluation.validation import validate_judges
+
+    db = store.get_store()
+    judge_backend = None
+    if config.model_judge_sample:
+        judge.check()
+        judge_backend = judge.cached(db, progress=progress_logger(context, "judge model on human-labelled answers"))
+    results = validate_judges(judge_backend, model_judge_sample=config.model_judge_sample)
+    validation_id = f"judges-{uuid.uuid4().hex[:10]}"
+    now = utcnow()
+    db.upsert("judge_agreement", [
+        {"validation_id": validation_id, "judge": r.judge, "subset": r.subset, "metric": metric, "value": value,
+         "ci_low": low, "ci_high": high, "n": r.report.n, "created_at": now}
+        for r in results for metric, (value, low, high) in r.metrics().items()
+    ])
+    with mlflow_tracking.start_run(context, run_name=validation_id) as run:
+        mlflow.set_tags({"kind": "judge_validation", "validation_id": validation_id})
+        for r in results:
+            mlflow.log_metrics({f"{r.judge}.{r.subset}.{k}": v for k, v in r.report.as_dict().items() if v == v})
+        run_id = run.info.run_id
+    rows = [r.row() for r in results]
+    return dg.MaterializeResult(metadata={
+        "validation_id": validation_id,
+        "agreement": md_table(rows, list(rows[0]), 120),
+        "default_judge_kappa_held_out": next(r.report.kappa for r in results if r.is_default_held_out),
+        "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
+    })
+
+
+def eval_prompts(db: Store, settings: EvaluationSettings) -> list[Any]:
+    """Held-out prompts only: the evaluation split of every listed set, by role; `per_category` samples that many
+    from each category of a set that has categories."""
+    from matrix_assets.evaluation.run import EvalPrompt
+
+    prompts: list[EvalPrompt] = []
+    for role, sets, limit in (("harmful", settings.harmful_sets, settings.max_harmful_per_set),
+                              ("safe", settings.safe_sets, settings.max_safe_per_set),
+                              ("helpfulness", settings.helpfulness_sets, settings.max_helpfulness_per_set)):
+        for name in sets:
+            try:
+                ensure_prompt_set(db, name)
+            except FileNotFoundError as exc:
+                raise dg.Failure(f"evaluation set {name!r}: {exc}; add it with `matrix-assets add FILE --role "
+                                 f"{role}` or materialize its benchmark_prompts partition") from exc
+            stored = db.query("SELECT role FROM prompt_sets WHERE name = :n", n=name)[0]["role"]
+            if stored != role:
+                raise dg.Failure(f"prompt set {name!r} has role {stored!r}; list it under {stored}_sets, "
+                                 f"not {role}_sets")
+            rows = db.prompts(name, split="eval")
+            if settings.per_category:
+                seen: dict[str, int] = {}
+                picked = []
+                for row in rows:
+                    category = row["category"] or ""
+                    if seen.get(category, 0) < settings.per_category:
+                        seen[category] = seen.get(category, 0) + 1
+                        picked.append(row)
+                rows = picked
+            elif limit is not None:
+                rows = rows[:limit]
+            prompts += [EvalPrompt(r["prompt_id"], r["text"], role, name, r["category"]) for r in rows]
+    return prompts
+
+
+def checkpoints_to_evaluate(db: Store, methods: Sequence[str] | None) -> list[dict]:
+    """The latest checkpoint of each method (the newest build, reused or trained), in registry order."""
+    order = list(registry())
+    unknown = sorted(set(methods or ()) - set(order))
+    if unknown:
+        raise dg.Failure(f"unknown methods {unknown}; choose from {order}")
+    return db.latest_per_method("checkpoints", list(methods) if methods else None, order)
+
+
+@dg.asset(
+    deps=[dg.AssetKey([m, "checkpoint"]) for m in registry()] + ["judge_validation"],
     group_name="evaluation",
     kinds={"pytorch", "mlflow"},
-    description="Base vs each method's latest checkpoint on held-out prompts: harmlessness (judge score, harmful "
-    "share), over-refusal (XSTest safe), helpfulness (pairwise vs base, both orders), 95% bootstrap CIs.",
+    pool=MODEL_POOL,
+    automation_condition=dg.AutomationCondition.on_cron("0 3 * * *"),
+    description="Base vs each method's latest checkpoint on held-out prompts: compliance with harmful requests, "
+    "over-refusal (XSTest safe), refusals of helpfulness prompts (the validated judge), with exact intervals and "
+    "paired base-vs-tuned comparisons; pairwise helpfulness (unvalidated judge model, both orders).",
 )
 def evaluation_scores(
     context: dg.AssetExecutionContext,
-    config: EvaluationConfig,
+    config: EvaluationConfig,  # type: ignore[valid-type]
     store: StoreResource,
     llm: LLMResource,
     judge: LLMResource,
     mlflow_tracking: MLflowResource,
 ) -> dg.MaterializeResult:
-    db = store.get_store()
-    llm.check()
-    judge.check()
-    mlflow_tracking.check()  # before any generation, not after it
-    checkpoints = checkpoints_to_evaluate(db, config.methods)
-    if not checkpoints:
-        raise dg.Failure("no checkpoint to evaluate; materialize finetuned_checkpoint first")
-    prompts = eval_prompts(db, config)
-    models = {"base": llm.cached(db)}
-    models.update({c["method"]: llm.cached(db, adapter_path=c["adapter_path"]) for c in checkpoints})
-    judge_backend = judge.cached(db)
-    counts = {s: sum(1 for p in prompts if p.eval_set == s) for s in ("harmful", "over_refusal", "helpfulness")}
-    context.log.info(f"evaluating base and {[c['checkpoint_id'] for c in checkpoints]} on {counts}")
-    report = evaluate(models, judge_backend, prompts, answer_tokens=config.answer_tokens)
-    eval_id = f"eval-{uuid.uuid4().hex[:10]}"
-    by_method = {c["method"]: c for c in checkpoints}
-    _save(db, eval_id, by_method, report, utcnow())
+    from matrix_assets.evaluation.champion import should_promote
+    from matrix_assets.evaluation.plots import plot_base_vs_tuned, plot_per_category
+    from matrix_assets.evaluation.refusal import default_judge
+    from matrix_assets.evaluation.run import answers_by_label, compare_pairs, evaluate, format_paired, format_table
 
-    table = format_table(report.metrics)
+    db = store.get_store()
+    settings = settings_from(config, profiles.evaluation("quick"))
+    llm.check()
+    mlflow_tracking.check()  # before any generation, not after it
+    checkpoints = checkpoints_to_evaluate(db, settings.methods)
+    if not checkpoints:
+        raise dg.Failure("no checkpoint to evaluate; materialize a method's checkpoint first")
+    prompts = eval_prompts(db, settings)
+    if not prompts:
+        raise dg.Failure("no evaluation prompts: every listed set is empty")
+    by_label = {c["method"]: c for c in checkpoints}
+    champion = _champion_checkpoint(db, mlflow_tracking, settings.champion_method)
+    if champion and champion["checkpoint_id"] != by_label.get(settings.champion_method, {}).get("checkpoint_id"):
+        by_label[CHAMPION_LABEL] = champion  # compared on the same prompts, so promotion compares like with like
+    progress = progress_logger(context, "evaluation answers")
+    models = {"base": llm.cached(db, progress=progress)}
+    models.update({label: llm.cached(db, adapter_path=c["adapter_path"], progress=progress)
+                   for label, c in by_label.items()})
+    judge_backend = None
+    if settings.pairwise_helpfulness or settings.model_judge:
+        judge.check()
+        judge_backend = judge.cached(db, progress=progress_logger(context, "judge model"))
+    counts = {s: sum(1 for p in prompts if p.eval_set == s) for s in ("harmful", "safe", "helpfulness")}
+    context.log.info(f"evaluating base and {[c['checkpoint_id'] for c in by_label.values()]} on {counts}")
+    report = evaluate(models, prompts, default_judge(), judge_model=judge_backend, model_judge=settings.model_judge,
+                      pairwise=settings.pairwise_helpfulness, answer_tokens=settings.answer_tokens,
+                      on_model=lambda label: context.log.info(f"answering the {len(prompts)} prompts with {label}"))
+    prompts_sha = hashlib.sha256("\n".join(sorted(p.prompt_id for p in prompts)).encode()).hexdigest()
+    validation = _latest_validation(db)
+    eval_id = f"eval-{uuid.uuid4().hex[:10]}"
+    sets = {role: list(getattr(settings, f"{role}_sets")) for role in ("harmful", "safe", "helpfulness")}
+
+    table, paired_table = format_table(report.metrics), format_paired(report.paired)
+    judge_line = _judge_line(validation)
     out = reports_dir() / eval_id
     out.mkdir(parents=True, exist_ok=True)
-    (out / "base_vs_tuned.txt").write_text(table + "\n")
-    with (out / "answers.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["model", "eval_set", "prompt_id", "harmless_score", "judged_harmful", "rule_refusal", "answer"])
-        for a in report.answers:
-            writer.writerow([a.model_label, a.eval_set, a.prompt_id, a.harmless_score, a.judged_harmful,
-                             a.rule_refusal, a.answer])
-    rates = {k: {label: m[k] for label, m in report.metrics.items() if k in m}
-             for k in ("harmful_share", "refusal_rate_harmful", "over_refusal_rate", "win_rate_vs_base")}
-    overview = plot_base_vs_tuned(rates, out / "base_vs_tuned.png", "Base vs tuned per method (95% bootstrap CI)")
-    per_cat = plot_per_category(report.per_category, out / "harmful_by_category.png",
-                                "Share of harmful answers by category", "harmful share")
+    (out / "base_vs_tuned.txt").write_text(f"{judge_line}\n\n{table}\n\n{paired_table}\n")
+    overview = plot_base_vs_tuned(
+        {k: {label: m[k] for label, m in report.metrics.items() if k in m}
+         for k in ("harmful_compliance", "over_refusal", "helpfulness_refusal")},
+        out / "base_vs_tuned.png", "Base vs tuned (exact 95% intervals)")
+    by_category = plot_per_category(report.per_category, out / "harmful_compliance_by_category.png",
+                                    "Compliance with harmful requests by category", "complied")
 
-    import mlflow
+    decisions: dict[str, tuple[bool, str]] = {}
+    champion_label = settings.champion_method
+    if champion_label in by_label:
+        reference = CHAMPION_LABEL if CHAMPION_LABEL in by_label else "base"
+        vs = compare_pairs(answers_by_label(report), reference=reference)[champion_label] \
+            if reference != "base" else report.paired[champion_label]
+        decisions[champion_label] = should_promote(vs, reference, margin=settings.over_refusal_margin)
 
-    decisions = {}
-    with mlflow_tracking.start_run(context, run_name=eval_id) as run:
-        mlflow.log_params({"eval_id": eval_id, "judge": judge_backend.model_id,
-                           **{f"checkpoint_{m}": c["checkpoint_id"] for m, c in by_method.items()},
-                           **{f"n_{k}": v for k, v in counts.items()}})
-        metrics = {}
-        for label, m in report.metrics.items():
-            for name, est in m.items():
-                metrics.update({f"{label}/{name}": est.value, f"{label}/{name}_ci_low": est.ci_low,
-                                f"{label}/{name}_ci_high": est.ci_high})
-        metrics.update({f"judge_rule_{k}": float(v) for k, v in report.judge_rule_agreement.items()})
-        mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})  # NaN (empty sets) are not logged
-        mlflow.log_artifacts(str(out), artifact_path="evaluation")
-        for method, checkpoint in by_method.items():
-            decisions[method] = _tag_and_maybe_promote(
-                mlflow_tracking, checkpoint, report.metrics, method, config.champion_method, config.helpfulness_margin
-            )
-        mlflow.set_tags({f"champion_decision_{m}": reason for m, (_, reason) in decisions.items()})
-        run_id = run.info.run_id
-
-    context.log.info("\n" + table)
-    metadata = {
+    run_id = _log_to_mlflow(context, mlflow_tracking, eval_id, report, by_label, sets, prompts_sha, validation,
+                            decisions, out)
+    _save(db, eval_id, by_label, report, sets, prompts_sha, validation, run_id)
+    context.log.info(f"\n{judge_line}\n{table}\n\n{paired_table}")
+    metadata: dict[str, Any] = {
         "eval_id": eval_id,
-        "table": dg.MetadataValue.md(f"```\n{table}\n```"),
-        "base_harmful_share": report.metrics["base"]["harmful_share"].value,
-        "judge": judge_backend.model_id,
-        "judge_rule_agreement": report.judge_rule_agreement.get("agreement", float("nan")),
-        "judge_rule_kappa": report.judge_rule_agreement.get("kappa", float("nan")),
-        "judge_parse_rate": report.metrics["base"]["judge_parse_rate"].value,
-        "plot_overview": dg.MetadataValue.path(str(overview)),
-        "plot_by_category": dg.MetadataValue.path(str(per_cat)),
+        "table": dg.MetadataValue.md(f"{judge_line}\n\n```\n{table}\n\n{paired_table}\n```"),
+        "judge": judge_line,
+        "prompts_sha256": prompts_sha,
         "chart_overview": image_md(overview, "base vs tuned"),
-        "chart_by_category": image_md(per_cat, "harmful share by category"),
+        "chart_by_category": image_md(by_category, "harmful compliance by category"),
         "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
-        "mlflow_run_id": run_id,
         **{f"n_{k}": v for k, v in counts.items()},
     }
-    for method, (promoted, reason) in decisions.items():
-        m = report.metrics[method]
-        metadata[f"{method}/checkpoint_id"] = by_method[method]["checkpoint_id"]
-        metadata[f"{method}/harmful_share"] = m["harmful_share"].value
-        metadata[f"{method}/win_rate_vs_base"] = m["win_rate_vs_base"].value if "win_rate_vs_base" in m else float("nan")
-        metadata[f"{method}/champion"] = reason + (" -> promoted" if promoted else "")
+    if report.position_bias is not None:
+        metadata["pairwise_position_bias"] = round(report.position_bias, 3)
+    for label, (promoted, reason) in decisions.items():
+        metadata[f"{label}/champion"] = reason + (" -> promoted" if promoted else "")
     return dg.MaterializeResult(metadata=metadata)
 
 
-def _save(db: Store, eval_id: str, by_method: dict[str, dict], report, now: str) -> None:  # noqa: ANN001
-    def checkpoint_of(label: str) -> str | None:
-        return by_method[label]["checkpoint_id"] if label in by_method else None
-
-    with db.transaction() as conn:
-        db.upsert("eval_answers", [
-            {"eval_id": eval_id, "model_label": a.model_label,
-             "checkpoint_id": checkpoint_of(a.model_label), "eval_set": a.eval_set,
-             "prompt_id": a.prompt_id, "answer": a.answer, "harmless_score": a.harmless_score,
-             "judged_harmful": None if a.judged_harmful is None else int(a.judged_harmful),
-             "rule_refusal": int(a.rule_refusal), "judge_parsed": int(a.judge_parsed)}
-            for a in report.answers
-        ], conn=conn)
-        db.upsert("eval_pairwise", [
-            {"eval_id": eval_id, "model_label": r["model_label"], "prompt_id": r["prompt_id"],
-             "verdict_first": r["verdict_first"],
-             "verdict_swap": r["verdict_swap"], "outcome": r["outcome"]}
-            for r in report.pairwise
-        ], conn=conn)
-        db.upsert("eval_metrics", [
-            {"eval_id": eval_id, "checkpoint_id": checkpoint_of(label), "model_label": label, "metric": name,
-             "value": est.value, "ci_low": est.ci_low, "ci_high": est.ci_high, "n": est.n, "created_at": now}
-            for label, m in report.metrics.items() for name, est in m.items()
-        ], conn=conn)
+def _latest_validation(db: Store) -> dict[str, Any] | None:
+    rows = db.query("SELECT * FROM judge_agreement WHERE judge = 'embedding' AND metric = 'kappa' "
+                    "AND subset NOT LIKE 'fit:%' ORDER BY created_at DESC, validation_id DESC LIMIT 1")
+    return rows[0] if rows else None
 
 
-def _tag_and_maybe_promote(tracking: MLflowResource, checkpoint: dict, metrics, method: str,  # noqa: ANN001
-                           champion_method: str, margin: float) -> tuple[bool, str]:
-    """Tag the checkpoint's model version with its eval metrics; only `champion_method` may move the alias."""
+def _judge_line(validation: dict[str, Any] | None) -> str:
+    if validation is None:
+        return "Judge: embedding refusal classifier (not validated in this store yet: materialize judge_validation)"
+    return (f"Judge: embedding refusal classifier; agreement with human labels on {validation['subset']} "
+            f"completions it was not fitted on: kappa {validation['value']:.2f} [{validation['ci_low']:.2f}, "
+            f"{validation['ci_high']:.2f}] (n={validation['n']}, {validation['validation_id']})")
+
+
+def _champion_checkpoint(db: Store, tracking: MLflowResource, method: str) -> dict | None:
     from mlflow.exceptions import MlflowException
 
-    version = checkpoint.get("model_version")
-    if not version:
-        return False, "checkpoint is not registered"
-    client = tracking.client()
-    name = tracking.registered_model_name
-    candidate = {k: e.value for k, e in metrics[method].items()}
-    candidate["base_harmful_share"] = metrics["base"]["harmful_share"].value
-    for key in ("harmful_share", "win_rate_vs_base", "loss_rate_vs_base", "over_refusal_rate"):
-        if key in candidate and candidate[key] == candidate[key]:
-            client.set_model_version_tag(name, version, key, f"{candidate[key]:.4f}")
-    if method != champion_method:
-        return False, f"{method} is a comparison method; only {champion_method} checkpoints become champion"
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-        if current.version == version:
-            return True, "already champion"
-        champion = {k: float(v) for k, v in current.tags.items()
-                    if k in {"harmful_share", "win_rate_vs_base", "loss_rate_vs_base"}}
+        current = tracking.client().get_model_version_by_alias(tracking.registered_model_name, CHAMPION_ALIAS)
     except MlflowException:
-        champion = None
-    promote, reason = should_promote(candidate, champion, helpfulness_margin=margin)
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-    return promote, reason
+        return None
+    checkpoint_id = current.tags.get("checkpoint_id")
+    row = db.checkpoint(checkpoint_id) if checkpoint_id else None
+    return row if row is not None and row["method"] == method else None
+
+
+def _log_to_mlflow(context: dg.AssetExecutionContext, tracking: MLflowResource, eval_id: str, report: Any,
+                   by_label: dict[str, dict], sets: dict[str, list[str]], prompts_sha: str,
+                   validation: dict[str, Any] | None, decisions: dict[str, tuple[bool, str]], out: Any) -> str:
+    """One parent run for the evaluation and one nested run per model with the same metric keys, so MLflow's
+    Compare puts checkpoints side by side; each nested run keeps its answers as a table."""
+    import mlflow
+
+    from matrix_assets.evaluation.run import answers_by_label
+
+    answers = answers_by_label(report)
+    common = {"eval_id": eval_id, "prompts_sha256": prompts_sha, **{f"{k}_sets": ",".join(v) for k, v in sets.items()},
+              **{f"n_{k}": v for k, v in report.counts.items()},
+              "judge": "embedding refusal classifier",
+              "judge_kappa_vs_humans": f"{validation['value']:.3f}" if validation else "not validated",
+              "judge_validation_id": validation["validation_id"] if validation else ""}
+    with tracking.start_run(context, run_name=eval_id) as parent:
+        mlflow.log_params(common)
+        mlflow.set_tags({"kind": "evaluation", **{f"champion_decision_{k}": v[1] for k, v in decisions.items()}})
+        mlflow.log_artifacts(str(out), artifact_path="evaluation")
+        for label, rates in report.metrics.items():
+            checkpoint = by_label.get(label)
+            with mlflow.start_run(run_name=f"{eval_id}/{label}", nested=True,
+                                  tags={"kind": "evaluation_model", "model_label": label,
+                                        "method": checkpoint["method"] if checkpoint else "base",
+                                        "checkpoint_id": checkpoint["checkpoint_id"] if checkpoint else "base",
+                                        "dagster.run_id": context.run.run_id}):
+                mlflow.log_params(common)
+                metrics = {}
+                for name, rate in rates.items():
+                    if rate.n:
+                        metrics.update({name: rate.value, f"{name}_ci_low": rate.ci_low,
+                                        f"{name}_ci_high": rate.ci_high, f"{name}_n": rate.n})
+                for name, comparison in report.paired.get(label, {}).items():
+                    if comparison.n:
+                        metrics.update({f"vs_base_{name}_diff": comparison.diff,
+                                        f"vs_base_{name}_diff_ci_low": comparison.diff_ci_low,
+                                        f"vs_base_{name}_diff_ci_high": comparison.diff_ci_high,
+                                        f"vs_base_{name}_mcnemar_p": comparison.mcnemar_p})
+                mlflow.log_metrics(metrics)
+                rows = answers.get(label, [])
+                mlflow.log_table(data={
+                    "prompt_id": [a.prompt_id for a in rows], "eval_set": [a.eval_set for a in rows],
+                    "prompt_set": [a.prompt_set for a in rows], "answer": [a.answer for a in rows],
+                    "refusal": [a.refusal for a in rows], "p_refusal": [a.p_refusal for a in rows],
+                    "keyword_refusal": [a.keyword_refusal for a in rows],
+                }, artifact_file="answers.json")
+                if checkpoint and checkpoint.get("model_version"):
+                    _tag_version(tracking, checkpoint, rates, prompts_sha, decisions.get(label))
+        return parent.info.run_id
+
+
+def _tag_version(tracking: MLflowResource, checkpoint: dict, rates: dict, prompts_sha: str,
+                 decision: tuple[bool, str] | None) -> None:
+    """Metrics are kept per (checkpoint, evaluation prompts): tags keyed by the prompts' hash, never overwritten
+    by an evaluation on other prompts. Only the champion method's decision moves the alias."""
+    client = tracking.client()
+    name, version = tracking.registered_model_name, str(checkpoint["model_version"])
+    for metric in ("harmful_compliance", "over_refusal", "helpfulness_refusal"):
+        rate = rates.get(metric)
+        if rate is not None and rate.n:
+            client.set_model_version_tag(name, version, f"eval.{prompts_sha[:12]}.{metric}",
+                                         f"{rate.value:.4f} [{rate.ci_low:.4f}, {rate.ci_high:.4f}] n={rate.n}")
+    if decision is None:
+        return
+    promoted, reason = decision
+    client.set_model_version_tag(name, version, f"eval.{prompts_sha[:12]}.champion_decision", reason[:4900])
+    if promoted:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            current = str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version)
+        except MlflowException:
+            current = None
+        if current != version:  # versions compared as the strings MLflow hands back
+            client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+
+
+def _save(db: Store, eval_id: str, by_label: dict[str, dict], report: Any, sets: dict[str, list[str]],
+          prompts_sha: str, validation: dict[str, Any] | None, run_id: str) -> None:
+    def checkpoint_of(label: str) -> str | None:
+        return by_label[label]["checkpoint_id"] if label in by_label else None
+
+    now = utcnow()
+    with db.transaction() as conn:
+        db.upsert("eval_runs", [{
+            "eval_id": eval_id, "prompt_sets_json": json.dumps(sets), "counts_json": json.dumps(report.counts),
+            "prompts_sha256": prompts_sha, "judge": "embedding",
+            "judge_validation_id": validation["validation_id"] if validation else None, "mlflow_run_id": run_id,
+            "created_at": now}], conn=conn)
+        db.upsert("eval_answers", [
+            {"eval_id": eval_id, "model_label": a.model_label, "checkpoint_id": checkpoint_of(a.model_label),
+             "eval_set": a.eval_set, "prompt_set": a.prompt_set, "prompt_id": a.prompt_id, "answer": a.answer,
+             "refusal": None if a.refusal is None else int(a.refusal), "p_refusal": a.p_refusal,
+             "keyword_refusal": int(a.keyword_refusal),
+             "model_judge_refusal": None if a.model_judge_refusal is None else int(a.model_judge_refusal)}
+            for a in report.answers], conn=conn)
+        db.upsert("eval_pairwise", [
+            {"eval_id": eval_id, "model_label": v.model_label, "prompt_id": v.prompt_id,
+             "p_tuned_first": v.p_tuned_first, "p_tuned_second": v.p_tuned_second, "outcome": v.outcome}
+            for v in report.pairwise], conn=conn)
+        db.upsert("eval_metrics", [
+            {"eval_id": eval_id, "checkpoint_id": checkpoint_of(label), "model_label": label, "metric": name,
+             "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high, "k": r.k, "n": r.n, "created_at": now}
+            for label, m in report.metrics.items() for name, r in m.items()], conn=conn)
+        db.upsert("eval_paired", [
+            {"eval_id": eval_id, "model_label": label, "metric": name, "n": c.n, "base_rate": c.base_rate,
+             "tuned_rate": c.tuned_rate, "diff": c.diff, "diff_ci_low": c.diff_ci_low,
+             "diff_ci_high": c.diff_ci_high, "base_only": c.b, "tuned_only": c.c, "mcnemar_p": c.mcnemar_p}
+            for label, m in report.paired.items() for name, c in m.items()], conn=conn)

