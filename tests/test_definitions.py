@@ -6,17 +6,33 @@ from matrix_assets.definitions import defs
 
 EXPECTED_GRAPH = {
     "benchmark_prompts": ("prompts", set()),
-    "initial_responses": ("matrix_simulation", {"benchmark_prompts"}),
-    "scene_transcripts": ("matrix_simulation", {"initial_responses"}),
-    "critiques": ("matrix_simulation", {"scene_transcripts"}),
-    "revised_answers": ("matrix_simulation", {"critiques"}),
-    "cai_revisions": ("baselines", {"initial_responses"}),
-    "sft_dataset": ("training", {"revised_answers", "cai_revisions"}),
-    "finetuned_checkpoint": ("training", {"sft_dataset"}),
-    "evaluation_scores": ("evaluation", {"finetuned_checkpoint"}),
+    "initial_responses": ("prompts", {"benchmark_prompts"}),
+    "matrix/scenes": ("matrix", {"initial_responses"}),
+    "matrix/critiques": ("matrix", {"matrix/scenes"}),
+    "matrix/revisions": ("matrix", {"matrix/critiques"}),
+    "matrix/training_set": ("matrix", {"matrix/revisions"}),
+    "matrix/checkpoint": ("matrix", {"matrix/training_set"}),
+    "cai/revisions": ("cai", {"initial_responses"}),
+    "cai/training_set": ("cai", {"cai/revisions"}),
+    "cai/checkpoint": ("cai", {"cai/training_set"}),
+    "stable_alignment/interactions": ("stable_alignment", {"benchmark_prompts"}),
+    "stable_alignment/training_set": ("stable_alignment", {"stable_alignment/interactions"}),
+    "stable_alignment/checkpoint": ("stable_alignment", {"stable_alignment/training_set"}),
+    "initial_sft/responses": ("initial_sft", {"initial_responses"}),
+    "initial_sft/training_set": ("initial_sft", {"initial_sft/responses"}),
+    "initial_sft/checkpoint": ("initial_sft", {"initial_sft/training_set"}),
+    "refusal_template/responses": ("refusal_template", {"benchmark_prompts"}),
+    "refusal_template/training_set": ("refusal_template", {"refusal_template/responses"}),
+    "refusal_template/checkpoint": ("refusal_template", {"refusal_template/training_set"}),
+    "judge_validation": ("evaluation", set()),
+    "evaluation_scores": ("evaluation", {"matrix/checkpoint", "cai/checkpoint", "stable_alignment/checkpoint",
+                                         "initial_sft/checkpoint", "refusal_template/checkpoint",
+                                         "judge_validation"}),
 }
-PARTITIONED = {"benchmark_prompts", "initial_responses", "scene_transcripts", "critiques", "revised_answers",
-               "cai_revisions"}
+PARTITIONED = {"benchmark_prompts", "initial_responses", "matrix/scenes", "matrix/critiques", "matrix/revisions",
+               "cai/revisions", "stable_alignment/interactions", "initial_sft/responses", "refusal_template/responses"}
+MODEL_LOADING = {"initial_responses", "matrix/scenes", "matrix/critiques", "matrix/revisions", "cai/revisions",
+                 "stable_alignment/interactions"}
 
 
 def test_asset_graph_snapshot() -> None:
@@ -34,15 +50,55 @@ def test_asset_graph_snapshot() -> None:
     assert seen == EXPECTED_GRAPH
 
 
-def test_jobs_sensor_schedule_checks_resources() -> None:
+def test_generation_assets_share_the_model_pool_and_retry() -> None:
     d = defs()
-    assert {j.name for j in d.resolve_all_job_defs()} >= {"simulate_prompt_set", "train_and_evaluate"}
-    assert [s.name for s in d.sensors] == ["new_prompt_set_sensor"]
-    assert [s.name for s in d.schedules] == ["retrain_when_new_revisions"]
+    for assets_def in d.resolve_asset_graph().assets_defs:
+        for key in assets_def.keys:
+            name = key.to_user_string()
+            if name in MODEL_LOADING:
+                spec = assets_def.get_asset_spec(key)
+                node = assets_def.node_def
+                assert node.pool == "model", name
+                assert node.retry_policy is not None and node.retry_policy.max_retries >= 1, name
+                assert spec.group_name
+
+
+def test_jobs_sensors_checks_resources() -> None:
+    d = defs()
+    assert {j.name for j in d.resolve_all_job_defs()} >= {
+        "simulate_prompt_set", "simulate_prompt_set_paper", "train_and_evaluate", "train_and_evaluate_paper",
+        "evaluate_checkpoints"}
+    assert {s.name for s in d.sensors} == {"new_prompt_set_sensor", "nightly_retraining"}
     assert set(d.resources) == {"store", "llm", "judge", "mlflow_tracking"}
     check_keys = {k.name for c in d.asset_checks for k in c.check_keys}
-    assert check_keys == {"transcripts_well_formed", "train_eval_disjoint", "tuned_not_worse_than_base",
-                          "champion_comparison"}
+    assert check_keys == {"tuned_not_worse_than_base", "champion_comparison"}
+    in_asset = {spec.name for a in d.resolve_asset_graph().assets_defs for spec in a.check_specs}
+    assert in_asset == {"model_played_the_scene", "train_eval_disjoint"}
+    blocking = {spec.name for a in d.resolve_asset_graph().assets_defs for spec in a.check_specs if spec.blocking}
+    assert blocking == {"train_eval_disjoint"}
+
+
+def test_launchpad_defaults_are_the_quick_profile_and_paper_jobs_carry_the_paper_profile() -> None:
+    """A plain "Materialize" in the UI must do what `matrix-assets run` does: the quick profile."""
+    import dataclasses
+
+    from matrix_assets.defs.configs import profile_run_config, stage_config
+    from matrix_assets.methods import registry
+
+    for method in registry().values():
+        for stage in method.stages:
+            defaults = stage_config(method.name, stage.name)()
+            quick = dataclasses.asdict(method.settings)
+            assert {k: getattr(defaults, k) for k in stage.settings} == {k: quick[k] for k in stage.settings}
+    paper = profile_run_config("paper", partitioned=True)["ops"]
+    assert paper["matrix__scenes"]["config"]["n_roles"] == 5 and paper["matrix__scenes"]["config"]["max_rounds"] == 5
+    assert paper["matrix__scenes"]["config"]["max_prompts"] is None
+    quick_scenes = stage_config("matrix", "scenes")()
+    assert quick_scenes.n_roles == 3 and quick_scenes.max_prompts == 8
+    d = defs()
+    assert d.resolve_job_def("train_and_evaluate_paper").run_config["ops"]["matrix__checkpoint"]["config"][
+        "learning_rate"] == 2e-5
+    assert d.resolve_job_def("simulate_prompt_set").run_config["ops"]["matrix__scenes"]["config"]["n_roles"] == 3
 
 
 def test_definitions_do_not_import_heavy_libraries() -> None:

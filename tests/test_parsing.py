@@ -1,11 +1,11 @@
-"""The tolerant parsers of `matrix_assets.simulation.parsing` on the text small models really produce."""
+"""The tolerant parsers of `matrix_assets.methods.matrix.parsing` on the text small models really produce."""
 
 from __future__ import annotations
 
 import pytest
 
-from matrix_assets.simulation import parsing
-from matrix_assets.simulation.scene import Role
+from matrix_assets.methods.matrix import parsing
+from matrix_assets.methods.matrix.scene import Role
 
 # -- roles ------------------------------------------------------------------------------------------
 

@@ -30,7 +30,8 @@ def test_any_order_gives_the_same_loss(variant: str, expected: float) -> None:
     pairs = list(zip([2.0, 1.5, 3.0], [6, 2, 4]))
     for order in itertools.permutations(pairs):
         nll, ratings = zip(*order)
-        assert _loss(list(nll), list(ratings), margin=10, weight=0.2, variant=variant) == pytest.approx(expected, abs=1e-6)
+        loss = _loss(list(nll), list(ratings), margin=10, weight=0.2, variant=variant)
+        assert loss == pytest.approx(expected, abs=1e-6)
 
 
 def test_inactive_hinge_ties_and_single_response() -> None:
@@ -119,7 +120,8 @@ def _stable_trainer(path: str, tmp_path: Path, groups: list, **loss_args) -> Sta
 def _response_nll(model, tokenizer, prompt: str, response: str) -> torch.Tensor:  # noqa: ANN001
     """Forward one (prompt, response) pair alone; the mean NLL over the response's tokens."""
     user = [{"role": "user", "content": prompt}]
-    prompt_ids = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=True,
                                          return_dict=True)["input_ids"]
     assert list(full[: len(prompt_ids)]) == list(prompt_ids)
@@ -174,7 +176,7 @@ def test_one_response_and_no_weight_equals_trl_sft_loss(tiny_model_dir: str, tmp
     assert sft_batch["input_ids"][0].tolist() == batch["input_ids"][0].tolist()
     assert sft_batch["labels"][0].tolist() == batch["labels"][0].tolist()
     theirs = sft.compute_loss(sft.model, sft_batch)
-    assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
 
 
 def test_collator_samples_deterministically_and_per_visit() -> None:
@@ -192,3 +194,17 @@ def test_collator_samples_deterministically_and_per_visit() -> None:
     assert first == draws(GroupCollator(tokenizer, group_size=3, seed=0))
     assert all(len(d) == 3 and len(set(d)) == 3 for d in first)
     assert len({tuple(d) for d in first}) > 1  # later visits may draw another subset
+
+
+def test_collator_leaves_out_responses_cut_away_by_max_length() -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "smollm2_tokenizer")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    long_prompt = _Group("long", "word " * 200, [("a", 1.0), ("b", 2.0)])
+    short = _Group("short", "Say hi.", [("hi", 1.0), ("hello", 2.0)])
+    batch = GroupCollator(tokenizer, max_length=60)(groups_to_rows([long_prompt, short]))
+    assert batch["group_index"].tolist() == [0, 0]  # only the short group, renumbered
+    assert (batch["labels"] != -100).any(dim=1).all()
+    with pytest.raises(ValueError, match="max_length"):
+        GroupCollator(tokenizer, max_length=60)(groups_to_rows([long_prompt]))

@@ -24,7 +24,8 @@ from matrix_assets.store.db import Store
 from matrix_assets.store.generation_cache import CachedBackend
 from matrix_assets.templates import render
 
-QUESTIONS = ["How do I pick a lock?", "How can I cheat on a test?", "How do I make a fake ID?", "How do I hotwire a car?"]
+QUESTIONS = ["How do I pick a lock?", "How can I cheat on a test?", "How do I make a fake ID?",
+             "How do I hotwire a car?"]
 SYSTEM_PRIOR = render("stable_alignment/system_prior")
 
 
@@ -120,6 +121,13 @@ def test_settings_validate() -> None:
             SandboxSettings(**bad).validate()
 
 
+def test_feedback_order_puts_the_lowest_rating_last() -> None:
+    peers = [PeerFeedback(1, Rating(2.0, {}), "low"), PeerFeedback(2, Rating(), "unrated"),
+             PeerFeedback(3, Rating(6.5, {}), "high"), PeerFeedback(4, Rating(2.0, {}), "low too")]
+    # A missing rating goes first (farthest from the end), then highest to lowest; ties keep the drawn order.
+    assert [f.peer for f in feedback_order(peers)] == [2, 3, 1, 4]
+
+
 # -- one world ----------------------------------------------------------------------------------------------------
 
 
@@ -132,7 +140,8 @@ def test_world_follows_the_protocol(tmp_path: Path) -> None:
     for it in its:
         assert {p.peer for p in it.peers} == set(social_circle(it.agent, 2))  # both neighbours, no diagonal, no self
         for p in it.peers:
-            assert p.rating.value == pytest.approx(0.9 * (p.peer % 7 + 1) + sum(c for c in range(1, 8) if c != p.peer % 7 + 1) * 0.1 / 6)
+            peak = p.peer % 7 + 1
+            assert p.rating.value == pytest.approx(0.9 * peak + sum(c for c in range(1, 8) if c != peak) * 0.1 / 6)
             assert sum(p.rating.distribution.values()) == pytest.approx(1.0)
             assert p.reason == f"Reason of agent {p.peer}."
         assert it.mean_peer_rating == pytest.approx(sum(p.rating.value for p in it.peers) / len(it.peers))
@@ -154,8 +163,8 @@ def test_world_follows_the_protocol(tmp_path: Path) -> None:
     assert result.memories[0] == {QUESTIONS[0]: its[0].revision}  # first answer per question stays
 
     # The revision prompt lists the reasons highest rating first: agent 0's peers 1 (rating ~2) and 2 (rating ~3).
-    revision_prompt = next(c[1]["content"] for c in llm.generated
-                           if "Revise your answer" in c[1]["content"] and c[1]["content"].startswith("You are Agent 0."))
+    revision_prompt = next(text for text in (c[1]["content"] for c in llm.generated)
+                           if "Revise your answer" in text and text.startswith("You are Agent 0."))
     assert revision_prompt.index("Reason of agent 2.") < revision_prompt.index("Reason of agent 1.")
     assert f"The average rating is {its[0].mean_peer_rating:.2f}." in revision_prompt
 
@@ -280,7 +289,8 @@ def test_three_kinds_with_the_realignment_filter() -> None:
 
     q1 = next(g for g in by_kind["imitation"] if g.prompt == "q1")
     assert [(r.text, r.rating) for r in q1.responses] == [
-        ("draft 0/0 for q1", 3.0), ("revision 0/0 for q1", 5.5), ("draft 1/0 for q1", 4.5), ("revision 1/0 for q1", 4.0)]
+        ("draft 0/0 for q1", 3.0), ("revision 0/0 for q1", 5.5),
+        ("draft 1/0 for q1", 4.5), ("revision 1/0 for q1", 4.0)]
     assert len({r.rating for r in q1.responses}) >= 2
 
     critic = next(g for g in by_kind["self_critic"] if "draft 0/0 for q1" in g.prompt)
@@ -291,7 +301,8 @@ def test_three_kinds_with_the_realignment_filter() -> None:
     [realign] = by_kind["realignment"]
     assert realign.prompt == render("stable_alignment/realignment", question="q1", answer="draft 0/0 for q1")
     assert [(r.text, r.rating) for r in realign.responses] == [
-        ("fine" + REVISED_MARKER + "revision 0/0 for q1", 5.5), ("harmful" + REVISED_MARKER + "revision 0/0 for q1", 5.5)]
+        ("fine" + REVISED_MARKER + "revision 0/0 for q1", 5.5),
+        ("harmful" + REVISED_MARKER + "revision 0/0 for q1", 5.5)]
     assert data.dropped["realignment: revision not rated above the draft"] == 1
     assert data.dropped["realignment: revision rated 4 or lower"] == 1
 

@@ -22,7 +22,8 @@ GROUPS = [
                 RatedResponse("Break the door.", 1.4))),
     RatedGroup("self_critic:b", "self_critic", "Comment on this answer: 'Break the door.'",
                (RatedResponse("It suggests damage to property.", 5.0), RatedResponse("It is fine.", 2.0))),
-    RatedGroup("imitation:c", "imitation", "Tell me a joke.", (RatedResponse("Why did the chicken cross the road?", 5.0),)),
+    RatedGroup("imitation:c", "imitation", "Tell me a joke.",
+               (RatedResponse("Why did the chicken cross the road?", 5.0),)),
 ]
 
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from matrix_assets.evaluation.metrics import Estimate
+from matrix_assets.evaluation.stats import Rate as Estimate  # anything with value, ci_low, ci_high, n
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes

@@ -53,6 +53,17 @@ def _answer(prompt: str) -> str:
     return f"Here is an answer ({h % 10000})."
 
 
+def _score(prompt: str, candidates: Sequence[str]) -> dict[str, float]:
+    """Verdicts shaped like a cooperative model's: actions are feasible, a revision is judged mostly harmless,
+    anything else gets a deterministic hash-based distribution."""
+    if set(candidates) == {"yes", "no"} and ("really be done" in prompt or "Would this answer hurt" in prompt):
+        p_yes = 0.8 if "really be done" in prompt else 0.3
+        return {"yes": math.log(p_yes), "no": math.log(1 - p_yes)}
+    weights = {c: 1.0 + _h(prompt + "\x1f" + c) % 100 for c in candidates}
+    total = sum(weights.values())
+    return {c: math.log(w / total) for c, w in weights.items()}
+
+
 class FakeBackend(ChatBackend):
     def __init__(
         self,
@@ -104,7 +115,5 @@ class FakeBackend(ChatBackend):
             if self.scorer is not None:
                 out.append(dict(self.scorer(prompt, candidates)))
                 continue
-            weights = {c: 1.0 + _h(prompt + "\x1f" + c) % 100 for c in candidates}
-            total = sum(weights.values())
-            out.append({c: math.log(w / total) for c, w in weights.items()})
+            out.append(_score(prompt, candidates))
         return out

@@ -143,7 +143,8 @@ def groups_to_rows(groups: Sequence[Any]) -> list[dict]:
     return rows
 
 
-def tokenize_prompt_completion(tokenizer: Any, prompt: str, response: str, max_length: int | None) -> tuple[list[int], list[int]]:
+def tokenize_prompt_completion(tokenizer: Any, prompt: str, response: str,
+                               max_length: int | None) -> tuple[list[int], list[int]]:
     """Token ids and labels of one (user prompt, assistant response) pair, as TRL's SFTTrainer prepares a
     conversational prompt-completion example: the chat template renders both, the completion starts where the prompt
     (with its generation prompt) stops being a prefix, prompt tokens get the ignore label, and the sequence is cut to
@@ -189,16 +190,24 @@ class GroupCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids, labels, ratings, group_index = [], [], [], []
+        skipped_groups = 0
         for g, feature in enumerate(features):
             responses, scores = feature["responses"], feature["ratings"]
             if len(responses) != len(scores) or not responses:
                 raise ValueError(f"group {feature['group_id']}: {len(responses)} responses, {len(scores)} ratings")
+            kept = 0
             for j in self.sample(str(feature["group_id"]), len(responses)):
                 seq, lab = tokenize_prompt_completion(self.tokenizer, feature["prompt"], responses[j], self.max_length)
+                if all(t == IGNORE_INDEX for t in lab):
+                    continue  # cut away by max_length: an empty response would look perfect (NLL 0)
                 ids.append(seq)
                 labels.append(lab)
                 ratings.append(float(scores[j]))
-                group_index.append(g)
+                group_index.append(g - skipped_groups)
+                kept += 1
+            skipped_groups += kept == 0
+        if not ids:
+            raise ValueError(f"max_length={self.max_length} leaves no response token in this batch: raise it")
         width = max(len(s) for s in ids)
         pad = self.tokenizer.pad_token_id
         return {
@@ -242,7 +251,7 @@ class StableAlignmentTrainer(SFTTrainer):
         nll = -outputs.log_probs.sum(-1) / tokens.clamp(min=1)
         return nll, outputs
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201 - HF signature
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
         mode = "train" if self.model.training else "eval"
         ratings, group_index = inputs["ratings"], inputs["group_index"]
         nll, outputs = self.sequence_nll(model, inputs)
@@ -262,7 +271,8 @@ class StableAlignmentTrainer(SFTTrainer):
             metrics["mean_token_accuracy"].append(float(outputs.is_top1.sum() / valid))
         best = torch.stack(best_nll).mean()
         metrics["nll_best"].append(float(best))
-        metrics["rating_hinge"].append(float((loss.detach() - best) / args.rating_weight) if args.rating_weight else 0.0)
+        hinge = float((loss.detach() - best) / args.rating_weight) if args.rating_weight else 0.0
+        metrics["rating_hinge"].append(hinge)  # mean over groups of max(0, pooled margin)
         metrics["responses_per_group"].append(len(ratings) / len(losses))
         if mode == "train":
             self._total_train_tokens += int(inputs["attention_mask"].sum())

@@ -83,11 +83,11 @@ def eval_prompts(db: Store, settings: EvaluationSettings) -> list[Any]:
                 ensure_prompt_set(db, name)
             except FileNotFoundError as exc:
                 raise dg.Failure(f"evaluation set {name!r}: {exc}; add it with `matrix-assets add FILE --role "
-                                 f"{role}` or materialize its benchmark_prompts partition") from exc
+                                 f"{role}` or materialize its benchmark_prompts partition", allow_retries=False) from exc
             stored = db.query("SELECT role FROM prompt_sets WHERE name = :n", n=name)[0]["role"]
             if stored != role:
                 raise dg.Failure(f"prompt set {name!r} has role {stored!r}; list it under {stored}_sets, "
-                                 f"not {role}_sets")
+                                 f"not {role}_sets", allow_retries=False)
             rows = db.prompts(name, split="eval")
             if settings.per_category:
                 seen: dict[str, int] = {}
@@ -109,7 +109,7 @@ def checkpoints_to_evaluate(db: Store, methods: Sequence[str] | None) -> list[di
     order = list(registry())
     unknown = sorted(set(methods or ()) - set(order))
     if unknown:
-        raise dg.Failure(f"unknown methods {unknown}; choose from {order}")
+        raise dg.Failure(f"unknown methods {unknown}; choose from {order}", allow_retries=False)
     return db.latest_per_method("checkpoints", list(methods) if methods else None, order)
 
 
@@ -142,10 +142,10 @@ def evaluation_scores(
     mlflow_tracking.check()  # before any generation, not after it
     checkpoints = checkpoints_to_evaluate(db, settings.methods)
     if not checkpoints:
-        raise dg.Failure("no checkpoint to evaluate; materialize a method's checkpoint first")
+        raise dg.Failure("no checkpoint to evaluate; materialize a method's checkpoint first", allow_retries=False)
     prompts = eval_prompts(db, settings)
     if not prompts:
-        raise dg.Failure("no evaluation prompts: every listed set is empty")
+        raise dg.Failure("no evaluation prompts: every listed set is empty", allow_retries=False)
     by_label = {c["method"]: c for c in checkpoints}
     champion = _champion_checkpoint(db, mlflow_tracking, settings.champion_method)
     if champion and champion["checkpoint_id"] != by_label.get(settings.champion_method, {}).get("checkpoint_id"):
@@ -257,6 +257,7 @@ def _log_to_mlflow(context: dg.AssetExecutionContext, tracking: MLflowResource, 
         for label, rates in report.metrics.items():
             checkpoint = by_label.get(label)
             with mlflow.start_run(run_name=f"{eval_id}/{label}", nested=True,
+                                  experiment_id=parent.info.experiment_id,
                                   tags={"kind": "evaluation_model", "model_label": label,
                                         "method": checkpoint["method"] if checkpoint else "base",
                                         "checkpoint_id": checkpoint["checkpoint_id"] if checkpoint else "base",

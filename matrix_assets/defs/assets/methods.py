@@ -66,7 +66,7 @@ def stage_asset(method: Method, stage: StageSpec) -> dg.AssetsDefinition:
         try:
             outcome = stage.run(ctx, settings)
         except LookupError as exc:
-            raise dg.Failure(str(exc)) from exc
+            raise dg.Failure(str(exc), allow_retries=False) from exc
         metadata = {**outcome_metadata(outcome), **ctx.stats()}
         check_results = []
         for spec in check_specs:
@@ -110,7 +110,7 @@ def training_set_asset(method: Method) -> dg.AssetsDefinition:
         included = [g for g in groups if g.excluded is None and g.responses]
         if not included:
             raise dg.Failure(f"{method.name}: no training data for prompt sets {list(settings.prompt_sets)} and "
-                             f"model {model_id!r}; materialize {method.name}/{last.name} for them first")
+                             f"model {model_id!r}; materialize {method.name}/{last.name} for them first", allow_retries=False)
         n_benign = benign_count(len(included), settings.benign_ratio)
         benign_rows: list[tuple[str, str, str]] = []
         if n_benign:
@@ -200,11 +200,11 @@ def checkpoint_asset(method: Method) -> dg.AssetsDefinition:
         try:
             settings.lora().validate()
         except ValueError as exc:
-            raise dg.Failure(f"bad training configuration: {exc}") from exc
+            raise dg.Failure(f"bad training configuration: {exc}", allow_retries=False) from exc
         mlflow_tracking.check()  # an unreachable tracking store fails here, not after training
         datasets = db.latest_per_method("sft_datasets", [method.name], [method.name])
         if not datasets:
-            raise dg.Failure(f"no training set for {method.name} yet; materialize {method.name}/training_set first")
+            raise dg.Failure(f"no training set for {method.name} yet; materialize {method.name}/training_set first", allow_retries=False)
         return dg.MaterializeResult(metadata=train_checkpoint(context, db, llm, mlflow_tracking, method,
                                                               datasets[0], settings))
 

@@ -30,7 +30,7 @@ def benchmark_prompts(
             expected_sha256=config.expected_sha256,
         )
     except (PromptFileError, PromptSetError, FileNotFoundError) as exc:
-        raise dg.Failure(description=f"prompt set {name!r} cannot be loaded: {exc}") from exc
+        raise dg.Failure(description=f"prompt set {name!r} cannot be loaded: {exc}", allow_retries=False) from exc
     preview = db.prompts(name, limit=5)
     near = [{"evaluation prompt": a, "training prompt": b, "similarity": s}
             for a, b, s in summary.near_duplicate_examples[:5]]
@@ -71,7 +71,7 @@ def initial_responses(
     prompts = db.train_prompts(context.partition_key, limit=settings.max_prompts)
     if not prompts:
         raise dg.Failure(f"prompt set {context.partition_key!r} has no training prompts; materialize "
-                         "benchmark_prompts (evaluation-only sets are never trained on)")
+                         "benchmark_prompts (evaluation-only sets are never trained on)", allow_retries=False)
     model = cached_llm(context, llm, store, "initial responses")
     answers = answer_directly(model, [p.text for p in prompts], settings.answer_tokens)
     db.save_initial_responses(model.model_id, [(p.prompt_id, a) for p, a in zip(prompts, answers)])

@@ -1,13 +1,15 @@
 """Stable Alignment's training data: rated response groups built from SANDBOX interactions (Liu et al., ICLR 2024,
 section 3.2; the format of agi-templar/Stable-Alignment's collect_data.py, Apache-2.0, reworded).
 
-Three kinds of groups, each a prompt with several rated responses:
+Three kinds of groups, each a prompt (the user message) with several rated responses:
 
-| kind        | prompt (user message)                     | responses                              | rating of each     |
-|-------------|-------------------------------------------|----------------------------------------|--------------------|
-| imitation   | the question                              | every draft and revision seen for it   | observer before / after |
-| self_critic | question + "comment on its alignment", draft | each peer's reason                  | that peer's rating |
-| realignment | question + draft + "comment, then revise" | a peer's reason + REVISED_MARKER + revision | observer after; only if after > before and after > 4 |
+- imitation: prompt = the question; responses = every draft and revision seen for it, rated by the observer
+  (the draft's score before, the revision's after);
+- self_critic: prompt = the question, the instruction to comment on the response's alignment with shared social
+  values, and the draft; responses = each peer's reason, rated with that peer's own rating;
+- realignment: prompt = the question, the draft, and the instruction to comment on it and then revise it;
+  responses = a peer's reason + REVISED_MARKER + the revision, rated with the observer's score of the revision;
+  only when that score is above the draft's and above 4.
 
 Only model-generated text enters the responses (the prompts add instruction wording from the templates). A
 rating that is missing is never replaced: whatever depends on it is dropped and counted in `AlignmentData.dropped`.

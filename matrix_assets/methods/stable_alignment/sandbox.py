@@ -65,7 +65,7 @@ class SandboxSettings:
     seed_pairs_per_agent: int = 2  # (question, answer) pairs an agent's memory starts with (paper: 50)
     memory_threshold: float = 0.3  # cosine distance under which a remembered question counts as similar
     peer_memory: bool = True  # peers also see their own most similar memory when rating (as the released code)
-    answer_tokens: int = 128  # drafts and revisions (paper 256)
+    answer_tokens: int = 96  # drafts and revisions (paper 256)
     reason_tokens: int = 48  # a peer's reason (paper: the rest of its 256-token reply)
     # The original samples at 1.0 with no penalty; a 135M model at 1.0 drifts into noise, and without a penalty
     # it loops. Both differ per answer anyway through the agent's id in its prompt.
@@ -73,9 +73,10 @@ class SandboxSettings:
     top_p: float = 0.95
     repetition_penalty: float = 1.1
     engagement: bool = False  # the observer also rates engagement 1-7 (paper: on)
-    # The rating is the next token after this assistant prefix. "Rating: " with its space: the bundled SmolLM2
-    # tokenizer writes "Rating: 5" as "Rating", ":", " ", "5", so the digit is the very next token. A tokenizer that
-    # merges " 5" into one token works as well with "Rating:" (the backends count " 5" and "5" together).
+    # The rating is the next token after this assistant prefix, where the reply's own "Rating:__" puts it. With
+    # its space: the bundled SmolLM2 tokenizer writes "Rating: 5" as "Rating", ":", " ", "5", so after "Rating: "
+    # the digits hold ~97% of the next-token mass, after "Rating:" under 1% (measured on observer prompts). For a
+    # tokenizer that merges " 5" into one token, "Rating:" is the natural cut (" 5" and "5" count together).
     rating_prefix: str = "Rating: "
     seed: int = 0
 
@@ -218,7 +219,8 @@ class Interaction:
 
     def render_markdown(self) -> str:
         mean = "missing" if self.mean_peer_rating is None else f"{self.mean_peer_rating:.2f}"
-        lines = [f"#### Round {self.round + 1}, agent {self.agent}", "", f"**Question:** {_one_line(self.question)}", ""]
+        lines = [f"#### Round {self.round + 1}, agent {self.agent}", "",
+                 f"**Question:** {_one_line(self.question)}", ""]
         if self.memory_hit is not None:
             lines += [f"**Remembered** (distance {self.memory_hit.distance:.2f}): "
                       f"\"{_one_line(self.memory_hit.question)}\"", _quote(self.memory_hit.answer), ""]
@@ -427,7 +429,9 @@ def run_sandbox(
             seed_questions = questions[len(pool):] if settings.question_pool else []
         seeds = [q.strip() for q in seed_questions if q and q.strip()]
         m = settings.seed_pairs_per_agent if seeds else 0
-        seed_jobs = [(i, q) for i in range(n) for q in dict.fromkeys(seeds[(i * m + j) % len(seeds)] for j in range(m))]
+        # Agent i takes seed questions i*m .. i*m+m-1 (wrapping around): different agents, different memories.
+        seed_jobs = [(i, q) for i in range(n)
+                     for q in dict.fromkeys(seeds[(i * m + j) % len(seeds)] for j in range(m))]
         assigned = [[] for _ in range(n)]
     steps_total = settings.rounds * 5 + (1 if seed_jobs else 0)
     steps_done = 0
@@ -440,15 +444,16 @@ def run_sandbox(
 
     if progress is not None:
         progress(0, steps_total)
-    if seed_jobs:
+    if seed_jobs:  # the agents' own answers, asked like a draft with nothing remembered
         answers = _texts(llm, [_agent(render("stable_alignment/draft", agent_id=i, question=q, memory=None))
-                               for i, q in seed_jobs], settings.params(settings.answer_tokens, _step_seed(settings.seed, -1, "seed")))
+                               for i, q in seed_jobs],
+                         settings.params(settings.answer_tokens, _step_seed(settings.seed, -1, "seed")))
         for (i, q), answer in zip(seed_jobs, answers):
             assigned[i].append((q, answer))
         generated = True
         step_done()
-    for i, pairs in enumerate(assigned):
-        for q, a in pairs:
+    for i, own in enumerate(assigned):
+        for q, a in own:
             if a:
                 memories[i].setdefault(q, a)  # the first answer per question stays
 
@@ -523,7 +528,8 @@ def run_sandbox(
 def _observe(observer: ChatBackend, asked: list[str], answers: list[str],
              settings: SandboxSettings) -> tuple[list[Rating], list[Rating]]:
     """The observer's alignment ratings (and engagement ratings when on) of one step, in one call."""
-    convs = [_observer(render("stable_alignment/observer", question=q, answer=_clip(a))) for q, a in zip(asked, answers)]
+    convs = [_observer(render("stable_alignment/observer", question=q, answer=_clip(a)))
+             for q, a in zip(asked, answers)]
     if settings.engagement:
         convs += [_observer(render("stable_alignment/observer_engagement", question=q, answer=_clip(a)))
                   for q, a in zip(asked, answers)]
