@@ -1,26 +1,35 @@
-"""The rule that moves the MLflow `champion` alias."""
+"""The rule that moves the MLflow `champion` alias: paired evidence on the same prompts, validated metrics only."""
 
 from matrix_assets.evaluation.champion import should_promote
+from matrix_assets.evaluation.stats import paired_comparison
 
 
-def test_first_champion_needs_to_be_no_worse_than_base() -> None:
-    assert should_promote({"harmful_share": 0.2, "base_harmful_share": 0.6}, None)[0]
-    promote, reason = should_promote({"harmful_share": 0.7, "base_harmful_share": 0.6}, None)
-    assert not promote and "worse than base" in reason
+def _pairs(base_yes: int, tuned_yes: int, both: int, n: int) -> object:
+    """n paired prompts: `both` with the event on both sides, then base-only and tuned-only ones."""
+    base = [True] * both + [True] * base_yes + [False] * tuned_yes
+    tuned = [True] * both + [False] * base_yes + [True] * tuned_yes
+    base += [False] * (n - len(base))
+    tuned += [False] * (n - len(tuned))
+    return paired_comparison(base, tuned)
 
 
-def test_must_beat_the_champion_on_harmlessness() -> None:
-    champion = {"harmful_share": 0.3, "win_rate_vs_base": 0.2, "loss_rate_vs_base": 0.2}
-    promote, reason = should_promote({"harmful_share": 0.3, "win_rate_vs_base": 0.5, "loss_rate_vs_base": 0.0}, champion)
-    assert not promote and "does not beat" in reason
-    assert should_promote({"harmful_share": 0.1, "win_rate_vs_base": 0.2, "loss_rate_vs_base": 0.2}, champion)[0]
+def test_promoted_when_harmful_compliance_clearly_drops_and_refusals_do_not_clearly_rise() -> None:
+    promote, reason = should_promote({"harmful_compliance": _pairs(30, 0, 40, 100),
+                                      "over_refusal": _pairs(0, 1, 0, 100)}, "base")
+    assert promote and "harmful compliance -30 pts" in reason
 
 
-def test_helpfulness_may_not_drop_beyond_the_margin() -> None:
-    champion = {"harmful_share": 0.3, "win_rate_vs_base": 0.4, "loss_rate_vs_base": 0.1}  # net +0.3
-    within = {"harmful_share": 0.1, "win_rate_vs_base": 0.35, "loss_rate_vs_base": 0.1}  # net +0.25
-    beyond = {"harmful_share": 0.1, "win_rate_vs_base": 0.1, "loss_rate_vs_base": 0.2}  # net -0.1
-    assert should_promote(within, champion, helpfulness_margin=0.10)[0]
-    promote, reason = should_promote(beyond, champion, helpfulness_margin=0.10)
-    assert not promote and "net helpfulness" in reason
-    assert not should_promote(within, champion, helpfulness_margin=0.0)[0]
+def test_a_drop_within_noise_is_not_enough() -> None:
+    promote, reason = should_promote({"harmful_compliance": _pairs(3, 1, 40, 100)}, "base")
+    assert not promote and "not clearly lower" in reason
+
+
+def test_not_promoted_when_over_refusal_clearly_rises() -> None:
+    promote, reason = should_promote({"harmful_compliance": _pairs(30, 0, 40, 100),
+                                      "over_refusal": _pairs(0, 40, 0, 100)}, "champion", margin=0.05)
+    assert not promote and "over refusal rises" in reason and "champion" in reason
+
+
+def test_no_pairs_no_promotion() -> None:
+    promote, reason = should_promote({}, "base")
+    assert not promote and "no paired" in reason

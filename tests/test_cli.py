@@ -24,8 +24,8 @@ from matrix_assets.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT_SET = "safe_rlhf"
-RUN_ARGS = ["run", "--prompt-set", PROMPT_SET, "--max-prompts", "3", "--eval-prompts", "2", "--rounds", "1",
-            "--max-steps", "1"]
+RUN_ARGS = ["run", "--prompt-set", PROMPT_SET, "--methods", "matrix,initial_sft", "--max-prompts", "3",
+            "--eval-prompts", "2", "--rounds", "1", "--max-steps", "1"]
 
 
 # -- help ----------------------------------------------------------------------------------------------
@@ -44,12 +44,15 @@ def test_console_script_help() -> None:
     [
         # The top level lists every command with what it does.
         ([], ["MATRIX_HOME", "run materialize the whole asset graph", "status prompt sets, row counts",
-              "add add a prompt file", "export export the latest aligned SFT dataset"]),
-        (["run"], ["--full", "--methods", "--prompt-set", "--max-prompts", "--eval-prompts", "--max-steps",
-                   "matrix,cai,initial_sft", "advbench", "cache", "resumes"]),
+              "add add a prompt file", "export export a method's training set", "evaluate evaluate the existing"]),
+        (["run"], ["--profile", "{quick,paper}", "--methods", "--prompt-set", "--max-prompts", "--eval-prompts",
+                   "--max-steps", "--revision-candidates", "matrix, cai, stable_alignment, initial_sft, "
+                   "refusal_template", "advbench", "cache", "resumes", "Launchpad"]),
+        (["evaluate"], ["--harmful-sets", "--safe-sets", "--helpfulness-sets", "--per-category", "without retraining"]),
         (["status"], ["usage: matrix-assets status"]),
-        (["add"], ["file", "--name", "--prompt-column", "auto-detected"]),
-        (["export"], ["--format", "{jsonl,hf}", "--out", "Hugging Face datasets folder"]),
+        (["add"], ["file", "--role", "{harmful,safe,helpfulness}", "--name", "--prompt-column", "auto-detected",
+                   "MT-Bench"]),
+        (["export"], ["--method", "--format", "{jsonl,hf}", "--out", "Hugging Face datasets folder"]),
     ],
 )
 def test_help_of_every_command(command: list[str], words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -63,7 +66,7 @@ def test_help_of_every_command(command: list[str], words: list[str], capsys: pyt
 
 @pytest.mark.parametrize(
     ("command", "summary"),
-    [(["status"], "row counts"), (["add"], "new prompt set"), (["export"], "SFT dataset")],
+    [(["status"], "row counts"), (["add"], "new prompt set"), (["export"], "training set of a method")],
 )
 def test_subcommand_help_says_what_it_does(
     command: list[str], summary: str, capsys: pytest.CaptureFixture[str]
@@ -124,11 +127,15 @@ def test_run_prints_base_vs_tuned_table(cli_env: CliEnv) -> None:
     out = cli_env.run_output
     assert "stage 1/2" in out and "stage 2/2" in out and "finished in" in out
     table = out[out.index("Base vs tuned"):]
-    for word in ("base", "matrix", "cai", "initial_sft", "n=2"):
+    for word in ("base", "matrix", "initial_sft", "n=2", "exact 95% interval", "kappa", "tuned - base, paired"):
         assert word in table, f"{word!r} missing from the table:\n{table}"
     db = cli_env.store()
     assert db.count("initial_responses") == 3 and db.count("transcripts") == 3
-    assert {r["method"] for r in db.query("SELECT method FROM checkpoints")} == {"matrix", "cai", "initial_sft"}
+    assert {r["method"] for r in db.query("SELECT method FROM checkpoints")} == {"matrix", "initial_sft"}
+    # --methods matrix,initial_sft generates nothing for the other methods.
+    assert {r["method"] for r in db.query("SELECT DISTINCT method FROM training_groups")} == {"matrix", "initial_sft"}
+    assert db.count("sa_interactions") == 0
+    assert not db.query("SELECT 1 FROM critiques WHERE method = 'cai'")
     assert (cli_env.matrix_home / "mlflow.db").exists()  # everything under the temporary MATRIX_HOME
 
 
@@ -151,14 +158,13 @@ def test_status_prints_prompt_sets_and_row_counts(cli_env: CliEnv, capsys: pytes
     for table in ("generations", "initial_responses", "transcripts", "sft_examples", "checkpoints"):
         line = next(line for line in out.splitlines() if line.split()[:1] == [table])
         assert line.split()[1] == str(db.count(table)), line
-    assert "latest checkpoint:" in out and "Base vs tuned" in out
+    assert "latest matrix checkpoint:" in out and "Base vs tuned" in out
 
 
-def _latest_examples(cli_env: CliEnv) -> list[dict]:
+def _latest_examples(cli_env: CliEnv, method: str = "matrix") -> list[dict]:
+    """The training set of the method's latest checkpoint (never another method's, whatever was built last)."""
     db = cli_env.store()
-    dataset_id = db.query("SELECT dataset_id FROM sft_datasets ORDER BY created_at DESC, dataset_id DESC LIMIT 1")[0][
-        "dataset_id"
-    ]
+    dataset_id = db.latest_per_method("checkpoints", [method], [method])[0]["dataset_id"]
     return db.query("SELECT prompt, response FROM sft_examples WHERE dataset_id = :d ORDER BY position", d=dataset_id)
 
 
@@ -171,7 +177,11 @@ def test_export_jsonl(cli_env: CliEnv, tmp_path: Path, capsys: pytest.CaptureFix
     assert len(rows) == len(expected) > 0
     assert all({"prompt", "response"} <= set(r) for r in rows)
     assert [(r["prompt"], r["response"]) for r in rows] == [(e["prompt"], e["response"]) for e in expected]
-    assert f"exported {len(rows)} examples" in capsys.readouterr().out
+    assert f"exported {len(rows)} examples of matrix" in capsys.readouterr().out
+    assert main(["export", "--method", "initial_sft", "--out", str(out_file)]) == 0
+    rows = [json.loads(line) for line in out_file.read_text(encoding="utf-8").splitlines()]
+    assert [(r["prompt"], r["response"]) for r in rows] == [
+        (e["prompt"], e["response"]) for e in _latest_examples(cli_env, "initial_sft")]
 
 
 def test_export_hf_dataset(cli_env: CliEnv, tmp_path: Path) -> None:
@@ -195,7 +205,12 @@ def test_add_valid_file(cli_env: CliEnv, tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     dropped = cli_env.matrix_home / "drop" / "my_prompts.jsonl"
     assert dropped.read_bytes() == src.read_bytes()
-    assert "'my_prompts'" in out and "2 prompts" in out
+    assert "'my_prompts'" in out and "2 prompts" in out and "role harmful" in out
+    assert main(["add", str(src), "--name", "helpful_set", "--role", "helpfulness"]) == 0
+    from matrix_assets.store.prompt_sets import declared_role
+
+    assert declared_role("helpful_set") == "helpfulness" and declared_role("my_prompts") == "harmful"
+    assert "evaluate --helpfulness-sets helpful_set" in capsys.readouterr().out
 
     assert main(["add", str(src), "--name", "renamed"]) == 0
     assert (cli_env.matrix_home / "drop" / "renamed.jsonl").exists()
@@ -223,7 +238,7 @@ def _latest_scene_metadata(cli_env: CliEnv) -> dict:
     import dagster as dg
 
     with dg.DagsterInstance.from_config(str(cli_env.dagster_home)) as instance:
-        event = instance.get_latest_materialization_event(dg.AssetKey("scene_transcripts"))
+        event = instance.get_latest_materialization_event(dg.AssetKey(["matrix", "scenes"]))
         assert event is not None and event.asset_materialization.partition == PROMPT_SET
         return {"run_id": event.run_id, **{k: v.value for k, v in event.asset_materialization.metadata.items()}}
 
@@ -242,7 +257,7 @@ def _simulation_run(cli_env: CliEnv, run_id: str) -> tuple[dict[str, int], str]:
             materialization = event.event_log_entry.asset_materialization
             if "llm_calls_made" in materialization.metadata:
                 calls[materialization.asset_key.to_user_string()] = materialization.metadata["llm_calls_made"].value
-        end = datetime.fromtimestamp(record.end_time, timezone.utc).isoformat(timespec="seconds")
+        end = datetime.fromtimestamp(record.end_time, timezone.utc).isoformat(timespec="microseconds")
         return calls, end
 
 
@@ -260,10 +275,33 @@ def test_second_run_makes_no_new_model_calls(cli_env: CliEnv, capsys: pytest.Cap
     assert again["run_id"] != first["run_id"]  # a new materialization of the same partition...
     assert again["llm_calls_made"] == 0 and again["llm_cache_hits"] > 0  # ...served from the cache
     calls, simulation_end = _simulation_run(cli_env, again["run_id"])
-    assert {"initial_responses", "scene_transcripts", "critiques", "revised_answers"} <= set(calls)
+    assert {"initial_responses", "matrix/scenes", "matrix/critiques", "matrix/revisions"} <= set(calls)
     assert calls == dict.fromkeys(calls, 0), calls  # no stage of the simulation job called the model
     assert db.count("transcripts") == transcripts
     # The store agrees: no generation was added while the simulation job ran (stage 2 retrains the LoRA adapters,
     # and answers of the new adapters are new generations, made after it).
     new = [r for r in db.query("SELECT cache_key, created_at FROM generations") if r["cache_key"] not in keys_before]
     assert all(r["created_at"] >= simulation_end for r in new), (simulation_end, sorted(r["created_at"] for r in new))
+
+
+def test_a_killed_cli_run_is_marked_failed_by_the_next_command(cli_env: CliEnv) -> None:
+    """A run whose process died (SIGKILL) would stay "In progress" in the UI: the next command marks it failed."""
+    import dagster as dg
+
+    from matrix_assets.cli import CLI_HOST_TAG, CLI_PID_TAG, fail_orphaned_runs
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that no longer runs
+    with dg.DagsterInstance.from_config(str(cli_env.dagster_home)) as instance:
+        import socket
+
+        job = dg.define_asset_job("orphan_job")
+        run = instance.create_run_for_job(
+            dg.Definitions(assets=[dg.AssetSpec("x")], jobs=[job]).resolve_job_def("orphan_job"),
+            tags={CLI_PID_TAG: str(child.pid), CLI_HOST_TAG: socket.gethostname()})
+        instance.handle_run_event(run.run_id, dg.DagsterEvent(
+            event_type_value=dg.DagsterEventType.RUN_START.value, job_name=run.job_name))
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+        assert fail_orphaned_runs(instance) == [run.run_id]
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert fail_orphaned_runs(instance) == []

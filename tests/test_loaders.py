@@ -36,7 +36,7 @@ EXPECTED_COUNTS = {
 def test_bundled_names_and_roles() -> None:
     assert set(BUNDLED_PROMPT_SETS) == set(EXPECTED_COUNTS)
     roles = {name: s.role for name, s in BUNDLED_PROMPT_SETS.items()}
-    assert roles["xstest_safe"] == "over_refusal"
+    assert roles["xstest_safe"] == "safe"
     assert roles["vicuna_bench"] == "helpfulness"
     assert {roles[n] for n in ("advbench", "hh_rlhf", "safe_rlhf", "harmfulqa", "dangerousqa")} == {
         "harmful"

@@ -40,6 +40,7 @@ class FakeServerState:
         self.bodies: list[dict[str, Any]] = []
         self.auth_headers: list[str | None] = []
         self.model_requests = 0
+        self.logprobs = True  # answer logprobs=true requests with top_logprobs (vLLM and llama.cpp server do)
 
 
 def _reply_for(body: dict[str, Any]) -> str:
@@ -97,6 +98,12 @@ def make_handler(state: FakeServerState) -> type[JsonHandler]:
                         {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
                     ],
                 }
+                if body.get("logprobs") and state.logprobs:
+                    # Token spellings as servers return them: a leading space, another case.
+                    top = [{"token": " Yes", "logprob": -0.4}, {"token": "yes", "logprob": -2.0},
+                           {"token": " No", "logprob": -1.5}, {"token": "Maybe", "logprob": -3.0}]
+                    payload["choices"][0]["logprobs"] = {"content": [{"token": " Yes", "logprob": -0.4,
+                                                                      "top_logprobs": top}]}
                 if not state.omit_usage:
                     prompt_words = sum(len(m["content"].split()) for m in body["messages"])
                     payload["usage"] = {
@@ -385,3 +392,43 @@ def test_live_session_stops_on_a_permanent_failure_and_keeps_what_finished(serve
                       lambda job, completion: done.append(job.id))
     assert len(done) == 5
     assert state.chat_requests <= 5 + 2  # stopped taking new jobs once a request failed
+
+
+def test_next_token_logprobs_sum_the_spellings_of_each_candidate(server: tuple[str, FakeServerState]) -> None:
+    import math
+
+    base_url, state = server
+    with _backend(base_url) as backend:
+        scores = backend.next_token_logprobs(_conversations(3), ["yes", "no"])
+    assert len(scores) == 3
+    assert scores[0]["yes"] == pytest.approx(math.log(math.exp(-0.4) + math.exp(-2.0)))
+    assert scores[0]["no"] == pytest.approx(-1.5)
+    body = state.bodies[0]
+    assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["max_tokens"] == 1
+    assert "continue_final_message" not in body
+
+
+def test_next_token_logprobs_continue_an_assistant_prefix(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    with _backend(base_url) as backend:
+        backend.next_token_logprobs(_conversations(1), ["1", "2"], assistant_prefix="Rating:")
+    body = state.bodies[0]
+    assert body["messages"][-1] == {"role": "assistant", "content": "Rating:"}
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+
+
+def test_a_server_without_logprobs_says_so_clearly(server: tuple[str, FakeServerState]) -> None:
+    from matrix_assets.llm.base import LogprobsUnavailable
+
+    base_url, state = server
+    state.logprobs = False
+    with _backend(base_url) as backend, pytest.raises(LogprobsUnavailable, match="returned no log-probabilities"):
+        backend.next_token_logprobs(_conversations(2), ["yes", "no"])
+
+
+def test_an_explicit_api_key_is_sent_and_never_shown(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    with _backend(base_url, api_key=SECRET) as backend:
+        backend.generate(_conversations(1), GenerationParams(max_new_tokens=4))
+        assert SECRET not in repr(backend)
+    assert state.auth_headers == [f"Bearer {SECRET}"]

@@ -8,11 +8,20 @@ from pathlib import Path
 import pytest
 
 from matrix_assets.llm.fake import FakeBackend
-from matrix_assets.simulation import SceneInput, SimulationSettings, run_scenes
-from matrix_assets.simulation.scene import Role, SceneEvent, Transcript
-from matrix_assets.store.db import SQL_DIR, Store
+from matrix_assets.methods.base import RatedResponse, TrainingGroup
+from matrix_assets.methods.matrix.engine import SceneSettings, run_scenes
+from matrix_assets.methods.matrix.scene import Role, SceneEvent, SceneInput, Transcript
+from matrix_assets.store.db import SQL_DIR, SchemaMismatchError, Store
 from matrix_assets.store.prompt_sets import ensure_prompt_set, load_prompt_set, resolve_source
-from matrix_assets.store.scenes import load_transcripts, save_transcripts
+
+
+def save_transcripts(store: Store, scenes: list[Transcript], model_id: str) -> None:
+    for scene in scenes:
+        store.save_transcript(model_id, scene)
+
+
+def load_transcripts(store: Store, prompt_set: str, model_id: str) -> list[Transcript]:
+    return store.transcripts(prompt_set, model_id)
 
 NOW = "2024-01-01T00:00:00+00:00"
 
@@ -59,13 +68,28 @@ def test_schema_applies_twice_and_has_every_table(tmp_path: Path) -> None:
     second = Store(url)  # re-applies schema.sql and views.sql on an existing database
     second.create_schema()
     expected = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", (SQL_DIR / "schema.sql").read_text()))
-    assert len(expected) >= 14
+    assert len(expected) >= 20
     assert expected <= _tables(second, "table")
-    assert {"v_base_vs_tuned", "v_harmlessness_by_category", "v_scene_events"} <= _tables(second, "view")
+    assert set(VIEWS) <= _tables(second, "view")
     assert second.count("prompt_sets") == 1  # data survives re-application
 
 
-@pytest.mark.parametrize("view", ["v_base_vs_tuned", "v_harmlessness_by_category", "v_scene_events"])
+VIEWS = ["v_base_vs_tuned", "v_harmful_compliance_by_category", "v_scene_events", "v_training_data"]
+
+
+def test_a_store_written_by_the_previous_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE revisions (prompt_id TEXT)")  # a table only version 1 had
+    con.commit()
+    con.close()
+    with pytest.raises(SchemaMismatchError, match="schema version 1.*needs 2"):
+        Store(f"sqlite:///{path}")
+
+
+@pytest.mark.parametrize("view", VIEWS)
 def test_views_are_queryable_when_empty(store: Store, view: str) -> None:
     assert store.query(f"SELECT * FROM {view}") == []
 
@@ -82,16 +106,16 @@ def test_views_compute_from_data(store: Store) -> None:
     assert (row["base_value"], row["tuned_value"], row["n"]) == (0.4, 0.8, 10)
 
     store.upsert("eval_answers", [
-        {"eval_id": "e", "model_label": "base", "checkpoint_id": None, "eval_set": "harmful", "prompt_id": "p1",
-         "answer": "a", "harmless_score": score, "judged_harmful": harmful, "rule_refusal": 0, "judge_parsed": 1}
-        for score, harmful in ((2.0, 1),)
+        {"eval_id": "e", "model_label": "base", "checkpoint_id": None, "eval_set": "harmful", "prompt_set": "s",
+         "prompt_id": pid, "answer": "a", "refusal": refusal, "p_refusal": 0.5, "keyword_refusal": 0}
+        for pid, refusal in (("p1", 0), ("p2", None))
     ])
-    (row,) = store.query("SELECT * FROM v_harmlessness_by_category")
-    assert (row["category"], row["mean_harmless_score"], row["harmful_share"], row["n"]) == ("cat", 2.0, 1.0, 1)
+    (row,) = store.query("SELECT * FROM v_harmful_compliance_by_category")
+    assert (row["category"], row["complied"], row["n"]) == ("cat", 1, 1)  # a missing verdict is not counted
 
     store.upsert("transcript_events", [
-        {"prompt_id": "p1", "method": "matrix", "model_id": "m", "seq": 0, "round": 1, "actor": "Tom",
-         "kind": "reaction", "action": "I call the police.", "observation": "", "audience": "", "feasible": None}
+        {"prompt_id": "p1", "model_id": "m", "seq": 0, "round": 1, "actor": "Tom", "kind": "reaction",
+         "action": "I call the police.", "observation": "", "audience_json": "[]", "feasible": None}
     ])
     (row,) = store.query("SELECT * FROM v_scene_events")
     assert (row["prompt_set"], row["prompt"], row["actor"]) == ("s", "first", "Tom")
@@ -118,8 +142,10 @@ def test_upsert_without_update_keeps_the_old_row(store: Store) -> None:
 
 
 def test_upsert_rejects_unknown_tables_and_bad_columns(store: Store) -> None:
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown table"):
         store.upsert("sqlite_master", [{"name": "x"}])
+    with pytest.raises(ValueError, match="bad column"):
+        store.upsert("prompt_sets", [{"no_such_column": "x"}])
     with pytest.raises(ValueError):
         store.upsert("prompt_sets", [{"name; DROP TABLE prompts": "x"}])
     with pytest.raises(ValueError):
@@ -159,11 +185,9 @@ def _scenes_in_store(store: Store, n: int = 2) -> list[Transcript]:
         question = f"How can I break into house {i}?"
         answer = f"First, find the spare key of house {i}. Then wait until night falls. Finally open the door."
         _add_prompt(store, f"p{i}", question, i)
-        store.upsert("initial_responses", [
-            {"prompt_id": f"p{i}", "model_id": "m", "response": answer, "cache_key": "k", "created_at": NOW}
-        ])
+        store.save_initial_responses("m", [(f"p{i}", answer)])
         inputs.append(SceneInput(f"p{i}", question, answer))
-    return run_scenes(FakeBackend(), inputs, SimulationSettings())
+    return run_scenes(FakeBackend(), inputs, SceneSettings())
 
 
 def _assert_same(loaded: Transcript, scene: Transcript) -> None:
@@ -178,31 +202,35 @@ def _assert_same(loaded: Transcript, scene: Transcript) -> None:
     assert loaded.n_rounds == scene.n_rounds
     assert loaded.outcome == scene.outcome and loaded.consequence == scene.consequence
     assert loaded.memory == scene.memory
+    assert loaded.protagonist_memory == scene.protagonist_memory
+    assert loaded.stopped == scene.stopped and loaded.stopped_by == scene.stopped_by
 
 
-def test_transcripts_round_trip(store: Store) -> None:
+def test_transcripts_round_trip_typed(store: Store) -> None:
+    """Nothing is lost on the way through SQL: role memories, audiences in order, verdict probabilities."""
     scenes = _scenes_in_store(store)
     scenes[1].fallbacks["roles_reasked"] += 2  # a non-empty fallback counter
-    save_transcripts(store, scenes, method="matrix", model_id="m")
-    loaded = load_transcripts(store, "s", method="matrix", model_id="m")
+    scenes[0].roles[0].memory = ["saw the door forced", "heard Tom shout, twice"]
+    save_transcripts(store, scenes, model_id="m")
+    loaded = load_transcripts(store, "s", model_id="m")
     assert len(loaded) == 2
     for got, want in zip(loaded, scenes):
         _assert_same(got, want)
-    assert any(e.feasible is True for e in loaded[0].events)
-    assert load_transcripts(store, "s", method="matrix", model_id="other") == []
-    assert load_transcripts(store, "s", method="constitution", model_id="m") == []
+    assert loaded[0].roles[0].memory == ["saw the door forced", "heard Tom shout, twice"]
+    assert any(e.p_yes is not None for e in loaded[0].events)
+    assert load_transcripts(store, "s", model_id="other") == []
 
 
 def test_resaving_with_fewer_events_leaves_no_stale_events(store: Store) -> None:
     scenes = _scenes_in_store(store)
-    save_transcripts(store, scenes, method="matrix", model_id="m")
+    save_transcripts(store, scenes, model_id="m")
     total = store.count("transcript_events")
     assert total == sum(len(s.events) for s in scenes)
 
     scenes[0].events = scenes[0].events[:3]
     scenes[0].n_rounds = 1
-    save_transcripts(store, scenes, method="matrix", model_id="m")
-    loaded = load_transcripts(store, "s", method="matrix", model_id="m")
+    save_transcripts(store, scenes, model_id="m")
+    loaded = load_transcripts(store, "s", model_id="m")
     assert loaded[0].events == scenes[0].events
     assert loaded[0].n_rounds == 1
     assert loaded[1].events == scenes[1].events
@@ -210,29 +238,45 @@ def test_resaving_with_fewer_events_leaves_no_stale_events(store: Store) -> None
     assert store.count("transcripts") == 2
 
 
-def test_saving_is_per_method_and_model(store: Store) -> None:
+def test_saving_is_per_model(store: Store) -> None:
     scenes = _scenes_in_store(store, 1)
-    save_transcripts(store, scenes, method="matrix", model_id="m")
+    save_transcripts(store, scenes, model_id="m")
     scenes[0].events = scenes[0].events[:1]
-    save_transcripts(store, scenes, method="matrix", model_id="m2")  # must not touch model m
-    (loaded,) = load_transcripts(store, "s", method="matrix", model_id="m")
+    store.save_initial_responses("m2", [(scenes[0].prompt_id, scenes[0].answer)])
+    save_transcripts(store, scenes, model_id="m2")  # must not touch model m
+    (loaded,) = load_transcripts(store, "s", model_id="m")
     assert len(loaded.events) > 1
 
 
 def test_audience_with_comma_in_a_name_round_trips(store: Store) -> None:
     _add_set(store)
     _add_prompt(store, "p0", "q")
-    store.upsert("initial_responses", [{"prompt_id": "p0", "model_id": "m", "response": "a", "cache_key": "k",
-                                        "created_at": NOW}])
+    store.save_initial_responses("m", [("p0", "a")])
     role = Role("Jones, the landlord", "owns the flat", "at home")
     scene = Transcript(
         prompt_id="p0", question="q", answer="a", target="t", plan=["step"], roles=[role], n_rounds=1,
         events=[SceneEvent(1, "modulator", "modulation", "route", "seen", (role.name,), True)],
         outcome="o", consequence="c",
     )
-    save_transcripts(store, [scene], method="matrix", model_id="m")
-    (loaded,) = load_transcripts(store, "s", method="matrix", model_id="m")
+    save_transcripts(store, [scene], model_id="m")
+    (loaded,) = load_transcripts(store, "s", model_id="m")
     assert loaded.events[0].audience == (role.name,)
+
+
+def test_training_groups_round_trip_and_replace_per_prompt_set(store: Store) -> None:
+    _add_set(store)
+    _add_prompt(store, "p1", "first", 0)
+    _add_prompt(store, "p2", "second", 1)
+    groups = [
+        TrainingGroup("p1", "first", "imitation", (RatedResponse("a", 6.0), RatedResponse("b", 2.5))),
+        TrainingGroup("p2", "second", "matrix_revision", (), "self_judged_harmful"),
+    ]
+    store.save_training_groups("m1", "model", "s", groups)
+    assert store.training_groups("m1", ["s"], "model") == groups
+    store.save_training_groups("m1", "model", "s", groups[:1])  # a re-run replaces, never appends
+    assert store.training_groups("m1", ["s"], "model") == groups[:1]
+    assert store.training_groups("m1", ["other"], "model") == []
+    assert store.count("training_responses") == 2
 
 
 # -- prompt sets ------------------------------------------------------------------------------------
@@ -246,12 +290,13 @@ def test_load_bundled_prompt_set_is_deterministic(tmp_path: Path) -> None:
     rows_a, rows_b = a.prompts("safe_rlhf"), b.prompts("safe_rlhf")
     key = [(r["prompt_id"], r["split"], r["position"], r["text"]) for r in rows_a]
     assert key == [(r["prompt_id"], r["split"], r["position"], r["text"]) for r in rows_b]
-    assert len(rows_a) == summary["n_prompts"] == a.count("prompts")
-    assert summary["n_train"] > 0 and summary["n_eval"] > 0
-    assert summary["n_train"] + summary["n_eval"] == summary["n_prompts"]
-    assert len(a.prompts("safe_rlhf", split="train")) == summary["n_train"]
-    assert len(a.prompts("safe_rlhf", split="eval")) == summary["n_eval"]
-    assert summary["categories"] and all(r["category"] for r in rows_a)
+    assert len(rows_a) == summary.n_prompts == a.count("prompts")
+    assert summary.n_train > 0 and summary.n_eval > 0
+    assert summary.n_train + summary.n_eval + summary.n_near_duplicates == summary.n_prompts
+    assert len(a.prompts("safe_rlhf", split="train")) == summary.n_train
+    assert len(a.prompts("safe_rlhf", split="eval")) == summary.n_eval
+    assert len(a.prompts("safe_rlhf", split="excluded")) == summary.n_near_duplicates
+    assert summary.categories and all(r["category"] for r in rows_a)
     assert [r["position"] for r in rows_a] == list(range(len(rows_a)))
     (meta,) = a.prompt_sets()
     assert (meta["name"], meta["n_prompts"], meta["train_fraction"]) == ("safe_rlhf", len(rows_a), 0.5)
@@ -272,17 +317,32 @@ def test_prompts_limit_respects_position_order(store: Store) -> None:
 
 def test_train_fraction_extremes(store: Store) -> None:
     summary = load_prompt_set(store, "safe_rlhf", train_fraction=1.0)
-    assert summary["n_eval"] == 0
+    assert summary.n_eval == 0
     summary = load_prompt_set(store, "safe_rlhf", train_fraction=0.0)
-    assert summary["n_train"] == 0
+    assert summary.n_train == 0
     assert store.prompts("safe_rlhf", split="train") == []
 
 
+def test_near_duplicates_of_training_prompts_leave_the_evaluation_split(store: Store) -> None:
+    from matrix_assets.embeddings import embed
+    from matrix_assets.store.prompt_sets import NEAR_DUPLICATE_SIMILARITY
+
+    summary = load_prompt_set(store, "advbench")
+    assert summary.n_near_duplicates > 0
+    train = [r["text"] for r in store.prompts("advbench", split="train")]
+    evaluation = [r["text"] for r in store.prompts("advbench", split="eval")]
+    moved = [r["text"] for r in store.prompts("advbench", split="excluded")]
+    assert ((embed(evaluation) @ embed(train).T).max() < NEAR_DUPLICATE_SIMILARITY)
+    assert ((embed(moved) @ embed(train).T).max(axis=1) >= NEAR_DUPLICATE_SIMILARITY).all()
+    a, b, score = summary.near_duplicate_examples[0]
+    assert a in moved and b in train and score >= NEAR_DUPLICATE_SIMILARITY
+
+
 def test_ensure_prompt_set_is_idempotent(store: Store) -> None:
-    ensure_prompt_set(store, "safe_rlhf", train_fraction=0.5)
+    ensure_prompt_set(store, "safe_rlhf")
     (meta,) = store.prompt_sets()
     n = store.count("prompts")
-    ensure_prompt_set(store, "safe_rlhf", train_fraction=0.9)  # already there: not reloaded
+    ensure_prompt_set(store, "safe_rlhf")  # already there: not reloaded
     assert store.prompt_sets() == [meta]
     assert store.count("prompts") == n
 
@@ -296,7 +356,10 @@ def test_resolve_source_prefers_the_versions_copy(tmp_path: Path, monkeypatch: p
     src = resolve_source("myset")
     assert src.path == tmp_path / ".versions" / "myset.txt"
     assert (src.name, src.role) == ("myset", "harmful")
-    assert resolve_source("myset", role="over_refusal").role == "over_refusal"
+    assert resolve_source("myset", role="safe").role == "safe"
+    assert resolve_source("myset", role="safe").train_fraction == 0.0  # a safe set a user brings is evaluation-only
+    with pytest.raises(ValueError, match="role must be one of"):
+        resolve_source("myset", role="over_refusal")
     # an explicit source wins over everything
     explicit = tmp_path / "elsewhere.csv"
     assert resolve_source("myset", str(explicit)).path == explicit
@@ -315,7 +378,7 @@ def test_load_dropped_prompt_set(store: Store, tmp_path: Path, monkeypatch: pyte
     (tmp_path / "drop").mkdir()
     (tmp_path / "drop" / "mine.txt").write_text("first prompt\nsecond prompt\nfirst prompt\n\nthird prompt\n")
     summary = load_prompt_set(store, "mine")
-    assert summary["n_prompts"] == 3
+    assert summary.n_prompts == 3
     assert sorted(r["text"] for r in store.prompts("mine")) == ["first prompt", "second prompt", "third prompt"]
 
 
@@ -323,7 +386,7 @@ def test_nan_reads_back_as_null(store: Store) -> None:
     import math
 
     store.upsert("eval_metrics", [{"eval_id": "e", "checkpoint_id": None, "model_label": "base", "metric": "m",
-                                   "value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0,
+                                   "value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "k": 0, "n": 0,
                                    "created_at": NOW}])
     (row,) = store.query("SELECT value, ci_low, ci_high FROM eval_metrics")
     assert row == {"value": None, "ci_low": None, "ci_high": None}

@@ -165,11 +165,12 @@ def test_models_with_sliding_window_layers_fall_back_to_padded_decoding(tiny_mod
 
 
 def test_scenes_on_the_live_refill_session_equal_scenes_decoded_padded(eos_prone_backend) -> None:  # noqa: ANN001
-    """The simulation's live session (scenes queue their next request while others decode) gives the same
-    transcripts as plain padded waves on the same model."""
-    from matrix_assets.simulation import SceneInput, SimulationSettings, run_scenes
+    """The simulation's live session (scenes queue their next request while others decode, and the modulator's
+    verdicts are scored from inside the running session) gives the same transcripts as plain padded waves."""
+    from matrix_assets.methods.matrix.engine import SceneSettings, run_scenes
+    from matrix_assets.methods.matrix.scene import SceneInput
 
-    settings = SimulationSettings(n_roles=3, plan_steps=2, max_rounds=2, plan_tokens=12, action_tokens=8)
+    settings = SceneSettings(n_roles=3, plan_steps=2, max_rounds=2, plan_tokens=12, action_tokens=8)
     inputs = [SceneInput(f"p{i}", f"question {i} " + "word " * i, "First do this. Then do that.") for i in range(5)]
     eos_prone_backend.decoding = "padded"
     padded = run_scenes(eos_prone_backend, inputs, settings)
@@ -178,6 +179,8 @@ def test_scenes_on_the_live_refill_session_equal_scenes_decoded_padded(eos_prone
     live = run_scenes(eos_prone_backend, inputs, settings, on_scene_done=lambda t: order.append(t.prompt_id))
     assert [t.render_markdown() for t in live] == [t.render_markdown() for t in padded]
     assert sorted(order) == [i.prompt_id for i in inputs]
+    verdicts = [e.p_yes for t in live for e in t.events if e.kind == "modulation"]
+    assert verdicts and all(p is not None for p in verdicts)  # read from the distribution, never assumed
 
 
 def test_prefix_cache_reuses_shared_prompt_heads_without_changing_answers(eos_prone_backend) -> None:  # noqa: ANN001
