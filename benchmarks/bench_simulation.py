@@ -68,8 +68,9 @@ from matrix_assets.llm.base import (  # noqa: E402
     ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, TakeJobs,
 )
 from matrix_assets.store.generation_cache import CachedBackend  # noqa: E402
-from matrix_assets.simulation.engine import SimulationSettings, initial_answers, run_scenes  # noqa: E402
-from matrix_assets.simulation.scene import SceneInput, Transcript  # noqa: E402
+from matrix_assets.methods.base import answer_directly  # noqa: E402
+from matrix_assets.methods.matrix.engine import SceneSettings, run_scenes  # noqa: E402
+from matrix_assets.methods.matrix.scene import SceneInput, Transcript  # noqa: E402
 from matrix_assets.store.db import Store  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -141,6 +142,7 @@ class CountingBackend(ChatBackend):
         self.replay = replay
         self.one_at_a_time = one_at_a_time
         self.calls: list[CallRecord] = []
+        self.score_requests = 0
 
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         """A plain batched call (the simulation itself uses `serve`): timed and recorded like a session."""
@@ -151,6 +153,16 @@ class CountingBackend(ChatBackend):
             completions = self.inner.generate(conversations, params)
         self._record([(params, c) for c in completions], time.perf_counter() - began)
         return completions
+
+    def next_token_logprobs(self, conversations: Sequence[Conversation], candidates: Sequence[str], *,
+                            assistant_prefix: str = "") -> list[dict[str, float]]:
+        """The modulator's verdicts (one forward pass per prompt, no decoding): forwarded and counted, their time
+        inside the session they are asked from."""
+        self.score_requests += len(conversations)
+        if self.one_at_a_time:
+            return [s for conv in conversations for s in
+                    self.inner.next_token_logprobs([conv], candidates, assistant_prefix=assistant_prefix)]
+        return self.inner.next_token_logprobs(conversations, candidates, assistant_prefix=assistant_prefix)
 
     def serve(self, take: TakeJobs, on_completion: OnCompletion) -> None:
         """The simulation's live session, timed as a whole."""
@@ -278,7 +290,7 @@ class RunResult:
         return sum(sum(c.completion_tokens) for c in self.calls)
 
 
-def simulate(label: str, backend, inputs: Sequence[SceneInput], settings: SimulationSettings, store: Store, *,  # noqa: ANN001
+def simulate(label: str, backend, inputs: Sequence[SceneInput], settings: SceneSettings, store: Store, *,  # noqa: ANN001
              batch_size: int, replay: RawReplay | None = None, one_at_a_time: bool = False) -> RunResult:
     counting = CountingBackend(backend, batch_size=batch_size, replay=replay, one_at_a_time=one_at_a_time)
     cached = CachedBackend(counting, store, chunk_size=batch_size)
@@ -308,7 +320,7 @@ def fmt_ratio(x: float) -> str:
     return f"{x:.2f}"
 
 
-def build_report(args: argparse.Namespace, settings: SimulationSettings, meta: dict, cold: RunResult,
+def build_report(args: argparse.Namespace, settings: SceneSettings, meta: dict, cold: RunResult,
                  seq: RunResult, warm: RunResult, rss: list[tuple[str, float]]) -> str:
     calls = cold.calls
     gen_tokens = cold.generated_tokens
@@ -435,11 +447,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="scenes of the sequential run (b) (default: all --scenes; fewer saves time, the "
                              "sequential run is the slowest phase per scene, and (b) is compared per scene)")
     parser.add_argument("--batch-size", type=int, default=8, help="TransformersBackend and cache chunk batch size (default 8)")
-    parser.add_argument("--roles", type=int, default=3, help="roles per scene, SimulationSettings.n_roles (default 3)")
+    parser.add_argument("--roles", type=int, default=3, help="roles per scene, SceneSettings.n_roles (default 3)")
     parser.add_argument("--steps", type=int, default=3, help="plan steps per scene (default 3, as the quick run)")
     parser.add_argument("--rounds", type=int, default=2, help="modulated rounds per scene, max_rounds (default 2)")
-    parser.add_argument("--answer-tokens", type=int, default=SimulationSettings.answer_tokens,
-                        help=f"max tokens of the unmeasured initial answers (default {SimulationSettings.answer_tokens})")
+    parser.add_argument("--answer-tokens", type=int, default=128,
+                        help="max tokens of the unmeasured initial answers (default 128, the quick profile's)")
     parser.add_argument("--decoding", choices=("refill", "padded", "continuous"), default="refill",
                         help="TransformersBackend decoding: refill (default: finished rows leave the batch, queued "
                         "conversations take their slots), padded (one model.generate per length-sorted chunk) or "
@@ -482,9 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from matrix_assets.llm.transformers_backend import TransformersBackend
 
-    settings = SimulationSettings(
+    settings = SceneSettings(
         n_roles=args.roles, min_roles=min(3, args.roles), plan_steps=max(args.steps, args.rounds),
-        max_rounds=args.rounds, max_observers=max(1, args.roles), answer_tokens=args.answer_tokens,
+        max_rounds=args.rounds, max_reactions=max(1, args.roles),
     )
     rss: list[tuple[str, float]] = [("start (imports)", max_rss_mib())]
 
@@ -513,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     questions = harmful_prompts(args.scenes)
     log(f"generating the initial answers of {len(questions)} prompts once (not measured)")
     t0 = time.perf_counter()
-    answers = initial_answers(backend, questions, settings)
+    answers = answer_directly(backend, questions, args.answer_tokens)
     meta["answers_s"] = time.perf_counter() - t0
     inputs = [SceneInput(f"advbench-{i}", q, a) for i, (q, a) in enumerate(zip(questions, answers))]
     rss.append(("initial answers", max_rss_mib()))

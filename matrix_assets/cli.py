@@ -126,9 +126,33 @@ def build_run_configs(args: argparse.Namespace) -> tuple[dict, dict]:
     if args.methods:
         evaluation["methods"] = args.methods
     if args.eval_prompts is not None:
-        evaluation["max_harmful_per_set"] = evaluation["max_safe_per_set"] = args.eval_prompts or None
+        for key in ("max_harmful_per_set", "max_safe_per_set", "max_helpfulness_per_set"):
+            evaluation[key] = args.eval_prompts or None
+    for assignment in args.set or []:
+        _apply_setting(assignment, simulate["ops"], train_eval["ops"])
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     return {**quiet, **simulate}, {**quiet, **train_eval}
+
+
+def _apply_setting(assignment: str, *op_configs: dict) -> None:
+    """`NAME.FIELD=VALUE`: FIELD of every asset of method NAME (or of the asset NAME) that has it; VALUE as JSON
+    when it parses (numbers, true/false, null, lists), else as text."""
+    target, _, value_text = assignment.partition("=")
+    name, _, field = target.rpartition(".")
+    if not name or not field or not _:
+        raise SystemExit(f"--set {assignment!r}: expected NAME.FIELD=VALUE, e.g. stable_alignment.grid_size=2")
+    try:
+        value = json.loads(value_text)
+    except json.JSONDecodeError:
+        value = value_text
+    hits = 0
+    for ops in op_configs:
+        for op, entry in ops.items():
+            if (op == name or op.startswith(f"{name}__")) and field in entry["config"]:
+                entry["config"][field] = value
+                hits += 1
+    if not hits:
+        raise SystemExit(f"--set {assignment!r}: no asset of {name!r} has a setting {field!r}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -209,11 +233,10 @@ def latest_table() -> str:
     from matrix_assets.store import Store
 
     db = Store()
-    runs = db.query("SELECT * FROM eval_runs ORDER BY created_at DESC, eval_id DESC LIMIT 1")
-    if not runs:
+    run = db.latest_evaluation()
+    if run is None:
         return "no evaluation stored yet"
-    run = runs[0]
-    rows = db.query("SELECT * FROM eval_metrics WHERE eval_id = :e", e=run["eval_id"])
+    rows = db.evaluation_metrics(run["eval_id"])
     metrics: dict[str, dict[str, Rate]] = {}
     for r in rows:
         nan = float("nan")
@@ -225,7 +248,7 @@ def latest_table() -> str:
     for key, title in HEADLINE:
         if any(key in metrics[label] for label in labels):
             table.append([title, *(metrics[label][key].format() if key in metrics[label] else "-" for label in labels)])
-    paired = db.query("SELECT * FROM eval_paired WHERE eval_id = :e", e=run["eval_id"])
+    paired = db.evaluation_paired(run["eval_id"])
     by = {(p["model_label"], p["metric"]): p for p in paired}
     diff = [["tuned - base, paired", *[label for label in labels if label != "base"]]]
     for key, title in HEADLINE:
@@ -237,8 +260,8 @@ def latest_table() -> str:
                          f" p={p['mcnemar_p']:.2g} (n={p['n']})")
         if any(c != "-" for c in cells):
             diff.append([title.strip(), *cells])
-    validation = db.query("SELECT * FROM judge_agreement WHERE validation_id = :v AND judge = 'embedding' "
-                          "AND metric = 'kappa'", v=run["judge_validation_id"] or "")
+    agreement = db.judge_agreement(run["judge_validation_id"] or "")
+    validation = [agreement] if agreement else []
     checkpoints = sorted({f"{r['model_label']}={r['checkpoint_id']}" for r in rows if r["checkpoint_id"]})
     counts = json.loads(run["counts_json"])
     head = [f"Base vs tuned on held-out prompts ({run['eval_id']}; {', '.join(checkpoints)}).",
@@ -266,8 +289,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                   "revision_candidates", "sa_interactions", "training_groups", "sft_examples", "checkpoints",
                   "eval_answers"):
         print(f"  {table:<20} {db.count(table):>7} rows")
-    for ckpt in db.latest_per_method("checkpoints", None, sorted({r["method"] for r in
-                                                                 db.query("SELECT method FROM checkpoints")})):
+    for ckpt in db.latest_per_method("checkpoints", None, db.checkpoint_methods()):
         print(f"latest {ckpt['method']} checkpoint: {ckpt['checkpoint_id']} (MLflow run {ckpt['mlflow_run_id']}, "
               f"{ckpt['registered_model']} v{ckpt['model_version']})")
     print(latest_table())
@@ -306,15 +328,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     db = Store()
     checkpoints = db.latest_per_method("checkpoints", [args.method], [args.method])
     if checkpoints:
-        rows = db.query("SELECT * FROM sft_datasets WHERE dataset_id = :d", d=checkpoints[0]["dataset_id"])
+        found = db.dataset(checkpoints[0]["dataset_id"])
+        rows = [found] if found else []
     else:
         rows = db.latest_per_method("sft_datasets", [args.method], [args.method])
     if not rows:
         print(f"error: no training set of method {args.method!r} yet; run the pipeline first", file=sys.stderr)
         return 2
     dataset = rows[0]
-    examples = db.query("SELECT group_index, prompt, response, rating, source FROM sft_examples "
-                        "WHERE dataset_id = :d ORDER BY position", d=dataset["dataset_id"])
+    examples = [{k: e[k] for k in ("group_index", "prompt", "response", "rating", "source")}
+                for e in db.training_examples(dataset["dataset_id"])]
     out = Path(args.out)
     if args.format == "jsonl":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -372,7 +395,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--max-prompts", type=int, default=None,
                      help="training prompts per method (quick: 8; 0 = all)")
     run.add_argument("--eval-prompts", type=int, default=None,
-                     help="held-out prompts per harmful and per safe evaluation set (quick: 50 and 100; 0 = all)")
+                     help="held-out prompts per evaluation set, harmful, safe and helpfulness (quick: 50, 100 and "
+                     "all; 0 = all)")
     run.add_argument("--roles", type=int, default=None, help="MATRIX roles per scene (quick 3, paper 5)")
     run.add_argument("--steps", type=int, default=None, help="MATRIX plan steps (quick 3, paper 5)")
     run.add_argument("--rounds", type=int, default=None, help="MATRIX interaction rounds (quick 2, paper 5)")
@@ -383,11 +407,15 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=float, default=None, help="LoRA epochs (override the profile)")
     run.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate (override the profile)")
     run.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (overrides epochs when > 0)")
+    run.add_argument("--set", action="append", metavar="NAME.FIELD=VALUE",
+                     help="any other setting of the Launchpad, for every asset of a method or for one asset, e.g. "
+                     "--set stable_alignment.grid_size=2 --set matrix.max_reactions=2 "
+                     "--set evaluation_scores.model_judge=true (repeatable)")
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser(
         "evaluate", help="evaluate the existing checkpoints on prompt sets of your choice (no retraining)",
-        description="Runs the evaluate_checkpoints job: judge validation, then base vs each method's latest "
+        description="Runs the evaluate_checkpoints job, without retraining: judge validation, then base vs each method's latest "
         "checkpoint on the held-out prompts of the given sets (a set added with `add FILE --role ...` included).",
     )
     evaluate.add_argument("--profile", choices=("quick", "paper"), default="quick")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from matrix_assets.evaluation.settings import JUDGE_VALIDATION_PAPER, EvaluationSettings, JudgeValidationSettings
 from matrix_assets.evaluation.settings import PAPER as EVALUATION_PAPER
-from matrix_assets.evaluation.settings import EvaluationSettings
 from matrix_assets.methods.base import SHARED_PROFILES
 from matrix_assets.training.sft import LoraSettings, TrainSettings
 
@@ -58,6 +58,7 @@ _TRAINING = {
 _TRAINING_SET = {"quick": TrainingSetSettings(),
                  "paper": TrainingSetSettings(answer_tokens=SHARED_PROFILES["paper"].answer_tokens)}
 _EVALUATION = {"quick": EvaluationSettings(), "paper": EVALUATION_PAPER}
+_JUDGE_VALIDATION = {"quick": JudgeValidationSettings(), "paper": JUDGE_VALIDATION_PAPER}
 
 
 def _check(profile: str) -> None:
@@ -78,3 +79,8 @@ def training_set(profile: str) -> TrainingSetSettings:
 def evaluation(profile: str) -> EvaluationSettings:
     _check(profile)
     return _EVALUATION[profile]
+
+
+def judge_validation(profile: str) -> JudgeValidationSettings:
+    _check(profile)
+    return _JUDGE_VALIDATION[profile]

@@ -1,13 +1,16 @@
-"""A real Dagster backfill of `simulate_prompt_set` over two prompt-set partitions, on the repository's instance
-configuration (a copy of dagster.yaml: SQLite storage, QueuedRunCoordinator, DefaultRunLauncher).
+"""A real Dagster backfill of the `simulate_prompt_set` assets (every method's per-prompt-set stages) over two
+prompt-set partitions, on the repository's instance configuration (a copy of dagster.yaml: SQLite storage,
+QueuedRunCoordinator, DefaultRunLauncher).
 
-Dagster's own machinery does the work, as `dagster-daemon` would: the backfill is stored in the instance as a
-`PartitionBackfill` of the job's partition set (what the UI's "Launch backfill" creates, run config included),
-the backfill daemon's iteration turns it into one queued run per partition, the run-queue daemon's iteration
-dequeues them and the DefaultRunLauncher executes each in its own process through the code location's gRPC
-server. The two daemon iterations are driven from the test (as Dagster's own tests do) so that the test is
-bounded and leaves no daemon behind. The fake LLM backend is chosen through the environment, which the gRPC
-server and the run processes inherit.
+Dagster's own machinery does the work, as `dagster-daemon` would: the backfill is stored in the instance as an
+asset `PartitionBackfill` of the job's asset selection with a run config (what the UI's "Materialize" of
+selected partitions creates from the Launchpad), the backfill daemon's iteration turns it into one queued run
+per partition, the run-queue daemon's iteration dequeues them and the DefaultRunLauncher executes each in its
+own process through the code location's gRPC server. (A backfill of the job's own partition set would ignore
+a backfill-scoped run config: the job carries the quick profile as partition-scoped config, which Dagster
+prefers, so it always runs the quick profile.) The two daemon iterations are driven from the test (as Dagster's
+own tests do) so that the test is bounded and leaves no daemon behind. The fake LLM backend is chosen through
+the environment, which the gRPC server and the run processes inherit.
 """
 
 from __future__ import annotations
@@ -20,19 +23,21 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from pipeline_helpers import quick_data_config
+
+from matrix_assets.methods import registry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = ["safe_rlhf", "dangerousqa"]
 MAX_PROMPTS = 2
+SCENES = dg.AssetKey(["matrix", "scenes"])
 RUN_CONFIG = {
     # Every step in the run's own process: the default multiprocess executor would start one process per step.
     "execution": {"config": {"in_process": {}}},
-    "ops": {
-        "initial_responses": {"config": {"max_prompts": MAX_PROMPTS}},
-        "scene_transcripts": {"config": {"n_roles": 3, "plan_steps": 2, "max_rounds": 1}},
-    },
+    # Every stage that selects prompts (initial_responses and each method's stages) limited to MAX_PROMPTS.
+    **quick_data_config(MAX_PROMPTS, n_roles=3, plan_steps=2, max_rounds=1),
 }
-TIMEOUT_S = 120.0
+TIMEOUT_S = 150.0  # per backfill: each run process loads the sentence encoder for benchmark_prompts
 
 
 @pytest.fixture
@@ -65,19 +70,25 @@ def workspace_context(instance: dg.DagsterInstance):  # noqa: ANN201
         yield context
 
 
-def _partition_set_origin(workspace_context):  # noqa: ANN001, ANN202
+def _job_selection(workspace_context) -> list[dg.AssetKey]:  # noqa: ANN001
+    """The assets of the `simulate_prompt_set` job, as the code location (gRPC server) reports them."""
+    from matrix_assets.defs.jobs import PER_PROMPT_SET
+
     request_context = workspace_context.create_request_context()
     entries = request_context.get_code_location_entries()
     assert len(entries) == 1
     entry = next(iter(entries.values()))
     assert entry.code_location, entry.load_error
     (repo,) = entry.code_location.get_repositories().values()
-    partition_set = next(ps for ps in repo.get_partition_sets() if ps.job_name == "simulate_prompt_set")
-    return partition_set.get_remote_origin()
+    job = repo.get_full_job("simulate_prompt_set")
+    keys = sorted(PER_PROMPT_SET.resolve(request_context.asset_graph))
+    assert {"__".join(k.path) for k in keys} == set(job.node_names_in_topological_order) and SCENES in keys
+    return keys
 
 
 def _backfill(workspace_context, partitions: list[str]):  # noqa: ANN001, ANN202
-    """Store a job backfill and drive the backfill and run-queue daemons until it reaches a final status."""
+    """Store a backfill of the job's assets and drive the backfill and run-queue daemons until it reaches a final
+    status."""
     from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
     from dagster._core.utils import make_new_backfill_id
     from dagster._daemon.backfill import execute_backfill_iteration
@@ -87,15 +98,17 @@ def _backfill(workspace_context, partitions: list[str]):  # noqa: ANN001, ANN202
     instance = workspace_context.instance
     backfill_id = make_new_backfill_id()
     instance.add_backfill(
-        PartitionBackfill(
+        PartitionBackfill.from_asset_partitions(
             backfill_id=backfill_id,
-            partition_set_origin=_partition_set_origin(workspace_context),
-            status=BulkActionStatus.REQUESTED,
+            asset_graph=workspace_context.create_request_context().asset_graph,
             partition_names=partitions,
-            from_failure=False,
-            reexecution_steps=None,
-            tags={},
+            asset_selection=_job_selection(workspace_context),
             backfill_timestamp=get_current_timestamp(),
+            tags={},
+            dynamic_partitions_store=instance,
+            all_partitions=False,
+            title=None,
+            description=None,
             run_config=RUN_CONFIG,
         )
     )
@@ -115,16 +128,23 @@ def _backfill(workspace_context, partitions: list[str]):  # noqa: ANN001, ANN202
     return backfill, runs
 
 
-def _scene_metadata(instance: dg.DagsterInstance, run_id: str) -> dict:
+def _metadata(instance: dg.DagsterInstance, run_id: str) -> dict[dg.AssetKey, dict]:
+    """Each asset the run materialized, with its metadata values."""
     records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    out = {}
     for record in records:
         materialization = record.event_log_entry.asset_materialization
-        if materialization.asset_key == dg.AssetKey("scene_transcripts"):
-            return {k: v.value for k, v in materialization.metadata.items()}
-    raise AssertionError(f"run {run_id} did not materialize scene_transcripts")
+        out[materialization.asset_key] = {k: v.value for k, v in materialization.metadata.items()}
+    return out
 
 
-@pytest.mark.timeout(240)
+def _scene_metadata(instance: dg.DagsterInstance, run_id: str) -> dict:
+    materialized = _metadata(instance, run_id)
+    assert SCENES in materialized, f"run {run_id} did not materialize matrix/scenes"
+    return materialized[SCENES]
+
+
+@pytest.mark.timeout(360)
 def test_backfill_two_partitions_then_again_for_free(
     instance: dg.DagsterInstance, workspace_context, matrix_home: Path
 ) -> None:
@@ -153,9 +173,15 @@ def test_backfill_two_partitions_then_again_for_free(
     assert set(PARTITIONS) <= loaded
     assert db.count("initial_responses") == MAX_PROMPTS * len(PARTITIONS)
     assert db.count("transcripts") == MAX_PROMPTS * len(PARTITIONS)
-    for table in ("critiques", "revisions"):  # matrix and the cai baseline, per prompt
-        rows = db.query(f"SELECT method, COUNT(*) AS n FROM {table} GROUP BY method ORDER BY method")
-        assert [(r["method"], r["n"]) for r in rows] == [("cai", 4), ("matrix", 4)]
+    assert {r["n_rounds"] for r in db.query("SELECT n_rounds FROM transcripts")} == {1}  # the run config reached it
+    expected = MAX_PROMPTS * len(PARTITIONS)
+    rows = db.query("SELECT method, COUNT(*) AS n FROM critiques GROUP BY method ORDER BY method")
+    assert [(r["method"], r["n"]) for r in rows] == [("cai", expected), ("matrix", expected)]  # the critiquing methods
+    # Every method's training data (what the old `revisions` table held for matrix and cai), one group per prompt.
+    groups = {r["method"]: r["n"] for r in db.query(
+        "SELECT method, COUNT(DISTINCT prompt_id) AS n FROM training_groups GROUP BY method")}
+    assert set(groups) == set(registry())
+    assert all(n == expected for m, n in groups.items() if m != "stable_alignment"), groups
     generations = db.count("generations")
     assert generations > 0
 
@@ -168,5 +194,9 @@ def test_backfill_two_partitions_then_again_for_free(
     for run in runs_again:
         meta = _scene_metadata(instance, run.run_id)
         assert meta["llm_calls_made"] == 0 and meta["llm_cache_hits"] > 0
+        # ... and so does every other stage that asks the model.
+        calls = {key.to_user_string(): m["llm_calls_made"] for key, m in _metadata(instance, run.run_id).items()
+                 if "llm_calls_made" in m}
+        assert len(calls) >= 3 and set(calls.values()) == {0}, calls
     assert db.count("generations") == generations
     assert db.count("transcripts") == MAX_PROMPTS * len(PARTITIONS)  # upserted, not duplicated

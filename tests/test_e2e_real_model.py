@@ -1,6 +1,7 @@
-"""End to end with the real bundled SmolLM2-135M-Instruct: the README's main command on a tiny partition.
+"""End to end with the real bundled SmolLM2-135M-Instruct: the README's main command on a tiny partition, every
+method (Stable Alignment included) trained and evaluated beside the others.
 
-Slow by nature (the real model generates every stage, LoRA trains, MLflow records): about 2-3 minutes here.
+Slow by nature (the real model generates every stage, LoRA trains five adapters, MLflow records): several minutes.
 """
 
 import json
@@ -10,7 +11,11 @@ import pytest
 
 from matrix_assets.cli import main
 
-pytestmark = [pytest.mark.real_model, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.real_model, pytest.mark.timeout(1800)]
+
+RUN = ["run", "--prompt-set", "advbench", "--max-prompts", "2", "--eval-prompts", "2", "--roles", "3", "--steps", "2",
+       "--rounds", "1", "--max-steps", "2", "--set", "stable_alignment.grid_size=2",
+       "--set", "stable_alignment.seed_pairs_per_agent=1", "--set", "judge_validation.model_judge_sample=16"]
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +24,10 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MATRIX_HOME", str(home))
         mp.setenv("MATRIX_DAGSTER_STORAGE", str(home / "dagster"))
-        for var in ("MATRIX_DATABASE_URL", "MLFLOW_TRACKING_URI", "MATRIX_LLM_BACKEND", "MATRIX_MODEL"):
+        for var in ("MATRIX_DATABASE_URL", "MLFLOW_TRACKING_URI", "MATRIX_LLM_BACKEND", "MATRIX_MODEL",
+                    "MATRIX_JUDGE_LLM_BACKEND"):
             mp.delenv(var, raising=False)
-        code = main(["run", "--prompt-set", "advbench", "--max-prompts", "2", "--eval-prompts", "2",
-                     "--roles", "3", "--steps", "2", "--rounds", "1", "--max-steps", "2"])
-        assert code == 0
+        assert main(RUN) == 0
     return home
 
 
@@ -33,29 +37,34 @@ def _store(home: Path):  # noqa: ANN202
     return Store(f"sqlite:///{home / 'matrix.db'}")
 
 
-def test_every_stage_wrote_rows(pipeline_run: Path) -> None:
+def test_every_method_wrote_its_data_and_was_trained_and_evaluated(pipeline_run: Path) -> None:
+    from matrix_assets.methods import registry
+
     db = _store(pipeline_run)
     assert db.count("prompts") >= 520
-    assert db.count("initial_responses") == 2
-    assert db.count("transcripts") == 2
-    assert db.count("critiques") == 2 * 2  # matrix and the cai baseline
-    assert db.count("revisions") == 2 * 2
-    assert {r["method"] for r in db.query("SELECT method FROM checkpoints")} == {"matrix", "cai", "initial_sft"}
-    assert db.count("eval_answers") == 4 * (2 + 2 + 2)  # base + three tuned models over three sets of 2
+    assert db.count("initial_responses") == 2 and db.count("transcripts") == 2
+    assert db.count("sa_interactions") == 4 * 2  # a 2 x 2 society over 2 rounds
+    assert {r["method"] for r in db.query("SELECT DISTINCT method FROM training_groups")} == set(registry())
+    assert {r["method"] for r in db.query("SELECT method FROM checkpoints")} == set(registry())
+    labels = {r["model_label"] for r in db.query("SELECT DISTINCT model_label FROM eval_answers")}
+    assert labels == {"base", *registry()}
     models = {r["model_id"] for r in db.query("SELECT DISTINCT model_id FROM generations")}
     assert "smollm2-135m-instruct" in models
-    assert any(m.startswith("smollm2-135m-instruct+lora:") for m in models)  # the tuned model generated too
+    assert any(m.startswith("smollm2-135m-instruct+lora:") for m in models)  # the tuned models generated too
+    # Stable Alignment's ratings were read from the model's next-token distribution, never parsed.
+    ratings = db.query("SELECT rating, distribution_json FROM sa_ratings")
+    assert ratings and all(r["rating"] is None or 1 <= r["rating"] <= 7 for r in ratings)
+    assert all(json.loads(r["distribution_json"]) for r in ratings if r["rating"] is not None)
 
 
-def test_transcripts_are_real_scenes(pipeline_run: Path) -> None:
+def test_transcripts_are_real_scenes_and_their_fallbacks_are_counted(pipeline_run: Path) -> None:
     db = _store(pipeline_run)
-    for row in db.query("SELECT * FROM transcripts"):
-        roles = json.loads(row["roles_json"])
-        assert len(roles) >= 3
-        events = db.events(row["prompt_id"], row["method"], row["model_id"])
-        actors = {e["actor"] for e in events if e["kind"] == "reaction"}
-        assert actors and actors <= {r["name"] for r in roles}
-        assert any(e["kind"] == "action" and len(e["action"]) > 10 for e in events)
+    for scene in db.transcripts("advbench", "smollm2-135m-instruct"):
+        assert len(scene.roles) >= 3
+        assert any(e.kind == "action" and len(e.action) > 10 for e in scene.events)
+        feasibility = [e for e in scene.events if e.kind == "modulation"]
+        assert feasibility and all(e.p_yes is not None for e in feasibility)  # from the distribution
+        assert isinstance(scene.fallbacks, dict)
 
 
 def test_adapter_loads_and_generates(pipeline_run: Path) -> None:
@@ -77,50 +86,56 @@ def test_adapter_loads_and_generates(pipeline_run: Path) -> None:
     assert [c.text for c in out] == [c.text for c in unmerged.generate(questions, GenerationParams(max_new_tokens=24))]
 
 
-def test_mlflow_recorded_training_and_evaluation(pipeline_run: Path) -> None:
+def test_mlflow_recorded_every_checkpoint_and_a_registered_version_loads_and_generates(pipeline_run: Path) -> None:
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{pipeline_run / 'mlflow.db'}")
+    from matrix_assets.methods import registry
+
+    uri = f"sqlite:///{pipeline_run / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("matrix-assets")
-    all_runs = client.search_runs([experiment.experiment_id])
-    runs = {(r.data.tags["dagster.asset_key"], r.data.tags.get("method")): r for r in all_runs}
-    assert len(all_runs) == 4  # three training runs (one per method) and one evaluation run
-    train = runs[("finetuned_checkpoint", "matrix")]
-    assert train.data.metrics["train_steps"] == 2 and train.data.metrics["train_loss"] > 0
-    assert train.data.params["lora_r"] == "8"
-    history = client.get_metric_history(train.info.run_id, "loss")
-    assert len(history) == 2
-    evaluation = runs[("evaluation_scores", None)]
-    assert "matrix/harmful_share_ci_high" in evaluation.data.metrics
+    runs = client.search_runs([experiment.experiment_id])
+    training = {r.data.tags["method"]: r for r in runs if r.data.tags.get("kind") == "training"}
+    assert set(training) == set(registry())
+    train = training["stable_alignment"]
+    assert train.data.metrics["train_steps"] == 2 and train.data.params["trainer"] == "stable_alignment"
+    assert len(client.get_metric_history(train.info.run_id, "loss")) == 2
+    nested = [r for r in runs if r.data.tags.get("kind") == "evaluation_model"]
+    assert {r.data.tags["model_label"] for r in nested} == {"base", *registry()}
     versions = {v.tags["method"]: v for v in client.search_model_versions("name='matrix-aligned'")}
-    assert set(versions) == {"matrix", "cai", "initial_sft"}
-    assert versions["matrix"].run_id == train.info.run_id
-    artifacts = {a.path for a in client.list_artifacts(train.info.run_id, "adapter")}
-    assert "adapter/adapter_model.safetensors" in artifacts
+    assert set(versions) == set(registry())
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/matrix-aligned/{versions['matrix'].version}")
+    answers = model.predict(["Write one sentence about the sea."], params={"max_new_tokens": 16})
+    assert len(answers) == 1 and answers[0].strip()
 
 
-def test_rerun_is_served_from_cache(pipeline_run: Path) -> None:
-    """Re-materializing the simulation with the same inputs makes zero model calls."""
+def test_rerun_of_the_data_stages_is_served_from_the_cache(pipeline_run: Path) -> None:
+    """Re-materializing every method's data stages with the same inputs makes zero model calls."""
     import dagster as dg
 
+    from matrix_assets.cli import build_run_configs, parser
+    from matrix_assets.defs.jobs import PER_PROMPT_SET
     from matrix_assets.defs.resources import LocalTransformersLLM, StoreResource
-    from matrix_assets.defs.assets.baselines import cai_revisions_asset
-    from matrix_assets.defs.assets.simulation import critiques, initial_responses, revised_answers, scene_transcripts
+    from pipeline_helpers import all_assets
 
     db_url = f"sqlite:///{pipeline_run / 'matrix.db'}"
     before = _store(pipeline_run).count("generations")
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("prompt_sets", ["advbench"])
-    result = dg.materialize(
-        [initial_responses, scene_transcripts, critiques, revised_answers, cai_revisions_asset],
-        partition_key="advbench",
-        resources={"store": StoreResource(database_url=db_url), "llm": LocalTransformersLLM()}, instance=instance,
-        run_config={"ops": {"initial_responses": {"config": {"max_prompts": 2}},
-                            "scene_transcripts": {"config": {"n_roles": 3, "plan_steps": 2, "max_rounds": 1,
-                                                             "max_observers": 3}}}},
-    )
+    simulate_config, _ = build_run_configs(parser().parse_args(RUN))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MATRIX_HOME", str(pipeline_run))
+        result = dg.materialize(
+            all_assets(), selection=PER_PROMPT_SET, partition_key="advbench", instance=instance,
+            resources={"store": StoreResource(database_url=db_url), "llm": LocalTransformersLLM(),
+                       "judge": LocalTransformersLLM()},
+            run_config={"ops": simulate_config["ops"]},
+        )
     assert result.success
-    for node in ("initial_responses", "scene_transcripts", "critiques", "revised_answers", "cai_revisions"):
+    for node in ("initial_responses", "matrix__scenes", "matrix__critiques", "matrix__revisions", "cai__revisions",
+                 "stable_alignment__interactions"):
         meta = result.asset_materializations_for_node(node)[0].metadata
         assert meta["llm_calls_made"].value == 0, node
     assert _store(pipeline_run).count("generations") == before

@@ -86,6 +86,9 @@ TrainingConfig = config_class("TrainingConfig", profiles.training("quick"), doc=
 EvaluationConfig = config_class("EvaluationConfig", profiles.evaluation("quick"),
                                 doc="Which held-out prompts, how many, judged how.")
 
+JudgeValidationConfig = config_class("JudgeValidationConfig", profiles.judge_validation("quick"),
+                                     doc="How much of the human-labelled data the judge model is scored on.")
+
 TrainingSetConfig = config_class("TrainingSetConfig", profiles.training_set("quick"),
                                  doc="Which prompt sets a method trains on, and the benign mix.")
 
@@ -114,6 +117,7 @@ def profile_run_config(profile: str, *, partitioned: bool) -> dict[str, Any]:
             ops[f"{method}__checkpoint"] = {"config": training}
         ops["evaluation_scores"] = {"config": {k: _plain(v) for k, v in
                                                dataclasses.asdict(profiles.evaluation(profile)).items()}}
+        ops["judge_validation"] = {"config": dataclasses.asdict(profiles.judge_validation(profile))}
     return {"ops": ops}
 
 

@@ -36,3 +36,13 @@ class EvaluationSettings:
 
 
 PAPER = EvaluationSettings(max_harmful_per_set=None, max_safe_per_set=None, model_judge=True, answer_tokens=256)
+
+
+@dataclass(frozen=True)
+class JudgeValidationSettings:
+    model_judge_sample: int = field(default=100, metadata={
+        "help": "Human-labelled completions of the held-out chat model the judge model is scored on (0: skip it; "
+        "the embedding judge and the string matcher are always scored on all of them)."})
+
+
+JUDGE_VALIDATION_PAPER = JudgeValidationSettings(model_judge_sample=450)

@@ -424,6 +424,76 @@ class Store:
         return [TrainingGroup(g["row"].prompt_id, g["row"].prompt, g["row"].kind, tuple(g["responses"]),
                               g["row"].excluded) for g in groups.values()]
 
+    def save_training_set(self, dataset: Any, path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """A method's training set (`methods.mixing.TrainingSet`) and its examples, in one transaction."""
+        with self.transaction() as conn:
+            self.upsert("sft_datasets", [{
+                "dataset_id": dataset.dataset_id, "method": dataset.method, "trainer": dataset.trainer,
+                "prompt_sets_json": json.dumps(list(dataset.prompt_sets)), "path": path,
+                "n_examples": dataset.n_examples, "n_groups": len(dataset.groups), "n_aligned": dataset.n_aligned,
+                "n_benign": dataset.n_benign, "n_excluded": dataset.n_excluded, "created_at": utcnow(),
+            }], conn=conn)
+            self.upsert("sft_examples", [{"dataset_id": dataset.dataset_id, "position": i, **row}
+                                         for i, row in enumerate(rows)], conn=conn)
+
+    def training_examples(self, dataset_id: str) -> list[dict[str, Any]]:
+        """The examples of a stored training set, in order (group_index, prompt_id, source, prompt, response,
+        rating)."""
+        return self.query("SELECT group_index, prompt_id, source, prompt, response, rating FROM sft_examples "
+                          "WHERE dataset_id = :d ORDER BY position", d=dataset_id)
+
+    def dataset(self, dataset_id: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM sft_datasets WHERE dataset_id = :d", d=dataset_id)
+        return rows[0] if rows else None
+
+    def evaluation_prompt_texts(self) -> list[str]:
+        """Every prompt of every evaluation split in the store (for the train/eval disjointness check)."""
+        return [r["text"] for r in self.query("SELECT DISTINCT text FROM prompts WHERE split = 'eval' ORDER BY text")]
+
+    def prompt_set_role(self, name: str) -> str | None:
+        rows = self.query("SELECT role FROM prompt_sets WHERE name = :n", n=name)
+        return rows[0]["role"] if rows else None
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+
+    def save_judge_agreement(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.upsert("judge_agreement", rows)
+
+    def latest_judge_agreement(self, judge: str = "embedding", metric: str = "kappa") -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM judge_agreement WHERE judge = :j AND metric = :m "
+                          "ORDER BY created_at DESC, validation_id DESC LIMIT 1", j=judge, m=metric)
+        return rows[0] if rows else None
+
+    def judge_agreement(self, validation_id: str, judge: str = "embedding", metric: str = "kappa"
+                        ) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM judge_agreement WHERE validation_id = :v AND judge = :j AND metric = :m",
+                          v=validation_id, j=judge, m=metric)
+        return rows[0] if rows else None
+
+    def save_evaluation(self, run: Mapping[str, Any], answers: Sequence[Mapping[str, Any]],
+                        pairwise: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[str, Any]],
+                        paired: Sequence[Mapping[str, Any]]) -> None:
+        """One evaluation's rows (run, answers, pairwise verdicts, rates, paired comparisons), all or nothing."""
+        with self.transaction() as conn:
+            self.upsert("eval_runs", [run], conn=conn)
+            self.upsert("eval_answers", answers, conn=conn)
+            self.upsert("eval_pairwise", pairwise, conn=conn)
+            self.upsert("eval_metrics", metrics, conn=conn)
+            self.upsert("eval_paired", paired, conn=conn)
+
+    def latest_evaluation(self) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM eval_runs ORDER BY created_at DESC, eval_id DESC LIMIT 1")
+        return rows[0] if rows else None
+
+    def evaluation_metrics(self, eval_id: str) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM eval_metrics WHERE eval_id = :e ORDER BY model_label, metric", e=eval_id)
+
+    def evaluation_paired(self, eval_id: str, metric: str | None = None) -> list[dict[str, Any]]:
+        if metric is None:
+            return self.query("SELECT * FROM eval_paired WHERE eval_id = :e ORDER BY model_label, metric", e=eval_id)
+        return self.query("SELECT * FROM eval_paired WHERE eval_id = :e AND metric = :m ORDER BY model_label",
+                          e=eval_id, m=metric)
+
     # -- checkpoints -----------------------------------------------------------------------------------------
 
     def latest_per_method(self, table: str, methods: Sequence[str] | None, order: Sequence[str]
@@ -439,6 +509,12 @@ class Store:
             if (methods is None or row["method"] in methods) and row["method"] not in latest:
                 latest[row["method"]] = row
         return [latest[m] for m in order if m in latest]
+
+    def save_checkpoint(self, row: Mapping[str, Any]) -> None:
+        self.upsert("checkpoints", [row])
+
+    def checkpoint_methods(self) -> list[str]:
+        return [r["method"] for r in self.query("SELECT DISTINCT method FROM checkpoints ORDER BY method")]
 
     def touch_checkpoint(self, checkpoint_id: str, dagster_run_id: str) -> None:
         """A reused checkpoint is the latest build from now on (evaluation picks the newest `built_at`)."""

@@ -11,7 +11,7 @@ import dagster as dg
 
 from matrix_assets import profiles
 from matrix_assets.defs.assets.common import MODEL_POOL, image_md, md_table, progress_logger
-from matrix_assets.defs.configs import EvaluationConfig, settings_from
+from matrix_assets.defs.configs import EvaluationConfig, JudgeValidationConfig, settings_from
 from matrix_assets.defs.resources import LLMResource, MLflowResource, StoreResource
 from matrix_assets.evaluation.settings import EvaluationSettings
 from matrix_assets.methods import registry
@@ -23,11 +23,6 @@ CHAMPION_ALIAS = "champion"
 CHAMPION_LABEL = "champion"
 
 
-class JudgeValidationConfig(dg.Config):
-    model_judge_sample: int = 100
-    """Completions of the held-out chat model the judge model is scored on (0: skip the judge model)."""
-
-
 @dg.asset(
     group_name="evaluation",
     kinds={"python", "mlflow"},
@@ -36,7 +31,8 @@ class JudgeValidationConfig(dg.Config):
     "models, two annotators each): accuracy, per-class precision and recall, Cohen's kappa, with intervals, on "
     "the completions of a chat model nothing was fitted on.",
 )
-def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationConfig, store: StoreResource,
+def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationConfig,  # type: ignore[valid-type]
+                     store: StoreResource,
                      judge: LLMResource, mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
     import mlflow
 
@@ -50,7 +46,7 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
     results = validate_judges(judge_backend, model_judge_sample=config.model_judge_sample)
     validation_id = f"judges-{uuid.uuid4().hex[:10]}"
     now = utcnow()
-    db.upsert("judge_agreement", [
+    db.save_judge_agreement([
         {"validation_id": validation_id, "judge": r.judge, "subset": r.subset, "metric": metric, "value": value,
          "ci_low": low, "ci_high": high, "n": r.report.n, "created_at": now}
         for r in results for metric, (value, low, high) in r.metrics().items()
@@ -84,7 +80,7 @@ def eval_prompts(db: Store, settings: EvaluationSettings) -> list[Any]:
             except FileNotFoundError as exc:
                 raise dg.Failure(f"evaluation set {name!r}: {exc}; add it with `matrix-assets add FILE --role "
                                  f"{role}` or materialize its benchmark_prompts partition", allow_retries=False) from exc
-            stored = db.query("SELECT role FROM prompt_sets WHERE name = :n", n=name)[0]["role"]
+            stored = db.prompt_set_role(name)
             if stored != role:
                 raise dg.Failure(f"prompt set {name!r} has role {stored!r}; list it under {stored}_sets, "
                                  f"not {role}_sets", allow_retries=False)
@@ -210,9 +206,7 @@ def evaluation_scores(
 
 
 def _latest_validation(db: Store) -> dict[str, Any] | None:
-    rows = db.query("SELECT * FROM judge_agreement WHERE judge = 'embedding' AND metric = 'kappa' "
-                    "AND subset NOT LIKE 'fit:%' ORDER BY created_at DESC, validation_id DESC LIMIT 1")
-    return rows[0] if rows else None
+    return db.latest_judge_agreement("embedding", "kappa")
 
 
 def _judge_line(validation: dict[str, Any] | None) -> str:
@@ -319,29 +313,25 @@ def _save(db: Store, eval_id: str, by_label: dict[str, dict], report: Any, sets:
         return by_label[label]["checkpoint_id"] if label in by_label else None
 
     now = utcnow()
-    with db.transaction() as conn:
-        db.upsert("eval_runs", [{
-            "eval_id": eval_id, "prompt_sets_json": json.dumps(sets), "counts_json": json.dumps(report.counts),
-            "prompts_sha256": prompts_sha, "judge": "embedding",
-            "judge_validation_id": validation["validation_id"] if validation else None, "mlflow_run_id": run_id,
-            "created_at": now}], conn=conn)
-        db.upsert("eval_answers", [
-            {"eval_id": eval_id, "model_label": a.model_label, "checkpoint_id": checkpoint_of(a.model_label),
-             "eval_set": a.eval_set, "prompt_set": a.prompt_set, "prompt_id": a.prompt_id, "answer": a.answer,
-             "refusal": None if a.refusal is None else int(a.refusal), "p_refusal": a.p_refusal,
-             "keyword_refusal": int(a.keyword_refusal),
-             "model_judge_refusal": None if a.model_judge_refusal is None else int(a.model_judge_refusal)}
-            for a in report.answers], conn=conn)
-        db.upsert("eval_pairwise", [
-            {"eval_id": eval_id, "model_label": v.model_label, "prompt_id": v.prompt_id,
-             "p_tuned_first": v.p_tuned_first, "p_tuned_second": v.p_tuned_second, "outcome": v.outcome}
-            for v in report.pairwise], conn=conn)
-        db.upsert("eval_metrics", [
-            {"eval_id": eval_id, "checkpoint_id": checkpoint_of(label), "model_label": label, "metric": name,
-             "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high, "k": r.k, "n": r.n, "created_at": now}
-            for label, m in report.metrics.items() for name, r in m.items()], conn=conn)
-        db.upsert("eval_paired", [
-            {"eval_id": eval_id, "model_label": label, "metric": name, "n": c.n, "base_rate": c.base_rate,
-             "tuned_rate": c.tuned_rate, "diff": c.diff, "diff_ci_low": c.diff_ci_low,
-             "diff_ci_high": c.diff_ci_high, "base_only": c.b, "tuned_only": c.c, "mcnemar_p": c.mcnemar_p}
-            for label, m in report.paired.items() for name, c in m.items()], conn=conn)
+    db.save_evaluation(
+        {"eval_id": eval_id, "prompt_sets_json": json.dumps(sets), "counts_json": json.dumps(report.counts),
+         "prompts_sha256": prompts_sha, "judge": "embedding",
+         "judge_validation_id": validation["validation_id"] if validation else None, "mlflow_run_id": run_id,
+         "created_at": now},
+        [{"eval_id": eval_id, "model_label": a.model_label, "checkpoint_id": checkpoint_of(a.model_label),
+          "eval_set": a.eval_set, "prompt_set": a.prompt_set, "prompt_id": a.prompt_id, "answer": a.answer,
+          "refusal": None if a.refusal is None else int(a.refusal), "p_refusal": a.p_refusal,
+          "keyword_refusal": int(a.keyword_refusal),
+          "model_judge_refusal": None if a.model_judge_refusal is None else int(a.model_judge_refusal)}
+         for a in report.answers],
+        [{"eval_id": eval_id, "model_label": v.model_label, "prompt_id": v.prompt_id,
+          "p_tuned_first": v.p_tuned_first, "p_tuned_second": v.p_tuned_second, "outcome": v.outcome}
+         for v in report.pairwise],
+        [{"eval_id": eval_id, "checkpoint_id": checkpoint_of(label), "model_label": label, "metric": name,
+          "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high, "k": r.k, "n": r.n, "created_at": now}
+         for label, m in report.metrics.items() for name, r in m.items()],
+        [{"eval_id": eval_id, "model_label": label, "metric": name, "n": c.n, "base_rate": c.base_rate,
+          "tuned_rate": c.tuned_rate, "diff": c.diff, "diff_ci_low": c.diff_ci_low, "diff_ci_high": c.diff_ci_high,
+          "base_only": c.b, "tuned_only": c.c, "mcnemar_p": c.mcnemar_p}
+         for label, m in report.paired.items() for name, c in m.items()],
+    )

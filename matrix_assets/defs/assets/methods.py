@@ -152,15 +152,7 @@ def _save_dataset(db: Store, dataset: TrainingSet) -> Path:
     with path.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with db.transaction() as conn:
-        db.upsert("sft_datasets", [{
-            "dataset_id": dataset.dataset_id, "method": dataset.method, "trainer": dataset.trainer,
-            "prompt_sets_json": json.dumps(list(dataset.prompt_sets)), "path": str(path),
-            "n_examples": dataset.n_examples, "n_groups": len(dataset.groups), "n_aligned": dataset.n_aligned,
-            "n_benign": dataset.n_benign, "n_excluded": dataset.n_excluded, "created_at": utcnow(),
-        }], conn=conn)
-        db.upsert("sft_examples", [{"dataset_id": dataset.dataset_id, "position": i, **row}
-                                   for i, row in enumerate(rows)], conn=conn)
+    db.save_training_set(dataset, str(path), rows)
     return path
 
 
@@ -168,7 +160,7 @@ def _train_eval_overlap(db: Store, prompts: list[str]) -> list[tuple[str, str, f
     """Training prompts equal to, or paraphrasing, any prompt of an evaluation split in the store."""
     from matrix_assets.embeddings import embed
 
-    evaluation = [r["text"] for r in db.query("SELECT DISTINCT text FROM prompts WHERE split = 'eval'")]
+    evaluation = db.evaluation_prompt_texts()
     if not prompts or not evaluation:
         return []
     exact = set(evaluation)
@@ -218,7 +210,7 @@ def train_checkpoint(context: dg.AssetExecutionContext, db: Store, llm: LLMResou
     from matrix_assets.evaluation.plots import plot_loss_curve
     from matrix_assets.training.sft import train_lora
 
-    rows = db.query("SELECT * FROM sft_examples WHERE dataset_id = :d ORDER BY position", d=dataset["dataset_id"])
+    rows = db.training_examples(dataset["dataset_id"])
     examples, objective = _examples(method, rows)
     base_model = llm.base_model_path()
     model_name = llm.model_identity()
@@ -266,12 +258,12 @@ def train_checkpoint(context: dg.AssetExecutionContext, db: Store, llm: LLMResou
             "base_model": model_name})
         run_id = run.info.run_id
     now = utcnow()
-    db.upsert("checkpoints", [{
+    db.save_checkpoint({
         "checkpoint_id": checkpoint_id, "base_model": model_name, "dataset_id": dataset["dataset_id"],
         "method": method.name, "adapter_path": str(result.adapter_path), "n_examples": len(examples),
         "train_loss": result.train_loss, "mlflow_run_id": run_id, "registered_model": tracking.registered_model_name,
         "model_version": version, "dagster_run_id": context.run.run_id, "created_at": now, "built_at": now,
-    }])
+    })
     return {
         "checkpoint_id": checkpoint_id,
         "adapter_path": dg.MetadataValue.path(str(result.adapter_path)),

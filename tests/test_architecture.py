@@ -1,0 +1,93 @@
+"""Imports go one way: Dagster wiring on top, the store below it, the domain (methods, training, evaluation) below
+that, the model backends and leaf helpers at the bottom. Checked on every import statement of the package,
+function-level ones included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "matrix_assets"
+
+# For each layer (a module prefix), the project modules it must never import.
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "matrix_assets.llm": ("matrix_assets.store", "matrix_assets.defs", "matrix_assets.methods",
+                          "matrix_assets.evaluation", "matrix_assets.training", "matrix_assets.cli", "dagster"),
+    "matrix_assets.templates": ("matrix_assets.store", "matrix_assets.defs", "matrix_assets.methods", "dagster"),
+    "matrix_assets.embeddings": ("matrix_assets.store", "matrix_assets.defs", "matrix_assets.methods", "dagster"),
+    "matrix_assets.data": ("matrix_assets.store", "matrix_assets.defs", "matrix_assets.methods", "dagster"),
+    # The training-data path never sees the evaluation's judges.
+    "matrix_assets.methods": ("matrix_assets.store", "matrix_assets.defs", "matrix_assets.evaluation",
+                              "matrix_assets.cli", "dagster"),
+    "matrix_assets.training": ("matrix_assets.store", "matrix_assets.defs", "matrix_assets.evaluation",
+                               "matrix_assets.cli", "dagster"),
+    "matrix_assets.evaluation": ("matrix_assets.store", "matrix_assets.defs", "matrix_assets.training",
+                                 "matrix_assets.cli", "dagster"),
+    "matrix_assets.store": ("matrix_assets.defs", "matrix_assets.evaluation", "matrix_assets.training",
+                            "matrix_assets.cli", "dagster"),
+    "matrix_assets.profiles": ("matrix_assets.store", "matrix_assets.defs", "matrix_assets.cli", "dagster"),
+}
+# Only the store writes SQL: no other module may import SQLAlchemy.
+SQL_OWNER = "matrix_assets.store"
+
+
+def _modules() -> dict[str, set[str]]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module)
+        out[name] = imported
+    return out
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def test_imports_go_one_way() -> None:
+    problems = []
+    for module, imported in _modules().items():
+        for layer, forbidden in FORBIDDEN.items():
+            if _within(module, layer):
+                problems += [f"{module} imports {name}" for name in sorted(imported)
+                             for bad in forbidden if _within(name, bad)]
+    assert not problems, "\n".join(problems)
+
+
+def test_only_the_store_speaks_sql() -> None:
+    offenders = [m for m, imported in _modules().items()
+                 if any(_within(i, "sqlalchemy") for i in imported) and not _within(m, SQL_OWNER)]
+    assert offenders == []
+
+
+def test_every_method_is_one_folder_with_its_prompts() -> None:
+    from matrix_assets.methods import registry
+
+    for name, method in registry().items():
+        folder = PACKAGE / "methods" / name
+        assert (folder / "__init__.py").exists(), name
+        for stage in method.stages:
+            assert stage.run.__module__.startswith(f"matrix_assets.methods.{name}"), (name, stage.name)
+
+
+def test_no_sql_outside_the_store() -> None:
+    """The store owns every query: no other module calls `query`, `scalar` or `upsert`, or holds SQL text."""
+    import re
+
+    sql = re.compile(r"\b(SELECT|INSERT INTO|UPDATE \w+ SET|DELETE FROM)\b")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.is_relative_to(PACKAGE / "store"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in {"query", "scalar", "upsert"}:
+                offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and sql.search(node.value):
+                offenders.append(f"{path.name}:{node.lineno} SQL text")
+    assert offenders == []
