@@ -72,7 +72,7 @@ def test_jobs_sensors_checks_resources() -> None:
     assert set(d.resources) == {"store", "llm", "judge", "mlflow_tracking"}
     check_keys = {k.name for c in d.asset_checks for k in c.check_keys}
     assert check_keys == {"tuned_not_worse_than_base", "champion_comparison"}
-    in_asset = {spec.name for a in d.resolve_asset_graph().assets_defs for spec in a.check_specs}
+    in_asset = {spec.name for a in d.resolve_asset_graph().assets_defs if a.keys for spec in a.check_specs}
     assert in_asset == {"model_played_the_scene", "train_eval_disjoint"}
     blocking = {spec.name for a in d.resolve_asset_graph().assets_defs for spec in a.check_specs if spec.blocking}
     assert blocking == {"train_eval_disjoint"}
@@ -94,11 +94,12 @@ def test_launchpad_defaults_are_the_quick_profile_and_paper_jobs_carry_the_paper
     assert paper["matrix__scenes"]["config"]["n_roles"] == 5 and paper["matrix__scenes"]["config"]["max_rounds"] == 5
     assert paper["matrix__scenes"]["config"]["max_prompts"] is None
     quick_scenes = stage_config("matrix", "scenes")()
-    assert quick_scenes.n_roles == 3 and quick_scenes.max_prompts == 8
+    assert quick_scenes.n_roles == 3 and quick_scenes.max_prompts == 9
     d = defs()
     assert d.resolve_job_def("train_and_evaluate_paper").run_config["ops"]["matrix__checkpoint"]["config"][
         "learning_rate"] == 2e-5
-    assert d.resolve_job_def("simulate_prompt_set").run_config["ops"]["matrix__scenes"]["config"]["n_roles"] == 3
+    assert d.resolve_job_def("simulate_prompt_set").get_run_config_for_partition_key("advbench")["ops"][
+        "matrix__scenes"]["config"]["n_roles"] == 3
 
 
 def test_definitions_do_not_import_heavy_libraries() -> None:

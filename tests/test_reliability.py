@@ -291,7 +291,8 @@ from pipeline_helpers import all_assets
 from matrix_assets.defs.resources import FakeLLM, MLflowResource, StoreResource
 from matrix_assets.llm.fake import FakeBackend
 
-db_url, run_config, selection = sys.argv[1], json.loads(sys.argv[2]), [dg.AssetKey(k) for k in json.loads(sys.argv[4])]
+db_url, run_config, selection = (sys.argv[1], json.loads(sys.argv[2]),
+                                  [dg.AssetKey.from_user_string(k) for k in json.loads(sys.argv[4])])
 
 
 class SlowFake(FakeBackend):
@@ -339,6 +340,7 @@ def _simulate_in_process(home: Path, db_url: str) -> tuple[dg.ExecuteInProcessRe
 @pytest.mark.timeout(180)
 def test_sigkill_mid_materialization_leaves_consistent_db_and_resumes(matrix_home: Path) -> None:
     killed_db = matrix_home / "killed.db"
+    matrix_home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILLED_CHILD, f"sqlite:///{killed_db}", json.dumps(KILL_CONFIG),
          str(Path(__file__).parent), json.dumps([k.to_user_string() for k in SIMULATION])],

@@ -60,7 +60,7 @@ class TrainingGroup:
 
     @property
     def group_id(self) -> str:
-        return hashlib.sha256(f"{self.prompt_id}\x1f{self.kind}".encode()).hexdigest()[:24]
+        return hashlib.sha256(f"{self.prompt_id}\x1f{self.kind}\x1f{self.prompt}".encode()).hexdigest()[:24]
 
 
 @dataclass
@@ -167,7 +167,9 @@ def single_response_groups(kind: str, rows: Sequence[tuple[str, str, str]]) -> l
     return [TrainingGroup(pid, prompt, kind, (RatedResponse(text),)) for pid, prompt, text in rows]
 
 
-DEFAULT_MAX_PROMPTS = 8  # training prompts per prompt set in the quick run; the paper profile uses them all
+# Training prompts per prompt set in the quick run (the paper profile uses them all). 9: Stable Alignment's 3 x 3
+# society then meets each of its questions again in round 2, so an agent's memory can shape its next draft.
+DEFAULT_MAX_PROMPTS = 9
 
 
 @dataclass(frozen=True)
