@@ -1,9 +1,10 @@
 """Security properties: API keys stay secret, the UIs bind to localhost only, SQL is never built from values.
 
-- An API key for a remote model server comes from the environment only, reaches the server as a Bearer header, and
-  appears nowhere else: not in Python logs, the Dagster event log and run records, materialization metadata, the
-  store's tables, the MLflow store, or any file the pipeline writes (error paths included: the test server echoes
-  the Authorization header back in its error bodies).
+- An API key for a remote model server comes from the environment only (`api_key=dg.EnvVar(NAME)`, resolved at
+  launch, or the variable named by `api_key_env`), reaches the server as a Bearer header, and appears nowhere else:
+  not in Python logs, the Dagster event log, run records and job snapshots (the resource's stored config holds the
+  variable's name), materialization metadata, the store's tables, the MLflow store, or any file the pipeline writes
+  (error paths included: the test server echoes the Authorization header back in its error bodies).
 - scripts/ui.sh binds the Dagster and MLflow servers to 127.0.0.1.
 - No `text(...)` / `exec_driver_sql(...)` / `execute(...)` / `Store.query(...)` call in matrix_assets builds SQL with
   f-strings, `%` or `.format` from values; the only exceptions are the whitelisted identifiers of store/db.py
@@ -27,11 +28,10 @@ import pytest
 from http_helpers import JsonHandler
 from dagster._serdes import serialize_value
 
-from matrix_assets.defs.assets.evaluation import evaluation_scores
-from matrix_assets.defs.assets.prompts import benchmark_prompts
-from matrix_assets.defs.assets.simulation import critiques, initial_responses, revised_answers, scene_transcripts
+from pipeline_helpers import all_assets, stage_config
+
 from matrix_assets.defs.resources import FakeLLM, MLflowResource, OpenAICompatibleLLM, StoreResource
-from matrix_assets.llm.fake import _answer
+from matrix_assets.llm.fake import _answer, _score
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "matrix_assets"
@@ -42,8 +42,23 @@ KEY_ENV = "MATRIX_TEST_REMOTE_API_KEY"
 # ---------------------------------------------------------------------------------------------------- API keys
 
 
+def _reply(body: dict) -> dict:
+    """A completion like FakeBackend's; for a `logprobs=true` request (the pipeline's verdicts: yes/no, A/B) the
+    top next-token log-probabilities, as vLLM returns them."""
+    prompt = "\n".join(m["content"] for m in body["messages"])
+    if not body.get("logprobs"):
+        text = _answer(prompt)
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": len(text.split())}}
+    top = [{"token": t, "logprob": lp} for t, lp in _score(prompt, ("yes", "no", "A", "B")).items()]
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": top[0]["token"]},
+                         "logprobs": {"content": [{**top[0], "top_logprobs": top}]}}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 1}}
+
+
 class KeyCheckingServer:
-    """OpenAI-compatible server on 127.0.0.1 answering like FakeBackend; records every Authorization header.
+    """OpenAI-compatible server on 127.0.0.1 answering like FakeBackend (log-probabilities included); records every
+    Authorization header.
 
     `fail_next` chat requests get HTTP 500 and `reject` makes every chat request a 401; both error bodies echo the
     Authorization header, the way a careless proxy might, to prove that error messages are redacted."""
@@ -71,9 +86,7 @@ class KeyCheckingServer:
                 if fail:
                     self.send_json(401 if server.reject else 500, {"error": "denied", "you_sent": header})
                     return
-                text = _answer("\n".join(m["content"] for m in body["messages"]))
-                self.send_json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
-                                 "usage": {"prompt_tokens": 7, "completion_tokens": len(text.split())}})
+                self.send_json(200, _reply(body))
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
@@ -100,7 +113,7 @@ def _sqlite_dump(path: Path) -> str:
         con.close()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_api_key_comes_from_env_reaches_server_and_is_never_recorded(
     matrix_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -115,41 +128,54 @@ def test_api_key_comes_from_env_reaches_server_and_is_never_recorded(
                               artifact_root=str(matrix_home / "mlartifacts"))
     results: list[dg.ExecuteInProcessResult] = []
     with KeyCheckingServer() as server:
-        remote = OpenAICompatibleLLM(base_url=server.url, model="remote-model", api_key_env=KEY_ENV, batch_size=4,
-                                     max_retries=2)
-        assert "api_key" not in {name for name in OpenAICompatibleLLM.model_fields if name != "api_key_env"}
-        assert SECRET not in repr(remote) and SECRET not in repr(remote.backend())
-        resources = {"store": store, "llm": remote}
+        # The deployment's way (llm_from_env): the key as dg.EnvVar, resolved when a run starts; and the variable
+        # named by api_key_env, read by the backend itself.
+        from_env_var = OpenAICompatibleLLM(base_url=server.url, model="remote-model", api_key=dg.EnvVar(KEY_ENV),
+                                           api_key_env=None, batch_size=4, max_retries=2)
+        named_env = OpenAICompatibleLLM(base_url=server.url, model="remote-model", api_key_env=KEY_ENV, batch_size=4,
+                                        max_retries=2)
+        for remote in (from_env_var, named_env):
+            assert SECRET not in repr(remote) and SECRET not in repr(remote.backend())
+            assert SECRET not in json.dumps(remote._convert_to_config_dictionary(), default=str)  # noqa: SLF001
+        assert from_env_var._convert_to_config_dictionary()["api_key"] == {"env": KEY_ENV}  # noqa: SLF001
+        resources = {"store": store, "llm": from_env_var, "judge": from_env_var, "mlflow_tracking": tracking}
 
         # 1. The per-prompt stages over the remote server; two transient 500s (echoing the key) are retried.
         server.fail_next = 2
         results.append(dg.materialize(
-            [benchmark_prompts, initial_responses, scene_transcripts, critiques, revised_answers],
+            all_assets(), selection=[dg.AssetKey("benchmark_prompts"), dg.AssetKey("initial_responses"),
+                                     *[dg.AssetKey(["matrix", s]) for s in ("scenes", "critiques", "revisions")]],
             partition_key="safe_rlhf", resources=resources, instance=instance,
-            run_config={"ops": {"initial_responses": {"config": {"max_prompts": 2}},
-                                "scene_transcripts": {"config": {"n_roles": 3, "max_rounds": 1}}}},
+            run_config=stage_config(initial_responses={"max_prompts": 2},
+                                    matrix__scenes={"max_prompts": 2, "n_roles": 3, "max_rounds": 1},
+                                    matrix__critiques={"max_prompts": 2}, matrix__revisions={"max_prompts": 2}),
         ))
         assert results[-1].success
 
-        # 2. The remote model as the evaluation judge: its identity goes to MLflow params and tags.
+        # 2. The remote model as the evaluation's judge model (judge validation and pairwise helpfulness): its
+        #    identity goes to the store and to MLflow.
         db = store.get_store()
         db.upsert("checkpoints", [{"checkpoint_id": "ckpt-sec", "base_model": "fake", "dataset_id": "d",
                                    "method": "matrix", "adapter_path": str(matrix_home / "adapter"), "n_examples": 1,
-                                   "created_at": "2024-01-01T00:00:00"}])
+                                   "created_at": "2024-01-01T00:00:00", "built_at": "2024-01-01T00:00:00"}])
         results.append(dg.materialize(
-            [evaluation_scores], instance=instance,
-            resources={"store": store, "llm": FakeLLM(), "judge": remote, "mlflow_tracking": tracking},
-            run_config={"ops": {"evaluation_scores": {"config": {
-                "max_harmful_per_set": 1, "max_over_refusal": 1, "max_helpfulness": 1}}}},
+            all_assets(), selection=["judge_validation", "evaluation_scores"], instance=instance, raise_on_error=False,
+            resources={"store": store, "llm": FakeLLM(), "judge": named_env, "mlflow_tracking": tracking},
+            run_config=stage_config(
+                judge_validation={"model_judge_sample": 4},
+                evaluation_scores={"harmful_sets": ["safe_rlhf"], "max_harmful_per_set": 1, "max_safe_per_set": 1,
+                                   "max_helpfulness_per_set": 1, "model_judge": True}),
         ))
-        assert results[-1].success
+        failures = [str(e.event_specific_data.error) for e in results[-1].all_events if e.is_step_failure]
+        assert results[-1].success, failures
+        assert db.query("SELECT 1 FROM judge_agreement WHERE judge LIKE '%remote-model%'")
+        assert db.count("eval_pairwise") == 1
 
         # 3. The server rejects the key (401, echoing it back): the run fails and the error is recorded.
         server.reject = True
         results.append(dg.materialize(
-            [benchmark_prompts, initial_responses], selection=["initial_responses"], partition_key="safe_rlhf",
-            resources=resources, instance=instance, raise_on_error=False,
-            run_config={"ops": {"initial_responses": {"config": {"max_prompts": 3}}}},
+            all_assets(), selection=["judge_validation"], resources=resources, instance=instance,
+            raise_on_error=False, run_config=stage_config(judge_validation={"model_judge_sample": 3}),
         ))
         assert not results[-1].success
 
@@ -161,9 +187,13 @@ def test_api_key_comes_from_env_reaches_server_and_is_never_recorded(
     haystacks: dict[str, str] = {"python logs": caplog.text}
     for result in results:
         run_id = result.run_id
+        run = instance.get_run_by_id(run_id)
         haystacks[f"events of {run_id}"] = "\n".join(serialize_value(e) for e in result.all_events)
         haystacks[f"event log of {run_id}"] = "\n".join(serialize_value(e) for e in instance.all_logs(run_id))
-        haystacks[f"run record of {run_id}"] = serialize_value(instance.get_run_by_id(run_id))
+        haystacks[f"run record of {run_id}"] = serialize_value(run)
+        # Snapshots are stored compressed (a grep of the files would not see into them): the job's resources with
+        # their config as Dagster keeps it.
+        haystacks[f"job snapshot of {run_id}"] = serialize_value(instance.get_job_snapshot(run.job_snapshot_id))
     haystacks["materialization metadata"] = "\n".join(
         serialize_value(m) for r in results for e in r.all_events if e.is_step_materialization
         for m in [e.step_materialization_data.materialization.metadata]
@@ -180,7 +210,9 @@ def test_api_key_comes_from_env_reaches_server_and_is_never_recorded(
 
     # Positive controls: the haystacks hold what we looked for the key next to.
     assert "HTTP 401" in haystacks[f"event log of {results[2].run_id}"] and "***" in caplog.text
-    assert server.url in haystacks["materialization metadata"] and server.url in haystacks["mlflow store"]
+    assert server.url in haystacks["materialization metadata"] and server.url in haystacks["store tables"]
+    assert "remote-model" in haystacks["mlflow store"]  # the judge model's agreement, logged by judge_validation
+    assert KEY_ENV in haystacks[f"job snapshot of {results[0].run_id}"]  # the variable's name stands for the key
 
 
 # ---------------------------------------------------------------------------------------------------- ui.sh

@@ -57,3 +57,14 @@ def test_objective_and_examples_must_match(tiny_model_dir: str, tmp_path: Path) 
         train_lora(tiny_model_dir, GROUPS, tmp_path)
     with pytest.raises(ValueError):
         train_lora(tiny_model_dir, GROUPS, tmp_path, objective=StableAlignmentObjective(group_size=0))
+
+
+def test_a_single_unrated_response_trains_as_sft_but_an_unrated_one_among_several_is_refused() -> None:
+    from matrix_assets.methods.base import RatedResponse, TrainingGroup
+    from matrix_assets.training.rating_contrastive import groups_to_rows
+
+    benign = TrainingGroup("p1", "Write a haiku.", "benign_self_answer", (RatedResponse("Rain on the roof."),))
+    assert groups_to_rows([benign])[0]["responses"] == ["Rain on the roof."]
+    mixed = TrainingGroup("p2", "q", "imitation", (RatedResponse("a", 5.0), RatedResponse("b", None)))
+    with pytest.raises(ValueError, match="without a rating"):
+        groups_to_rows([mixed])

@@ -125,20 +125,23 @@ class StableAlignmentConfig(SFTConfig):
 
 def groups_to_rows(groups: Sequence[Any]) -> list[dict]:
     """Dataset rows from rated groups: anything with `group_id`, `prompt` and `responses` of `text` / `rating`
-    (Stable Alignment's `RatedGroup`, or a method's `TrainingGroup`, whose `excluded` ones are left out)."""
+    (Stable Alignment's `RatedGroup`, or a method's `TrainingGroup`, whose `excluded` ones are left out). Groups of
+    several responses need every rating; a single response needs none."""
     rows = []
     for g in groups:
         if getattr(g, "excluded", None):
             continue
         if not g.responses:
             raise ValueError(f"group {g.group_id} has no responses")
-        if any(r.rating is None for r in g.responses):
+        if len(g.responses) > 1 and any(r.rating is None for r in g.responses):
             raise ValueError(f"group {g.group_id} has a response without a rating: the loss needs every rating")
         rows.append({
             "group_id": g.group_id,
             "prompt": g.prompt,
             "responses": [r.text for r in g.responses],
-            "ratings": [float(r.rating) for r in g.responses],
+            # A group of one response (e.g. a benign self-answer) trains with L = l_b, plain SFT: its rating, if
+            # any, is never compared, so an unrated one is as good as any.
+            "ratings": [0.0 if r.rating is None else float(r.rating) for r in g.responses],
         })
     return rows
 
