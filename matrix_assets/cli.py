@@ -61,6 +61,8 @@ def fail_orphaned_runs(instance: Any) -> list[str]:
             continue
         instance.report_run_failed(run, f"the matrix-assets process (pid {pid}) that ran it ended without "
                                         "finishing it (killed?); re-run to resume: the cache keeps what was generated")
+        # A step of the dead run may still hold the `model` pool's slot: give it back, or every later run waits.
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         failed.append(run.run_id)
     return failed
 

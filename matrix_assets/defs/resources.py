@@ -132,23 +132,54 @@ class OpenAICompatibleLLM(LLMResource):
     timeout_s: float = 60.0
     max_retries: int = 3
     local_model_for_training: str | None = Field(
-        default=None, description="Local copy of the served weights, used for LoRA training and tuned evaluation."
+        default=None, description="Local copy of the served weights, used for LoRA training (and for tuned "
+        "evaluation when the server does not serve adapters)."
     )
+    serve_adapters: bool = Field(
+        default=False, description="The server loads each checkpoint's LoRA adapter by name at run time (vLLM "
+        "--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True): tuned evaluation then never loads weights here.")
+    adapter_path_on_server: str | None = Field(
+        default=None, description="Where the server sees this machine's checkpoints folder (e.g. a shared volume "
+        "mounted elsewhere); None: the same path.")
 
     def backend(self, adapter_path: str | None = None) -> ChatBackend:
+        if adapter_path and self.serve_adapters:
+            return self._served_adapter(adapter_path)
         if adapter_path:
             if not self.local_model_for_training:
-                raise BackendError("evaluating a LoRA adapter needs local_model_for_training (or serve the adapter)")
+                raise BackendError("evaluating a LoRA adapter needs serve_adapters=True (the server loads it) or "
+                                   "local_model_for_training (loaded here)")
             return LocalTransformersLLM(model=self.local_model_for_training, batch_size=self.batch_size).backend(
                 adapter_path
             )
+        return self._client_for(self.model)
+
+    def _served_adapter(self, adapter_path: str) -> ChatBackend:
+        """The checkpoint as the server serves it: loaded there under a name derived from its content, and asked
+        for by that name; its model id names the base model and the adapter, so the cache never mixes them."""
+        from matrix_assets.settings import checkpoints_dir
+        from matrix_assets.llm.transformers_backend import adapter_fingerprint
+
+        fingerprint = adapter_fingerprint(adapter_path)
+        name = f"matrix-{fingerprint}"
+        path = adapter_path
+        if self.adapter_path_on_server:
+            path = adapter_path.replace(str(checkpoints_dir()), self.adapter_path_on_server.rstrip("/"), 1)
+        backend = self._client_for(name)
+        if ("adapter-loaded", self.base_url, name) not in _SHARED:
+            backend.load_adapter(name, path)  # type: ignore[attr-defined]
+            _SHARED[("adapter-loaded", self.base_url, name)] = True
+        backend.model_id = f"{self.model_identity()}+lora:{fingerprint}"
+        return backend
+
+    def _client_for(self, model: str) -> ChatBackend:
         from matrix_assets.llm.openai_backend import OpenAICompatibleBackend
 
         return _shared(
-            ("openai", self.base_url, self.model, self.api_key_env, self.api_key, self.max_concurrency,
+            ("openai", self.base_url, model, self.api_key_env, self.api_key, self.max_concurrency,
              self.timeout_s, self.max_retries),
             lambda: OpenAICompatibleBackend(
-                self.base_url, self.model, api_key_env=self.api_key_env, api_key=self.api_key,
+                self.base_url, model, api_key_env=self.api_key_env, api_key=self.api_key,
                 max_concurrency=self.max_concurrency, timeout_s=self.timeout_s, max_retries=self.max_retries,
             ),
         )
@@ -345,6 +376,8 @@ def llm_from_env(prefix: str = "MATRIX_") -> LLMResource:
             model=env(f"{prefix}MODEL", DEFAULT_MODEL),
             api_key=dg.EnvVar(key_env) if key_env and env(key_env) else None,
             api_key_env=key_env,
+            serve_adapters=_env_flag(f"{prefix}SERVE_ADAPTERS", False),
+            adapter_path_on_server=env(f"{prefix}ADAPTER_PATH_ON_SERVER"),
             local_model_for_training=env(f"{prefix}LOCAL_MODEL"),
             batch_size=batch_size,
         )

@@ -258,6 +258,25 @@ class OpenAICompatibleBackend(ChatBackend):
         executor.shutdown(wait=True)
         return failures, delivered
 
+    def load_adapter(self, name: str, path: str) -> None:
+        """Have the server load a LoRA adapter under `name` (vLLM: `POST {base_url}/load_lora_adapter`, served with
+        `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`); an adapter already loaded under that name is
+        fine. `path` is the adapter folder as the server sees it."""
+        url = f"{self.base_url}/load_lora_adapter"
+        try:
+            response = self._client.post(url, json={"lora_name": name, "lora_path": path}, headers=self._headers(),
+                                         timeout=self._timeout)
+        except httpx.HTTPError as exc:
+            raise BackendError(self._redact(f"model server at {self.base_url} unreachable: {type(exc).__name__}: "
+                                            f"{exc}")) from None
+        body = _snippet(response)
+        if response.status_code < 300 or "already" in body.lower():
+            return
+        raise BackendError(self._redact(
+            f"model server at {self.base_url} did not load adapter {name!r} from {path} (HTTP {response.status_code}: "
+            f"{body}); serve with vLLM's --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and make the "
+            "adapter folder readable by the server at that path (adapter_path_on_server maps it)"))
+
     def next_token_logprobs(
         self, conversations: Sequence[Conversation], candidates: Sequence[str], *, assistant_prefix: str = ""
     ) -> list[dict[str, float]]:
