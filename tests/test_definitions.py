@@ -98,8 +98,10 @@ def test_launchpad_defaults_are_the_quick_profile_and_paper_jobs_carry_the_paper
     d = defs()
     assert d.resolve_job_def("train_and_evaluate_paper").run_config["ops"]["matrix__checkpoint"]["config"][
         "learning_rate"] == 2e-5
-    assert d.resolve_job_def("simulate_prompt_set").get_run_config_for_partition_key("advbench")["ops"][
-        "matrix__scenes"]["config"]["n_roles"] == 3
+    assert d.resolve_job_def("simulate_prompt_set_paper").get_run_config_for_partition_key("advbench")["ops"][
+        "matrix__scenes"]["config"]["n_roles"] == 5
+    # The quick jobs carry no config: the Config defaults are the quick profile, and a backfill's edits apply.
+    assert not d.resolve_job_def("train_and_evaluate").run_config
 
 
 def test_definitions_do_not_import_heavy_libraries() -> None:

@@ -400,3 +400,19 @@ def test_duplicate_keys_in_one_upsert_last_wins(store: Store) -> None:
 
     store.upsert("generations", [generation("first"), generation("second")])
     assert store.get_generations(["k"])["k"]["completion"] == "second"
+
+
+def test_reloading_an_unchanged_set_keeps_its_splits_without_embedding_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = Store(f"sqlite:///{tmp_path}/t.db")
+    first = load_prompt_set(store, "safe_rlhf")
+    splits = {r["prompt_id"]: r["split"] for r in store.prompts("safe_rlhf")}
+    import matrix_assets.embeddings as embeddings
+
+    monkeypatch.setattr(embeddings, "embed", lambda texts: (_ for _ in ()).throw(AssertionError("embedded again")))
+    again = load_prompt_set(store, "safe_rlhf")
+    assert {r["prompt_id"]: r["split"] for r in store.prompts("safe_rlhf")} == splits
+    assert (again.n_eval, again.n_near_duplicates) == (first.n_eval, first.n_near_duplicates)
+    with pytest.raises(AssertionError, match="embedded again"):
+        load_prompt_set(store, "safe_rlhf", train_fraction=0.7)  # another split is computed afresh

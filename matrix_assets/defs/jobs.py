@@ -1,6 +1,10 @@
-"""Jobs: the per-prompt-set stages and the train-and-evaluate stages, each with the quick profile as the
-Launchpad's default and a `_paper` twin with the paper profile; and evaluation alone, for judging existing
-checkpoints on new prompt sets without retraining."""
+"""Jobs: the per-prompt-set stages and the train-and-evaluate stages, and their `_paper` twins; and evaluation alone,
+for judging existing checkpoints on new prompt sets without retraining.
+
+The quick jobs carry no run config of their own: every Config class's defaults are the quick profile, so the
+Launchpad, a plain "Materialize" and a backfill all run it, and what a user edits in a backfill's config is what
+runs (a job-level config would be turned into per-partition config, which Dagster's backfills prefer over theirs).
+The paper jobs carry the paper profile."""
 
 import dagster as dg
 
@@ -20,12 +24,12 @@ def _jobs() -> list:
     for profile, suffix in (("quick", ""), ("paper", "_paper")):
         jobs.append(dg.define_asset_job(
             f"simulate_prompt_set{suffix}", selection=PER_PROMPT_SET, partitions_def=prompt_sets_partitions,
-            config=profile_run_config(profile, partitioned=True),
+            config=profile_run_config(profile, partitioned=True) if suffix else None,
             description=f"Every method's data stages for one prompt set (a partition), {profile} profile.",
         ))
         jobs.append(dg.define_asset_job(
             f"train_and_evaluate{suffix}", selection=TRAIN_AND_EVALUATE,
-            config=profile_run_config(profile, partitioned=False),
+            config=profile_run_config(profile, partitioned=False) if suffix else None,
             description=f"Training sets, LoRA checkpoints, judge validation and base-vs-tuned evaluation, "
             f"{profile} profile.",
         ))

@@ -29,6 +29,11 @@ class JudgeAgreement:
     asked: int  # completions put to the judge (more than report.n when verdicts were missing)
 
     @property
+    def kind(self) -> str:
+        """keyword | embedding | model: the judge without the model's identity."""
+        return self.judge.split(":", 1)[0]
+
+    @property
     def is_default_held_out(self) -> bool:
         return self.judge == "embedding" and self.subset == HELD_OUT_MODEL
 

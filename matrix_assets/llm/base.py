@@ -57,7 +57,11 @@ class BackendError(RuntimeError):
     """A backend could not produce completions (unreachable server, bad model, ...)."""
 
 
-class LogprobsUnavailable(BackendError):
+class PermanentBackendError(BackendError):
+    """A failure that retrying cannot fix (an unknown model, a request the server rejects): fail at once."""
+
+
+class LogprobsUnavailable(PermanentBackendError):
     """The backend cannot say how likely each next token is (a server that returns no log-probabilities)."""
 
 

@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from matrix_assets.llm.base import PermanentBackendError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -25,7 +27,7 @@ _BUNDLED_GGUF = {
 }
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(PermanentBackendError):
     """The configured model cannot be loaded from this machine (no hub access at run time)."""
 
 

@@ -24,7 +24,7 @@ import httpx
 
 from matrix_assets.llm.base import (
     BackendError, ChatBackend, Completion, Conversation, GenerationParams, Job, LogprobsUnavailable, OnCompletion,
-    TakeJobs, candidate_variants,
+    PermanentBackendError, TakeJobs, candidate_variants,
 )
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class OpenAICompatibleBackend(ChatBackend):
         failures, delivered = self._run(take, deliver)
         if failures:
             job, first = min(failures, key=lambda item: item[0].id)
-            raise BackendError(
+            raise type(first)(
                 f"{first} [conversation {job.id} of {n}; {len(failures)} request(s) failed permanently, "
                 f"{delivered} of {n} completed before the batch was stopped]"
             ) from first
@@ -209,7 +209,7 @@ class OpenAICompatibleBackend(ChatBackend):
         successes still delivered), then `BackendError` is raised."""
         failures, delivered = self._run(take, on_completion)
         if failures:
-            raise BackendError(
+            raise type(failures[0][1])(
                 f"{failures[0][1]} [{len(failures)} request(s) failed permanently, {delivered} completed before "
                 "the session was stopped]"
             ) from failures[0][1]
@@ -365,7 +365,7 @@ class OpenAICompatibleBackend(ChatBackend):
             except httpx.TimeoutException as exc:
                 last_error = f"timed out after {self.timeout_s:g}s ({type(exc).__name__})"
             except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-                raise BackendError(self._redact(f"bad server URL {self._chat_url}: {exc}")) from None
+                raise PermanentBackendError(self._redact(f"bad server URL {self._chat_url}: {exc}")) from None
             except httpx.TransportError as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
             else:
@@ -376,7 +376,7 @@ class OpenAICompatibleBackend(ChatBackend):
                     last_error = f"HTTP {status}: {_snippet(response)}"
                     retry_after = _retry_after(response)
                 else:
-                    raise BackendError(
+                    raise PermanentBackendError(
                         self._redact(
                             f"model server at {self.base_url} rejected the request to {self._chat_url} "
                             f"with HTTP {status} (not retried): {_snippet(response)}"

@@ -185,7 +185,10 @@ def load_prompt_set(
     records, report = load_prompt_file_with_report(path, **kwargs)
     file_sha = hashlib.sha256(path.read_bytes()).hexdigest()
     rows = _prompt_rows(name, records, src.train_fraction)
-    examples = _exclude_near_duplicates(rows)
+    if not _reuse_stored_splits(store, name, file_sha, src, rows):
+        examples = _exclude_near_duplicates(rows)
+    else:
+        examples = []  # the same file, split the same way: the near-duplicates found when it was first loaded stand
     counts = {split: sum(1 for r in rows if r["split"] == split) for split in ("train", "eval", "excluded")}
     with store.transaction() as conn:
         store.upsert(
@@ -200,6 +203,20 @@ def load_prompt_set(
         store.upsert("prompts", rows, conn=conn)
     return LoadSummary(str(path), file_sha, src.role, len(rows), counts["train"], counts["eval"],
                        counts["excluded"], sorted({r["category"] for r in rows if r["category"]}), report, examples)
+
+
+def _reuse_stored_splits(store: Store, name: str, file_sha: str, src: PromptSetSource, rows: list[dict]) -> bool:
+    """A reload of an unchanged file keeps its splits, near-duplicates included, without embedding it again."""
+    previous = store.query("SELECT * FROM prompt_sets WHERE name = :n", n=name)
+    if not previous or (previous[0]["file_sha256"], previous[0]["train_fraction"], previous[0]["role"]) != (
+            file_sha, src.train_fraction, src.role):
+        return False
+    stored = {r["prompt_id"]: r["split"] for r in store.prompts(name)}
+    if any(r["prompt_id"] not in stored for r in rows):
+        return False
+    for row in rows:
+        row["split"] = stored[row["prompt_id"]]
+    return True
 
 
 def ensure_prompt_set(store: Store, name: str) -> None:

@@ -4,13 +4,15 @@
 import base64
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import dagster as dg
 
 from matrix_assets.defs.resources import LLMResource, StoreResource
+from matrix_assets.llm.base import PermanentBackendError
 from matrix_assets.methods.base import Markdown, StageOutcome
 from matrix_assets.store.db import Store
 from matrix_assets.store.generation_cache import CachedBackend, CacheStats
@@ -18,6 +20,15 @@ from matrix_assets.store.generation_cache import CachedBackend, CacheStats
 # Generation is resumable through the cache, so a retry costs only what was not generated yet.
 GENERATION_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL)
 MODEL_POOL = "model"  # one model-loading step at a time per pool slot (dagster.yaml limits it to 1 on a CPU)
+
+
+@contextmanager
+def fail_fast_on_permanent_errors() -> Iterator[None]:
+    """An unknown model or a request the server rejects fails the step at once: a retry could only repeat it."""
+    try:
+        yield
+    except PermanentBackendError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
 
 
 def progress_logger(

@@ -52,9 +52,11 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
         for r in results for metric, (value, low, high) in r.metrics().items()
     ])
     with mlflow_tracking.start_run(context, run_name=validation_id) as run:
-        mlflow.set_tags({"kind": "judge_validation", "validation_id": validation_id})
+        # Metric keys name the judge by kind (MLflow keys cannot hold a server URL); the model is a tag.
+        mlflow.set_tags({"kind": "judge_validation", "validation_id": validation_id,
+                         **{f"judge_model.{r.kind}": r.judge for r in results if r.kind != r.judge}})
         for r in results:
-            mlflow.log_metrics({f"{r.judge}.{r.subset}.{k}": v for k, v in r.report.as_dict().items() if v == v})
+            mlflow.log_metrics({f"{r.kind}.{r.subset}.{k}": v for k, v in r.report.as_dict().items() if v == v})
         run_id = run.info.run_id
     rows = [r.row() for r in results]
     return dg.MaterializeResult(metadata={

@@ -14,6 +14,7 @@ import dagster as dg
 from matrix_assets import profiles
 from matrix_assets.defs.assets.common import (
     GENERATION_RETRY,
+    fail_fast_on_permanent_errors,
     MODEL_POOL,
     AssetStageContext,
     image_md,
@@ -61,12 +62,13 @@ def stage_asset(method: Method, stage: StageSpec) -> dg.AssetsDefinition:
     def _stage(context: dg.AssetExecutionContext, config: config_type, store: StoreResource,  # type: ignore[valid-type]
                llm: LLMResource, judge: LLMResource) -> dg.MaterializeResult:
         settings = settings_from(config, method.settings)
-        ctx = AssetStageContext(context, store, llm, judge if stage.uses_judge else None,
-                                loads_model=stage.loads_model)
-        try:
-            outcome = stage.run(ctx, settings)
-        except LookupError as exc:
-            raise dg.Failure(str(exc), allow_retries=False) from exc
+        with fail_fast_on_permanent_errors():
+            ctx = AssetStageContext(context, store, llm, judge if stage.uses_judge else None,
+                                    loads_model=stage.loads_model)
+            try:
+                outcome = stage.run(ctx, settings)
+            except LookupError as exc:
+                raise dg.Failure(str(exc), allow_retries=False) from exc
         metadata = {**outcome_metadata(outcome), **ctx.stats()}
         check_results = []
         for spec in check_specs:
@@ -116,9 +118,10 @@ def training_set_asset(method: Method) -> dg.AssetsDefinition:
         if n_benign:
             ensure_prompt_set(db, settings.benign_set)
             benign = db.train_prompts(settings.benign_set, limit=n_benign)
-            llm.check()
-            cached = llm.cached(db, progress=progress_logger(context, "benign answers"))
-            answers = answer_directly(cached, [p.text for p in benign], settings.answer_tokens)
+            with fail_fast_on_permanent_errors():
+                llm.check()
+                cached = llm.cached(db, progress=progress_logger(context, "benign answers"))
+                answers = answer_directly(cached, [p.text for p in benign], settings.answer_tokens)
             benign_rows = [(p.prompt_id, p.text, a) for p, a in zip(benign, answers)]
         dataset = build_training_set(method.name, method.trainer, settings.prompt_sets, groups, benign_rows)
         path = _save_dataset(db, dataset)

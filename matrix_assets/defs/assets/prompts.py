@@ -3,7 +3,14 @@
 import dagster as dg
 
 from matrix_assets.data.loaders import PromptFileError
-from matrix_assets.defs.assets.common import GENERATION_RETRY, MODEL_POOL, cached_llm, cache_metadata, md_table
+from matrix_assets.defs.assets.common import (
+    GENERATION_RETRY,
+    MODEL_POOL,
+    cache_metadata,
+    cached_llm,
+    fail_fast_on_permanent_errors,
+    md_table,
+)
 from matrix_assets.defs.configs import InitialResponsesConfig, PromptSetConfig, settings_from
 from matrix_assets.defs.partitions import prompt_sets_partitions
 from matrix_assets.defs.resources import LLMResource, StoreResource
@@ -72,8 +79,9 @@ def initial_responses(
     if not prompts:
         raise dg.Failure(f"prompt set {context.partition_key!r} has no training prompts; materialize "
                          "benchmark_prompts (evaluation-only sets are never trained on)", allow_retries=False)
-    model = cached_llm(context, llm, store, "initial responses")
-    answers = answer_directly(model, [p.text for p in prompts], settings.answer_tokens)
+    with fail_fast_on_permanent_errors():
+        model = cached_llm(context, llm, store, "initial responses")
+        answers = answer_directly(model, [p.text for p in prompts], settings.answer_tokens)
     db.save_initial_responses(model.model_id, [(p.prompt_id, a) for p, a in zip(prompts, answers)])
     sample = [{"prompt": p.text, "initial response": a} for p, a in list(zip(prompts, answers))[:3]]
     return dg.MaterializeResult(
