@@ -18,17 +18,17 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from pipeline_helpers import quick_data_config, simulate
+
 from matrix_assets.llm.base import GenerationParams
-from matrix_assets.store.generation_cache import CachedBackend
 from matrix_assets.llm.fake import FakeBackend
-from matrix_assets.simulation import SceneInput, SimulationSettings, run_scenes
-from matrix_assets.simulation.scene import Transcript
+from matrix_assets.methods import registry
 from matrix_assets.store.db import SQL_DIR, Store
+from matrix_assets.store.generation_cache import CachedBackend
 from matrix_assets.store.prompt_sets import load_prompt_set
-from matrix_assets.store.scenes import load_transcripts, save_transcripts
 
 NOW = "2024-01-01T00:00:00+00:00"
-VIEWS = {"v_base_vs_tuned", "v_harmlessness_by_category", "v_scene_events"}
+VIEWS = set(re.findall(r"^CREATE VIEW (\w+) AS", (SQL_DIR / "views.sql").read_text(), re.MULTILINE))
 
 
 @pytest.fixture
@@ -69,6 +69,7 @@ def test_schema_applies_twice_and_every_table_and_view_exists(pg_store_url: str)
     expected = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", (SQL_DIR / "schema.sql").read_text()))
     assert len(expected) >= 14
     assert expected <= set(inspector.get_table_names())
+    assert {"v_base_vs_tuned", "v_harmful_compliance_by_category", "v_scene_events", "v_training_data"} <= VIEWS
     assert VIEWS <= set(inspector.get_view_names())
     assert second.count("prompt_sets") == 1  # data survives re-application
     for view in VIEWS:
@@ -120,8 +121,8 @@ def test_load_bundled_prompt_set_matches_sqlite(store: Store, tmp_path: Path) ->
     key = ("prompt_id", "prompt_set", "position", "text", "category", "split")
     rows = [tuple(r[k] for k in key) for r in store.prompts("safe_rlhf")]
     assert rows == [tuple(r[k] for k in key) for r in sqlite.prompts("safe_rlhf")]
-    assert len(rows) == summary["n_prompts"] == store.count("prompts")
-    assert len(store.prompts("safe_rlhf", split="eval")) == summary["n_eval"] > 0
+    assert len(rows) == summary.n_prompts == store.count("prompts")
+    assert len(store.prompts("safe_rlhf", split="eval")) == summary.n_eval > 0
     (meta,) = store.prompt_sets()
     assert (meta["name"], meta["n_prompts"], meta["train_fraction"]) == ("safe_rlhf", len(rows), 0.5)
 
@@ -178,25 +179,12 @@ def test_concurrent_writers_upsert_without_errors_or_duplicates(
 def test_per_prompt_assets_with_postgres_store_and_dagster_instance(
     pg_database: Callable[[], str], matrix_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Every method's per-prompt-set stages (the `simulate_prompt_set` selection), as in test_pipeline_fake.py,
+    with the store and Dagster's instance both on PostgreSQL."""
     import yaml
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 
-    from matrix_assets.defs.asset_checks import transcripts_well_formed
-    from matrix_assets.defs.assets.baselines import cai_revisions_asset
-    from matrix_assets.defs.assets.prompts import benchmark_prompts
-    from matrix_assets.defs.assets.simulation import critiques, initial_responses, revised_answers, scene_transcripts
     from matrix_assets.defs.resources import FakeLLM, MLflowResource, StoreResource
-
-    def simulate(instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:  # as in test_pipeline_fake.py
-        if "safe_rlhf" not in instance.get_dynamic_partitions("prompt_sets"):
-            instance.add_dynamic_partitions("prompt_sets", ["safe_rlhf"])
-        return dg.materialize(
-            [benchmark_prompts, initial_responses, scene_transcripts, critiques, revised_answers, cai_revisions_asset,
-             transcripts_well_formed],
-            partition_key="safe_rlhf", resources=resources, instance=instance,
-            run_config={"ops": {"initial_responses": {"config": {"max_prompts": 4}},
-                                "scene_transcripts": {"config": {"n_roles": 4, "max_rounds": 2}}}},
-        )
 
     store_url, dagster_url = pg_database(), pg_database()
     resources = {
@@ -206,6 +194,8 @@ def test_per_prompt_assets_with_postgres_store_and_dagster_instance(
         "mlflow_tracking": MLflowResource(tracking_uri=f"sqlite:///{matrix_home / 'mlflow.db'}",
                                           artifact_root=str(matrix_home / "mlartifacts")),
     }
+    run_config = quick_data_config(4, n_roles=4, max_rounds=2)
+    scenes = dg.AssetKey(["matrix", "scenes"])
     # the instance config that docs/postgres.md tells users to copy into $DAGSTER_HOME
     config = yaml.safe_load((Path(__file__).parent.parent / "dagster.postgres.yaml").read_text())
     assert config["storage"] == {"postgres": {"postgres_url": {"env": "MATRIX_DAGSTER_PG_URL"}}}
@@ -213,24 +203,31 @@ def test_per_prompt_assets_with_postgres_store_and_dagster_instance(
     with dg.instance_for_test(overrides=config) as instance:
         assert isinstance(instance.run_storage, PostgresRunStorage)
         assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
-        result = simulate(instance)
+        result = simulate(resources, instance, run_config=run_config)
         assert result.success
-        checks = result.get_asset_check_evaluations()
-        assert checks and all(c.passed for c in checks)
-        again = simulate(instance)  # everything from the cache, upserted not duplicated
+        checks = result.get_asset_check_evaluations()  # the scenes' in-asset check, stored in PostgreSQL
+        assert {c.check_name for c in checks} == {"model_played_the_scene"} and all(c.passed for c in checks)
+        assert instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(scenes, "model_played_the_scene")])
+        again = simulate(resources, instance, run_config=run_config)  # everything from the cache, upserted not duplicated
         assert again.success
-        meta = again.asset_materializations_for_node("scene_transcripts")[0].metadata
+        meta = again.asset_materializations_for_node("matrix__scenes")[0].metadata
         assert meta["llm_calls_made"].value == 0 and meta["llm_cache_hits"].value > 0
         assert len(instance.get_runs()) == 2
-        assert instance.get_latest_materialization_event(dg.AssetKey("scene_transcripts")) is not None
+        assert instance.get_latest_materialization_event(scenes) is not None
 
     db = Store(store_url, create=False)
     assert db.count("initial_responses") == 4
     assert db.count("transcripts") == 4
     assert db.count("transcript_events") > 4 * 3
-    for table in ("critiques", "revisions"):
-        rows = db.query(f"SELECT method, COUNT(*) AS n FROM {table} GROUP BY method ORDER BY method")
-        assert [(r["method"], r["n"]) for r in rows] == [("cai", 4), ("matrix", 4)]
+    rows = db.query("SELECT method, COUNT(*) AS n FROM critiques GROUP BY method ORDER BY method")
+    assert [(r["method"], r["n"]) for r in rows] == [("cai", 4), ("matrix", 4)]
+    # every method's training data (matrix's and cai's revisions among it), one group per prompt, not duplicated
+    groups = {r["method"]: r["n"] for r in db.query(
+        "SELECT method, COUNT(*) AS n FROM training_groups GROUP BY method")}
+    assert set(groups) == set(registry())
+    assert all(n == 4 for m, n in groups.items() if m != "stable_alignment"), groups
+    assert db.count("revision_candidates") == 4 * registry()["matrix"].settings.revision_candidates
     dagster_db = sa.create_engine(dagster_url)
     try:
         with dagster_db.connect() as conn:  # the runs really are in PostgreSQL

@@ -34,7 +34,6 @@ from typing import Any
 import dagster as dg
 import pytest
 from http_helpers import JsonHandler
-
 from pipeline_helpers import all_assets, stage_config
 
 from matrix_assets.defs.assets.common import GENERATION_RETRY

@@ -7,8 +7,9 @@
   (error paths included: the test server echoes the Authorization header back in its error bodies).
 - scripts/ui.sh binds the Dagster and MLflow servers to 127.0.0.1.
 - No `text(...)` / `exec_driver_sql(...)` / `execute(...)` / `Store.query(...)` call in matrix_assets builds SQL with
-  f-strings, `%` or `.format` from values; the only exceptions are the whitelisted identifiers of store/db.py
-  `upsert` and `count`.
+  f-strings, `%` or `.format` from values; the only exceptions are the store's identifier builders in store/db.py
+  (`upsert`, `count`, `load_records`, `delete_rows`, `save_training_groups`, `latest_per_method`), whose table
+  and column names come from sql/schema.sql, and each of which refuses a name the schema does not declare.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from http_helpers import JsonHandler
 from dagster._serdes import serialize_value
-
+from http_helpers import JsonHandler
 from pipeline_helpers import all_assets, stage_config
 
 from matrix_assets.defs.resources import FakeLLM, MLflowResource, OpenAICompatibleLLM, StoreResource
@@ -104,6 +104,18 @@ class KeyCheckingServer:
         self._thread.join(timeout=2)
 
 
+def _step_failures(result: dg.ExecuteInProcessResult) -> str:
+    """Each failed step with the innermost error's message (the exception the asset raised)."""
+    lines = []
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.event_specific_data.error
+            while error.cause is not None:
+                error = error.cause
+            lines.append(f"{event.step_key}: {error.message.strip()}")
+    return "\n".join(lines)
+
+
 def _sqlite_dump(path: Path) -> str:
     con = sqlite3.connect(path, timeout=30)
     try:
@@ -166,16 +178,19 @@ def test_api_key_comes_from_env_reaches_server_and_is_never_recorded(
                 evaluation_scores={"harmful_sets": ["safe_rlhf"], "max_harmful_per_set": 1, "max_safe_per_set": 1,
                                    "max_helpfulness_per_set": 1, "model_judge": True}),
         ))
-        failures = [str(e.event_specific_data.error) for e in results[-1].all_events if e.is_step_failure]
-        assert results[-1].success, failures
+        assert results[-1].success, _step_failures(results[-1])
         assert db.query("SELECT 1 FROM judge_agreement WHERE judge LIKE '%remote-model%'")
         assert db.count("eval_pairwise") == 1
 
-        # 3. The server rejects the key (401, echoing it back): the run fails and the error is recorded.
+        # 3. The server rejects the key (401, echoing it back): the run fails and the error is recorded. (One more
+        #    helpfulness prompt than in 2., so that the judge has an uncached pairwise verdict to ask for.)
         server.reject = True
         results.append(dg.materialize(
-            all_assets(), selection=["judge_validation"], resources=resources, instance=instance,
-            raise_on_error=False, run_config=stage_config(judge_validation={"model_judge_sample": 3}),
+            all_assets(), selection=["evaluation_scores"], instance=instance, raise_on_error=False,
+            resources={"store": store, "llm": FakeLLM(), "judge": from_env_var, "mlflow_tracking": tracking},
+            run_config=stage_config(evaluation_scores={
+                "harmful_sets": ["safe_rlhf"], "max_harmful_per_set": 1, "max_safe_per_set": 1,
+                "max_helpfulness_per_set": 2}),
         ))
         assert not results[-1].success
 
@@ -253,7 +268,10 @@ def test_ui_script_binds_servers_to_localhost_only() -> None:
 # ---------------------------------------------------------------------------------------------------- SQL building
 
 SQL_CALLS = {"text", "exec_driver_sql", "execute", "executemany", "executescript", "query", "scalar"}
-WHITELIST = {("store/db.py", "upsert"), ("store/db.py", "count")}
+# The store's identifier builders: table and column names from sql/schema.sql (checked against the schema, or
+# literals), values always bound. test_whitelisted_builders_refuse_names_the_schema_does_not_declare holds them to it.
+WHITELISTED_BUILDERS = ("upsert", "count", "load_records", "delete_rows", "save_training_groups", "latest_per_method")
+WHITELIST = {("store/db.py", name) for name in WHITELISTED_BUILDERS}
 
 
 class _SqlBuildingFinder(ast.NodeVisitor):
@@ -267,6 +285,7 @@ class _SqlBuildingFinder(ast.NodeVisitor):
     def __init__(self, rel: str, tree: ast.Module) -> None:
         self.rel = rel
         self.offenders: list[tuple[int, str]] = []
+        self.offender_functions: list[str | None] = []  # the enclosing function of each offender
         self.constants = {
             t.id for node in tree.body if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
             for t in node.targets if isinstance(t, ast.Name)
@@ -334,6 +353,7 @@ class _SqlBuildingFinder(ast.NodeVisitor):
         if name in SQL_CALLS and node.args and self._dynamic(node.args[0]):
             if (self.rel, self.function) not in WHITELIST:
                 self.offenders.append((node.lineno, ast.unparse(node)[:160]))
+                self.offender_functions.append(self.function)
         self.generic_visit(node)
 
 
@@ -342,6 +362,14 @@ def find_sql_building(source: str, rel: str) -> list[tuple[int, str]]:
     finder = _SqlBuildingFinder(rel, tree)
     finder.visit(tree)
     return finder.offenders
+
+
+def functions_building_sql(source: str, rel: str) -> set[str | None]:
+    """The functions in which `find_sql_building` finds something."""
+    tree = ast.parse(source)
+    finder = _SqlBuildingFinder(rel, tree)
+    finder.visit(tree)
+    return set(finder.offender_functions)
 
 
 def test_sql_building_check_catches_the_patterns_it_is_meant_to() -> None:
@@ -383,7 +411,38 @@ def test_no_sql_is_built_from_values_in_the_package() -> None:
         rel = path.relative_to(PACKAGE).as_posix()
         offenders += [f"matrix_assets/{rel}:{line}: {code}" for line, code in find_sql_building(path.read_text(), rel)]
     assert not offenders, "SQL built from values (use bound parameters):\n" + "\n".join(offenders)
-    # the whitelisted builders really are where the whitelist says (so the whitelist cannot silently go stale)
+    # the whitelisted builders really are where the whitelist says, each of them (so the whitelist cannot silently
+    # go stale), and nothing else in store/db.py builds SQL
     db_source = (PACKAGE / "store" / "db.py").read_text()
-    unlisted = find_sql_building(db_source, "store/db.py-without-whitelist")
-    assert unlisted and all(re.search(r"INSERT INTO|COUNT\(\*\)", code) for _, code in unlisted), unlisted
+    assert functions_building_sql(db_source, "store/db.py-without-whitelist") == set(WHITELISTED_BUILDERS)
+
+
+def test_whitelisted_builders_refuse_names_the_schema_does_not_declare(tmp_path: Path) -> None:
+    """What makes the builders safe: a table or column name that sql/schema.sql does not declare never reaches SQL."""
+    from dataclasses import dataclass
+
+    from matrix_assets.store.db import Store
+
+    @dataclass
+    class Row:
+        prompt_id: str
+
+    db = Store(f"sqlite:///{tmp_path / 'matrix.db'}")
+    hostile = "prompts; DROP TABLE prompts; --"
+    with pytest.raises(ValueError, match="unknown table"):
+        db.upsert(hostile, [{"prompt_id": "p"}])
+    with pytest.raises(ValueError, match="bad column name"):
+        db.upsert("prompts", [{"prompt_id": "p", "text) VALUES ('x'); --": "y"}])
+    with pytest.raises(ValueError, match="unknown table"):
+        db.count(hostile)
+    with pytest.raises(ValueError, match="unknown table"):
+        db.load_records(hostile, Row)
+    with pytest.raises(ValueError, match="has no column"):
+        db.load_records("critiques", Row, **{"method = method OR 1": "x"})
+    with pytest.raises(ValueError, match="unknown table"):
+        db.delete_rows(hostile, prompt_id="p")
+    with pytest.raises(ValueError, match="bad filters"):
+        db.delete_rows("generations", **{"1 = 1 OR cache_key": "x"})
+    with pytest.raises(ValueError, match="no per-method rows"):
+        db.latest_per_method(hostile, None, [])
+    assert db.count("prompts") == 0  # still there, and untouched

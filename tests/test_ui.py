@@ -33,15 +33,24 @@ REPO = Path(__file__).resolve().parent.parent
 SCREENSHOTS = REPO / "docs" / "screenshots"
 VIEWPORT = {"width": 1600, "height": 1000}
 
-ASSETS = [
-    "benchmark_prompts", "initial_responses", "scene_transcripts", "critiques", "revised_answers", "cai_revisions",
-    "sft_dataset", "finetuned_checkpoint", "evaluation_scores",
-]
+
+def _graph_assets() -> list[tuple[str, str]]:
+    """Every asset of the graph (the shared prompt stages, each registered method's stages, training set and
+    checkpoint, the evaluation) as the UI shows it: (its group, the last part of its key). A method's assets are
+    `METHOD/...` in group METHOD, so the pair names the asset."""
+    import dagster as dg
+    from pipeline_helpers import all_assets
+
+    groups = {key: group for a in all_assets() if isinstance(a, dg.AssetsDefinition)
+              for key, group in a.group_names_by_key.items()}
+    assert all(len(key.path) == 1 or key.path[0] == group for key, group in groups.items()), groups
+    return sorted((group, key.path[-1]) for key, group in groups.items())
+
 PARTITION = "safe_rlhf"  # materialized through the webserver (test_materialize_a_partition_through_graphql)
-PREP_PARTITION = "advbench"  # materialized in-process before the servers start, to train two checkpoints
+PREP_PARTITION = "dangerousqa"  # materialized in-process before the servers start, to train two checkpoints
 TRAIN_METHODS = ["matrix", "cai"]
 READY_TIMEOUT_S = 120
-RUN_TIMEOUT_S = 150
+RUN_TIMEOUT_S = 240
 
 pytestmark = [
     pytest.mark.ui,
@@ -74,15 +83,11 @@ def _prepare_state(home: Path, dagster_home: Path, tiny_model_dir: str) -> None:
     """Simulate PREP_PARTITION and train one LoRA checkpoint per TRAIN_METHODS, in this process, on the fake
     backend + tiny model, into the same stores (matrix.db, mlflow.db, Dagster storage) the servers will read."""
     import dagster as dg
+    from pipeline_helpers import all_assets, quick_data_config, stage_config
 
-    from matrix_assets.defs.assets.baselines import cai_revisions_asset
-    from matrix_assets.defs.assets.prompts import benchmark_prompts
-    from matrix_assets.defs.assets.simulation import critiques, initial_responses, revised_answers, scene_transcripts
-    from matrix_assets.defs.assets.training import finetuned_checkpoint, sft_dataset
     from matrix_assets.defs.resources import FakeLLM, MLflowResource, StoreResource
+    from matrix_assets.methods import registry
 
-    per_prompt = [benchmark_prompts, initial_responses, scene_transcripts, critiques, revised_answers,
-                  cai_revisions_asset]
     resources = {
         "store": StoreResource(database_url=f"sqlite:///{home / 'matrix.db'}"),
         "llm": FakeLLM(tiny_model_path=tiny_model_dir),
@@ -91,6 +96,9 @@ def _prepare_state(home: Path, dagster_home: Path, tiny_model_dir: str) -> None:
             tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "mlartifacts")
         ),
     }
+    per_prompt = [dg.AssetKey("benchmark_prompts"), dg.AssetKey("initial_responses"),
+                  *[dg.AssetKey([m, stage.name]) for m in TRAIN_METHODS for stage in registry()[m].stages]]
+    training = [dg.AssetKey([m, leaf]) for m in TRAIN_METHODS for leaf in ("training_set", "checkpoint")]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MATRIX_HOME", str(home))  # checkpoints/ and datasets/ go under it
         mp.setenv("MATRIX_DAGSTER_STORAGE", str(home / "dagster"))  # read by dagster.yaml
@@ -100,19 +108,20 @@ def _prepare_state(home: Path, dagster_home: Path, tiny_model_dir: str) -> None:
         instance = dg.DagsterInstance.from_config(str(dagster_home))
         try:
             instance.add_dynamic_partitions("prompt_sets", [PREP_PARTITION])
+            ops = quick_data_config(2, max_rounds=1)["ops"]  # the selected stages' config only
             simulated = dg.materialize(
-                per_prompt, partition_key=PREP_PARTITION, resources=resources, instance=instance,
-                run_config={"ops": {"initial_responses": {"config": {"max_prompts": 2}},
-                                    "scene_transcripts": {"config": {"n_roles": 3, "max_rounds": 1}}}},
+                all_assets(), selection=per_prompt, partition_key=PREP_PARTITION, resources=resources,
+                instance=instance, run_config={"ops": {op: config for op, config in ops.items()
+                                                       if op.split("__")[0] in ("initial_responses", *TRAIN_METHODS)}},
             )
             assert simulated.success
             trained = dg.materialize(
-                [*per_prompt, sft_dataset, finetuned_checkpoint], selection=["sft_dataset", "finetuned_checkpoint"],
-                resources=resources, instance=instance,
-                run_config={"ops": {
-                    "sft_dataset": {"config": {"methods": TRAIN_METHODS, "benign_ratio": 0.5}},
-                    "finetuned_checkpoint": {"config": {"methods": TRAIN_METHODS, "max_steps": 2, "batch_size": 2}},
-                }},
+                all_assets(), selection=training, resources=resources, instance=instance,
+                run_config=stage_config(**{
+                    **{f"{m}__training_set": {"prompt_sets": [PREP_PARTITION], "benign_ratio": 0.5}
+                       for m in TRAIN_METHODS},
+                    **{f"{m}__checkpoint": {"max_steps": 2, "batch_size": 2} for m in TRAIN_METHODS},
+                }),
             )
             assert trained.success
         finally:
@@ -346,6 +355,8 @@ def _run_errors(ui: UI, run_id: str) -> str:
 def test_materialize_a_partition_through_graphql(ui: UI) -> None:
     """Add a prompt-set partition and launch `simulate_prompt_set` on it through the webserver's GraphQL API, as
     the UI's launchpad does; the run goes through the queued run coordinator and daemon of `dagster dev`."""
+    from pipeline_helpers import quick_data_config
+
     repos = _gql(ui, REPOSITORIES)["repositoriesOrError"]
     assert repos["__typename"] == "RepositoryConnection", repos
     [repo] = repos["nodes"]
@@ -357,8 +368,8 @@ def test_materialize_a_partition_through_graphql(ui: UI) -> None:
 
     params = {
         "selector": {**selector, "jobName": "simulate_prompt_set"},
-        "runConfigData": {"ops": {"initial_responses": {"config": {"max_prompts": 3}},
-                                  "scene_transcripts": {"config": {"max_rounds": 1}}}},
+        # As edited in the Launchpad: every stage that selects prompts limited to 3, scenes of one round.
+        "runConfigData": quick_data_config(3, max_rounds=1),
         "executionMetadata": {"tags": [{"key": "dagster/partition", "value": PARTITION}]},
     }
     launched = _gql(ui, LAUNCH_RUN, params=params)["launchRun"]
@@ -399,14 +410,62 @@ def _dismiss_popups(ui: UI, page) -> None:  # noqa: ANN001
 
 
 def _graph_label_matches(label: str, name: str) -> bool:
-    """The zoomed-out graph shortens long names in the middle ("finetu…_checkpoint")."""
+    """The zoomed-out graph shortens long names in the middle ("benchm…_prompts")."""
     if "…" not in label:
         return label == name
     head, tail = label.split("…", 1)
     return name.startswith(head) and name.endswith(tail)
 
 
+# Each asset node of the graph as (the group box it lies in, its label): the nodes carry only the last part of the
+# key, the group boxes their names.
+GRAPH_NODES_JS = """() => {
+  const groups = [...document.querySelectorAll("foreignObject.group")].map(g => ({
+    name: g.querySelector("[data-tooltip]") && g.querySelector("[data-tooltip]").getAttribute("data-tooltip"),
+    x: +g.getAttribute("x"), y: +g.getAttribute("y"), w: +g.getAttribute("width"), h: +g.getAttribute("height")}));
+  return [...document.querySelectorAll("foreignObject:not(.group)")]
+    .filter(n => n.querySelector("[class*='assetName']"))
+    .map(n => {
+      const x = +n.getAttribute("x"), y = +n.getAttribute("y");
+      const g = groups.find(g => x >= g.x && x < g.x + g.w && y >= g.y && y < g.y + g.h);
+      return [g ? g.name : null, n.querySelector("[class*='assetName']").innerText.trim()];
+    });
+}"""
+# The sidebar tree's rendered rows (it is virtualized): [index, is a group row, full name].
+SIDEBAR_ROWS_JS = """() => [...document.querySelectorAll("[data-index]")].map(r => [
+  Number(r.getAttribute("data-index")), !!r.querySelector("[aria-label='asset_group']"),
+  r.querySelector("[title]") ? r.querySelector("[title]").getAttribute("title") : null])"""
+SCROLL_SIDEBAR_JS = """() => {
+  let el = document.querySelector("[data-index]");
+  while (el && !(el.scrollHeight > el.clientHeight + 1 && /(auto|scroll)/.test(getComputedStyle(el).overflowY))) {
+    el = el.parentElement;
+  }
+  if (el) { el.scrollTop += el.clientHeight; }
+}"""
+
+
+def _sidebar_assets(page) -> list[tuple[str, str]]:  # noqa: ANN001
+    """(group, asset) for every asset row of the sidebar tree, scrolling through it."""
+    rows: dict[int, tuple[bool, str]] = {}
+    for _ in range(20):
+        found = {index: (is_group, title) for index, is_group, title in page.evaluate(SIDEBAR_ROWS_JS)}
+        if set(found) <= set(rows):
+            break
+        rows.update(found)
+        page.evaluate(SCROLL_SIDEBAR_JS)
+        page.wait_for_timeout(300)
+    pairs, group = [], None
+    for index in sorted(rows):
+        is_group, title = rows[index]
+        if is_group:
+            group = title
+        else:
+            pairs.append((group, title))
+    return sorted(pairs)
+
+
 def test_dagster_asset_graph_shows_every_asset(ui: UI, page) -> None:  # noqa: ANN001
+    assets = _graph_assets()
     page.goto(f"{ui.dagster_url}/asset-groups")
     _dismiss_popups(ui, page)
     page.get_by_text("Global asset lineage").first.wait_for()
@@ -417,26 +476,29 @@ def test_dagster_asset_graph_shows_every_asset(ui: UI, page) -> None:  # noqa: A
     enough_nodes = f"n => document.querySelectorAll(\"{node_labels}\").length >= n"
     page.keyboard.press("Alt+e")
     try:
-        page.wait_for_function(enough_nodes, arg=len(ASSETS), timeout=5000)
+        page.wait_for_function(enough_nodes, arg=len(assets), timeout=5000)
     except Exception:  # noqa: BLE001 - shortcut not taken: use the settings menu
         page.get_by_role("button", name="settings", exact=True).click()
         page.get_by_role("menuitem", name=re.compile("Expand all groups")).click()
-        page.wait_for_function(enough_nodes, arg=len(ASSETS))
-    graph_labels = [t.strip() for t in page.locator(node_labels).all_inner_texts()]
-    for name in ASSETS:
-        assert any(_graph_label_matches(label, name) for label in graph_labels), (name, graph_labels)
+        page.wait_for_function(enough_nodes, arg=len(assets))
+    # Every asset is a node in its group's box, and there is no other node.
+    nodes = page.evaluate(GRAPH_NODES_JS)
+    assert len(nodes) == len(assets), (nodes, assets)
+    for group, name in assets:
+        assert any(g == group and _graph_label_matches(label, name) for g, label in nodes), (group, name, nodes)
 
-    # The sidebar tree lists the full names: expand every group there too.
+    # The sidebar tree lists the full names under their groups: expand every group there too.
     collapsed = page.locator("button:has([aria-label='arrow_drop_down'][style*='rotate(-90deg)'])")
     for _ in range(20):
         if collapsed.count() == 0:
             break
         collapsed.first.click()
-    for name in ASSETS:  # outside the graph's SVG, i.e. in the sidebar
-        page.locator(f"xpath=//*[not(ancestor::*[local-name()='svg'])][normalize-space(text())='{name}']") \
-            .first.wait_for(state="visible")
+    page.locator("[data-index] [aria-label='asset_group']").first.wait_for(state="visible")
+    assert _sidebar_assets(page) == assets
 
     page.evaluate("() => document.activeElement && document.activeElement.blur()")
+    # After expanding, the groups are wider than the view: one step out fits the whole graph in the picture.
+    page.get_by_role("button", name="zoom_out", exact=True).click()
     page.mouse.move(VIEWPORT["width"] // 2, VIEWPORT["height"] - 50)  # no hover tooltip in the picture
     page.wait_for_timeout(1500)  # the graph animates into place
     _screenshot(page, "dagster_asset_graph.png")
