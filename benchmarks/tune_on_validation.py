@@ -100,9 +100,15 @@ def main() -> int:
     parser.add_argument("--candidates", default="1,2,3", help="revision_candidates to compare (default 1,2,3)")
     parser.add_argument("--lrs", default="2e-4,1e-3,2e-3", help="learning rates (default 2e-4,1e-3,2e-3)")
     parser.add_argument("--epochs", default="3,8", help="epochs (default 3,8)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default; use 1 on a machine other processes load)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tuning.md")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     store = Store(f"sqlite:///{args.out.parent / 'tuning.db'}")
     load_prompt_set(store, "advbench")
     train_split = store.train_prompts("advbench")

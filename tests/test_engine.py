@@ -182,13 +182,19 @@ def test_garbage_model_never_raises_and_records_fallbacks() -> None:
     assert scenes_relying_on(scenes) == {"roles": 4, "plan": 4, "feasibility": 4}
 
 
-def test_batches_do_not_grow_with_the_number_of_scenes() -> None:
+def test_generate_calls_are_bounded_by_the_scene_structure_not_the_number_of_scenes() -> None:
+    """Scenes advance together: on a backend without a live session (the default waves), the number of `generate`
+    calls is bounded by the longest chain of steps one scene can take, however many scenes run."""
     settings = SceneSettings()
+    # planning (target + plan, roles + objects, one re-ask), then per round: action, route, each reaction and
+    # its routing, memory
+    bound = 3 + settings.max_rounds * (3 + 2 * settings.max_reactions)
     small, large = FakeBackend(), FakeBackend()
     run_scenes(small, _inputs(2), settings)
-    run_scenes(large, _inputs(6), settings)
-    assert large.calls > 2 * small.calls
-    assert large.batches <= small.batches + 2  # scenes advance together: the waves stay the same
+    run_scenes(large, _inputs(12), settings)
+    assert large.calls > 5 * small.calls
+    assert small.batches <= bound and large.batches <= bound
+    assert large.calls >= 4 * large.batches  # many conversations per call
 
 
 def test_critique_sees_question_answer_and_transcript() -> None:
