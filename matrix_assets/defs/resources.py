@@ -45,7 +45,7 @@ class StoreResource(dg.ConfigurableResource):
 class LLMResource(dg.ConfigurableResource):
     """A generation backend. Subclasses are swapped per deployment (local model, remote server, fake)."""
 
-    batch_size: int = Field(default=8, description="Conversations per generate call (local) or per cache chunk.")
+    batch_size: int = Field(default=16, description="Conversations decoded at once (local; 16 measured ~1.6x the tokens/s of 8 on a 2-core CPU) or per cache chunk.")
 
     @abstractmethod
     def backend(self, adapter_path: str | None = None) -> ChatBackend:
@@ -363,7 +363,7 @@ def llm_from_env(prefix: str = "MATRIX_") -> LLMResource:
     {prefix}DECODING (refill | padded | continuous, local backend), {prefix}PREPACK_WEIGHTS (1 | 0, local backend)."""
     env = os.environ.get
     kind = env(f"{prefix}LLM_BACKEND", "transformers")
-    batch_size = int(env(f"{prefix}BATCH_SIZE", "8"))
+    batch_size = int(env(f"{prefix}BATCH_SIZE", "16"))
     if kind == "transformers":
         return LocalTransformersLLM(
             model=env(f"{prefix}MODEL", DEFAULT_MODEL), batch_size=batch_size, decoding=env(f"{prefix}DECODING", "refill"),

@@ -20,8 +20,8 @@ class EvaluationSettings:
         "help": "Held-out prompts per helpfulness set (None: all)."})
     per_category: int | None = field(default=None, metadata={
         "help": "For sets with categories: this many prompts per category instead of the first N of the set."})
-    answer_tokens: int = field(default=96, metadata={
-        "help": "Tokens per answer; a refusal shows in its opening, and the judge reads the first 600 characters."})
+    answer_tokens: int = field(default=64, metadata={
+        "help": "Tokens per answer (quick: 64, about 300 characters; a refusal shows in its opening)."})
     methods: tuple[str, ...] | None = field(default=None, metadata={
         "help": "Evaluate the latest checkpoint of these methods (None: every method with a checkpoint)."})
     model_judge: bool = field(default=False, metadata={
