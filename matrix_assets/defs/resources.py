@@ -394,11 +394,11 @@ def judge_from_env() -> LLMResource:
 
 @dg.definitions
 def resources() -> dg.Definitions:
+    # URLs that may hold a password travel as dg.EnvVar: Dagster stores the variable's name, resolved at launch.
+    store = StoreResource(database_url=dg.EnvVar("MATRIX_DATABASE_URL")) if os.environ.get(
+        "MATRIX_DATABASE_URL") else StoreResource()
+    tracking = MLflowResource(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI")) if os.environ.get(
+        "MLFLOW_TRACKING_URI") else MLflowResource()
     return dg.Definitions(
-        resources={
-            "store": StoreResource(),
-            "llm": llm_from_env(),
-            "judge": judge_from_env(),
-            "mlflow_tracking": MLflowResource(),
-        }
+        resources={"store": store, "llm": llm_from_env(), "judge": judge_from_env(), "mlflow_tracking": tracking}
     )
