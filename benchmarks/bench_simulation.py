@@ -405,7 +405,7 @@ def build_report(args: argparse.Namespace, settings: SceneSettings, meta: dict, 
         f"{settings.n_roles} roles, "
         f"{settings.plan_steps} plan steps, {settings.max_rounds} rounds, action tokens {settings.action_tokens}, "
         f"plan tokens {settings.plan_tokens}, repetition penalty {settings.repetition_penalty}; sequential run on "
-        f"{seq_scope} {seq.scenes} scenes. Initial answers ({settings.answer_tokens} tokens) generated once "
+        f"{seq_scope} {seq.scenes} scenes. Initial answers ({args.answer_tokens} tokens) generated once "
         f"beforehand in {meta['answers_s']:.0f} s, not measured. Phases: batched {cold.wall_seconds:.0f} s, raw "
         f"replay {replay_s:.0f} s, warm {warm.wall_seconds:.1f} s, sequential {seq.wall_seconds:.0f} s; total "
         f"runtime {meta['total_s']:.0f} s (model load included).",

@@ -117,7 +117,7 @@ def test_rerun_of_the_data_stages_is_served_from_the_cache(pipeline_run: Path) -
 
     from matrix_assets.cli import build_run_configs, parser
     from matrix_assets.defs.jobs import PER_PROMPT_SET
-    from matrix_assets.defs.resources import LocalTransformersLLM, StoreResource
+    from matrix_assets.defs.resources import LocalTransformersLLM, MLflowResource, StoreResource
     from pipeline_helpers import all_assets
 
     db_url = f"sqlite:///{pipeline_run / 'matrix.db'}"
@@ -130,7 +130,7 @@ def test_rerun_of_the_data_stages_is_served_from_the_cache(pipeline_run: Path) -
         result = dg.materialize(
             all_assets(), selection=PER_PROMPT_SET, partition_key="advbench", instance=instance,
             resources={"store": StoreResource(database_url=db_url), "llm": LocalTransformersLLM(),
-                       "judge": LocalTransformersLLM()},
+                       "judge": LocalTransformersLLM(), "mlflow_tracking": MLflowResource()},
             run_config={"ops": simulate_config["ops"]},
         )
     assert result.success

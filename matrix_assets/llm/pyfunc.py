@@ -25,11 +25,14 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         self.backend = TransformersBackend(context.model_config["base_model"],
                                            adapter_path=context.artifacts["adapter"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    # model_input carries no type hint: MLflow would read one as a second, conflicting signature.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
         from matrix_assets.llm.base import GenerationParams
 
         if hasattr(model_input, "columns"):
-            prompts = [str(p) for p in model_input["prompt"]]
+            # MLflow hands a list of prompts over as a one-column DataFrame (the signature's unnamed column).
+            column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+            prompts = [str(p) for p in model_input[column]]
         elif isinstance(model_input, str):
             prompts = [model_input]
         else:
@@ -43,6 +46,8 @@ def log_adapter_model(adapter_dir: str | Path, base_model: str) -> Any:
     """Log the pyfunc model into the active run; returns MLflow's ModelInfo (its `model_uri` registers it)."""
     import matrix_assets
 
+    from mlflow.models import infer_signature
+
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=AdapterModel(),
@@ -50,5 +55,6 @@ def log_adapter_model(adapter_dir: str | Path, base_model: str) -> Any:
         model_config={"base_model": base_model},
         # Explicit requirements: inferring them would import and inspect the whole environment.
         pip_requirements=[f"matrix-assets=={getattr(matrix_assets, '__version__', '0.1.0')}"],
-        input_example=None,
+        # The signature declares the answer-length parameter; without one MLflow silently drops `params`.
+        signature=infer_signature(["prompt"], ["answer"], params={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}),
     )
