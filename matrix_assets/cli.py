@@ -137,8 +137,9 @@ def build_run_configs(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def _apply_setting(assignment: str, *op_configs: dict) -> None:
-    """`NAME.FIELD=VALUE`: FIELD of every asset of method NAME (or of the asset NAME) that has it; VALUE as JSON
-    when it parses (numbers, true/false, null, lists), else as text."""
+    """`NAME.FIELD=VALUE`: FIELD of every asset of method NAME, of the asset NAME, or of every method's asset NAME
+    (`checkpoint.runner=pipes`) that has it; VALUE as JSON when it parses (numbers, true/false, null, lists), else
+    as text."""
     target, _, value_text = assignment.partition("=")
     name, _, field = target.rpartition(".")
     if not name or not field or not _:
@@ -150,7 +151,7 @@ def _apply_setting(assignment: str, *op_configs: dict) -> None:
     hits = 0
     for ops in op_configs:
         for op, entry in ops.items():
-            if (op == name or op.startswith(f"{name}__")) and field in entry["config"]:
+            if (op == name or op.startswith(f"{name}__") or op.endswith(f"__{name}")) and field in entry["config"]:
                 entry["config"][field] = value
                 hits += 1
     if not hits:
@@ -412,7 +413,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="NAME.FIELD=VALUE",
                      help="any other setting of the Launchpad, for every asset of a method or for one asset, e.g. "
                      "--set stable_alignment.grid_size=2 --set matrix.max_reactions=2 "
-                     "--set evaluation_scores.model_judge=true (repeatable)")
+                     "--set evaluation_scores.model_judge=true; NAME may be a method, an asset, or an asset of every method: "
+                     "--set checkpoint.runner=pipes (repeatable)")
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser(

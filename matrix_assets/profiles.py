@@ -29,13 +29,24 @@ class TrainingSettings:
     learning_rate: float = field(default=_TRAIN.learning_rate, metadata={"help": "Peak learning rate (cosine)."})
     batch_size: int = field(default=_TRAIN.batch_size, metadata={"help": "Examples (or rated groups) per step."})
     max_length: int = field(default=_TRAIN.max_length, metadata={"help": "Tokens per example, prompt included."})
+    precision: str = field(default=_TRAIN.precision, metadata={
+        "help": "auto (bf16 on a GPU that has it, fp32 on the CPU), fp32 or bf16."})
+    quantization: str = field(default=_TRAIN.quantization, metadata={
+        "help": "none, or 4bit: the paper's QLoRA (NF4 base weights; a CUDA GPU and bitsandbytes)."})
+    runner: str = field(default="in_process", metadata={
+        "help": "in_process: train inside the Dagster step; pipes: in a child process started through Dagster "
+        "Pipes (PipesSubprocessClient), so the orchestrator never holds the model."})
+    launch_command: str = field(default="", metadata={
+        "help": "With runner=pipes, what starts the training module (default: this Python). For several GPUs: "
+        "'accelerate launch --num_processes 4'."})
 
     def lora(self) -> LoraSettings:
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
 
     def train(self) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, max_steps=self.max_steps, learning_rate=self.learning_rate,
-                             batch_size=self.batch_size, max_length=self.max_length)
+                             batch_size=self.batch_size, max_length=self.max_length, precision=self.precision,
+                             quantization=self.quantization)
 
 
 @dataclass(frozen=True)

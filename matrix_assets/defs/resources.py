@@ -80,12 +80,16 @@ class LocalTransformersLLM(LLMResource):
 
     model: str = Field(default=DEFAULT_MODEL, description="Bundled alias, local folder, or Hugging Face id.")
     torch_threads: int | None = Field(default=None, description="torch intra-op threads (None: torch default).")
+    device: str = Field(default="auto", description="auto: the first CUDA GPU when torch sees one (bf16, SDPA), "
+                        "else the CPU (fp32); or cpu, cuda, cuda:1.")
+    gpu_batch_size: int = Field(default=256, description="Rows decoded together on a GPU (batch_size is the CPU's).")
     decoding: str = Field(
         default="refill",
         description="refill (default): a row leaves the batch the moment it ends and the next queued request "
-        "takes its slot, so no step is spent on finished rows and the scenes never wait for each other; "
-        "padded: one model.generate per length-sorted chunk; continuous: transformers' continuous batching "
-        "(calls with a repetition penalty stay padded; on a 2-core CPU it was slower and took ~10.9 GB RSS).",
+        "takes its slot, so no step is spent on finished rows and the scenes never wait for each other (on a GPU "
+        "it becomes static); static: padded batches on a static KV cache, compiled with CUDA graphs by transformers "
+        "on a GPU; padded: one model.generate per length-sorted chunk; continuous: transformers' continuous "
+        "batching (calls with a repetition penalty stay padded; on a 2-core CPU it was slower and took ~10.9 GB RSS).",
     )
 
     prepack_weights: bool = Field(
@@ -98,11 +102,12 @@ class LocalTransformersLLM(LLMResource):
         from matrix_assets.llm.transformers_backend import TransformersBackend
 
         return _shared(
-            ("transformers", self.model, adapter_path, self.batch_size, self.torch_threads, self.decoding,
-             self.prepack_weights),
+            ("transformers", self.model, adapter_path, self.batch_size, self.gpu_batch_size, self.device,
+             self.torch_threads, self.decoding, self.prepack_weights),
             lambda: TransformersBackend(
-                self.model, adapter_path=adapter_path, batch_size=self.batch_size, torch_threads=self.torch_threads,
-                decoding=self.decoding, prepack_weights=self.prepack_weights,
+                self.model, adapter_path=adapter_path, batch_size=self.batch_size, gpu_batch_size=self.gpu_batch_size,
+                device=self.device, torch_threads=self.torch_threads, decoding=self.decoding,
+                prepack_weights=self.prepack_weights,
             ),
         )
 
@@ -360,14 +365,16 @@ def _env_flag(name: str, default: bool) -> bool:
 def llm_from_env(prefix: str = "MATRIX_") -> LLMResource:
     """The deployment's backend from {prefix}LLM_BACKEND = transformers (default) | openai | fake,
     {prefix}MODEL, {prefix}OPENAI_BASE_URL, {prefix}OPENAI_API_KEY_ENV, {prefix}LOCAL_MODEL, {prefix}BATCH_SIZE,
-    {prefix}DECODING (refill | padded | continuous, local backend), {prefix}PREPACK_WEIGHTS (1 | 0, local backend)."""
+    {prefix}DECODING (refill | static | padded | continuous, local backend), {prefix}PREPACK_WEIGHTS (1 | 0, local
+    backend), {prefix}DEVICE (auto | cpu | cuda[:N], local backend), {prefix}GPU_BATCH_SIZE (local backend on a GPU)."""
     env = os.environ.get
     kind = env(f"{prefix}LLM_BACKEND", "transformers")
     batch_size = int(env(f"{prefix}BATCH_SIZE", "16"))
     if kind == "transformers":
         return LocalTransformersLLM(
             model=env(f"{prefix}MODEL", DEFAULT_MODEL), batch_size=batch_size, decoding=env(f"{prefix}DECODING", "refill"),
-            prepack_weights=_env_flag(f"{prefix}PREPACK_WEIGHTS", True),
+            prepack_weights=_env_flag(f"{prefix}PREPACK_WEIGHTS", True), device=env(f"{prefix}DEVICE", "auto"),
+            gpu_batch_size=int(env(f"{prefix}GPU_BATCH_SIZE", "256")),
         )
     if kind == "openai":
         key_env = env(f"{prefix}OPENAI_API_KEY_ENV", "OPENAI_API_KEY")

@@ -1,6 +1,8 @@
 """In-process generation with transformers: the embedded default backend.
 
-By default the batch is decoded by `llm/refill.py`: rows are admitted shortest prompt first, a row
+On a CUDA GPU (`device="auto"` finds one) the model loads in bf16 with SDPA attention and decodes padded batches
+on a static KV cache that transformers compiles with CUDA graphs. On the CPU, by default,
+the batch is decoded by `llm/refill.py`: rows are admitted shortest prompt first, a row
 leaves as soon as it ends and the next queued prompt takes its slot, so no step is spent on rows that
 already stopped. `decoding="padded"` splits the caller's batch into length-sorted chunks of
 `batch_size`, left-padded, one `model.generate` each (the benchmark's raw reference). On CPU the linear
@@ -25,9 +27,33 @@ from matrix_assets.llm.models import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
-# refill: our decoding loop, finished rows leave and queued prompts join (default; `llm/refill.py`);
-# padded: one `model.generate` per length-sorted chunk; continuous: transformers' `generate_batch`.
-DECODINGS = {"refill", "padded", "continuous"}
+# refill: our decoding loop, finished rows leave and queued prompts join (default on CPU; `llm/refill.py`);
+# padded: one `model.generate` per length-sorted chunk; static: the same with a static KV cache, which
+# transformers compiles (CUDA graphs) on a GPU so a decode step is not bound by kernel launches (default on a
+# GPU); continuous: transformers' `generate_batch`.
+DECODINGS = {"refill", "padded", "static", "continuous"}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """`auto` is the first CUDA device when torch sees one, else the CPU; an explicit CUDA device that torch
+    cannot see is an error (not a silent CPU run)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device "
+                           f"(built with CUDA {torch.version.cuda}); use device='cpu' or 'auto'")
+    return device
+
+
+def model_dtype(device: str) -> Any:
+    """float32 on the CPU (bf16 matmuls are slow without AMX); bf16 on a GPU that has it, else fp16."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 def adapter_fingerprint(adapter_path: str | Path) -> str:
@@ -72,6 +98,8 @@ class TransformersBackend(ChatBackend):
         *,
         adapter_path: str | None = None,
         batch_size: int = 8,
+        gpu_batch_size: int = 256,
+        device: str = "auto",
         max_input_tokens: int = 1536,
         torch_threads: int | None = None,
         decoding: str = "refill",
@@ -86,12 +114,15 @@ class TransformersBackend(ChatBackend):
         if decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {sorted(DECODINGS)}, not {decoding!r}")
         self.model_name = model
-        self.batch_size = max(1, batch_size)
+        self.device = resolve_device(device)
+        on_gpu = self.device != "cpu"
+        self.batch_size = max(1, gpu_batch_size if on_gpu else batch_size)
         self.max_input_tokens = max_input_tokens
         path = resolve_model_path(model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=model_dtype(self.device), attn_implementation="sdpa").to(self.device)
         except OSError as exc:
             raise BackendError(f"cannot load model {model!r} from {path!r} offline: {exc}") from exc
         self.model_id = model
@@ -101,11 +132,15 @@ class TransformersBackend(ChatBackend):
             self.model = PeftModel.from_pretrained(self.model, adapter_path)
             self.model_id = f"{model}+lora:{adapter_fingerprint(adapter_path)}"
         self.model.eval()
-        self.prepacked_layers = self._prepack(adapter_path is not None) if prepack_weights else 0
+        self.prepacked_layers = self._prepack(adapter_path is not None) if prepack_weights and not on_gpu else 0
         self.decoding = decoding
         from matrix_assets.llm.refill import PrefixCache, supports_refill
 
-        if decoding == "refill" and not supports_refill(self.model):
+        if decoding == "refill" and on_gpu:
+            # Refill decoding steps row by row from Python: on a GPU every step would wait on kernel launches.
+            logger.info("model %s on %s: static-cache decoding (compiled by transformers)", model, self.device)
+            self.decoding = "static"
+        elif decoding == "refill" and not supports_refill(self.model):
             logger.info("model %s: sliding-window or non-attention layers, or a prompt-learning adapter: "
                         "padded decoding", model)
             self.decoding = "padded"
@@ -170,8 +205,8 @@ class TransformersBackend(ChatBackend):
             # Left padding shifts every row: positions count real tokens only, as in generation.
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
             with self._lock, torch.inference_mode():
-                logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                    logits_to_keep=1).logits[:, -1, :]
+                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                    position_ids=positions.to(self.device), logits_to_keep=1).logits[:, -1, :]
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             for row, index in enumerate(rows):
                 results[index] = {
@@ -261,8 +296,11 @@ class TransformersBackend(ChatBackend):
         if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p)
             torch.manual_seed(params.seed)
+        if self.decoding == "static":
+            kwargs["cache_implementation"] = "static"
         with self._lock, torch.inference_mode():
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+            output = self.model.generate(input_ids=input_ids.to(self.device),
+                                         attention_mask=attention.to(self.device), **kwargs)
         completions = []
         ends = self.eos_token_ids() | {pad_id}
         for row in range(len(batch)):

@@ -5,7 +5,10 @@ logging callback and the adapter saving here; only the dataset, the config class
 Our code only prepares the dataset (conversational prompt / completion pairs, so the loss covers the
 answer, not the question) and the configuration, and reads the metrics back. Two CPU traps are avoided
 on purpose: TRL's SFTConfig defaults to bf16 and gradient checkpointing, which on CPUs without
-AVX-512/AMX made a step ~10x slower than fp32 without checkpointing.
+AVX-512/AMX made a step ~10x slower than fp32 without checkpointing. On a GPU, `precision="auto"` trains in
+bf16 (TRL's default there) and `quantization="4bit"` is the paper's QLoRA: an NF4 base under the LoRA adapter,
+with gradient checkpointing, through bitsandbytes. Under `accelerate launch` every process trains its shard and
+only the main process writes the adapter.
 """
 
 from __future__ import annotations
@@ -62,6 +65,51 @@ class TrainSettings:
     gradient_accumulation: int = 1
     max_length: int = 512
     seed: int = 0
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, fp32 on the CPU; or fp32 | bf16
+    quantization: str = "none"  # none | 4bit (QLoRA: NF4 base weights, needs a CUDA GPU and bitsandbytes)
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+QUANTIZATIONS = ("none", "4bit")
+
+
+def use_bf16(precision: str, cuda_available: bool, bf16_supported: bool) -> bool:
+    """bf16 where it is fast (a GPU with bf16 units); asking for it explicitly is honoured anywhere."""
+    if precision == "auto":
+        return cuda_available and bf16_supported
+    return precision == "bf16"
+
+
+def load_training_model(base_model_path: str, train: TrainSettings) -> tuple[object, bool]:
+    """The base model for LoRA training and whether the trainer runs in bf16. `quantization="4bit"` loads it as
+    QLoRA does (NF4, double quantization, bf16 compute) and fails clearly where that cannot run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    bf16 = use_bf16(train.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    if train.quantization == "none":
+        return AutoModelForCausalLM.from_pretrained(
+            base_model_path, dtype=torch.bfloat16 if bf16 else torch.float32), bf16
+    import importlib.util
+
+    if not cuda:
+        raise ValueError("quantization='4bit' (QLoRA) needs a CUDA GPU; torch sees none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("quantization='4bit' (QLoRA) needs bitsandbytes: pip install 'matrix-assets[gpu]'")
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_path, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16), dtype=torch.bfloat16)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True), True
 
 
 @dataclass(frozen=True)
@@ -138,6 +186,7 @@ def train_lora(
     `objective=SFTObjective()` (default) trains on `SFTExample`s; `objective=StableAlignmentObjective(...)` trains
     on rated question groups (`RatedGroup`s from `methods.stable_alignment.data`)."""
     lora.validate()
+    train.validate()
     objective.validate()
     if not examples:
         raise ValueError("no training examples: materialize revised_answers for at least one prompt set first")
@@ -157,14 +206,14 @@ def train_lora(
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32)
+    model, bf16 = load_training_model(base_model_path, train)
 
     losses: list[tuple[int, float]] = []
 
@@ -186,9 +235,10 @@ def train_lora(
         gradient_accumulation_steps=train.gradient_accumulation,
         max_length=train.max_length,
         seed=train.seed,
-        bf16=False,
+        bf16=bf16,
         fp16=False,
-        activation_checkpointing=False,  # TRL defaults to checkpointing (slow on CPU); the old name is deprecated
+        # TRL defaults to checkpointing (slow on CPU); QLoRA keeps it to fit big models. The old name is deprecated.
+        activation_checkpointing=train.quantization == "4bit",
         use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
         save_strategy="no",
@@ -233,12 +283,13 @@ def train_lora(
     output = trainer.train()
     seconds = time.perf_counter() - began
     adapter_dir = output_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    (adapter_dir / "matrix_training.json").write_text(
-        json.dumps({"base_model": base_model_path, "lora": asdict(lora), "train": asdict(train),
-                    "objective": asdict(objective), "n_examples": len(rows)}, indent=2)
-    )
+    if trainer.is_world_process_zero():  # one writer under `accelerate launch`
+        trainer.model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        (adapter_dir / "matrix_training.json").write_text(
+            json.dumps({"base_model": base_model_path, "lora": asdict(lora), "train": asdict(train),
+                        "objective": asdict(objective), "n_examples": len(rows)}, indent=2)
+        )
     return TrainResult(
         adapter_path=adapter_dir,
         n_examples=len(rows),

@@ -6,6 +6,8 @@ and a checkpoint, all under the method's key prefix and group (`matrix/scenes`, 
 import dataclasses
 import hashlib
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,9 @@ def checkpoint_asset(method: Method) -> dg.AssetsDefinition:
         settings = settings_from(config, profiles.training("quick"))
         try:
             settings.lora().validate()
+            settings.train().validate()
+            if settings.runner not in TRAINING_RUNNERS:
+                raise ValueError(f"runner must be one of {', '.join(TRAINING_RUNNERS)}, not {settings.runner!r}")
         except ValueError as exc:
             raise dg.Failure(f"bad training configuration: {exc}", allow_retries=False) from exc
         mlflow_tracking.check()  # an unreachable tracking store fails here, not after training
@@ -249,8 +254,14 @@ def train_checkpoint(context: dg.AssetExecutionContext, db: Store, llm: LLMResou
             if "loss" in logs:
                 context.log.info(f"{method.name} step {step}: loss {logs['loss']:.4f}")
 
-        result = train_lora(base_model, examples, out_dir, lora=lora, train=train, on_log=on_log,
-                            objective=objective)
+        if settings.runner == "pipes":
+            result = train_through_pipes(context, base_model, examples, out_dir, lora, train, objective,
+                                         settings.launch_command)
+            for step, loss in result.losses:
+                mlflow.log_metric("loss", loss, step=step)
+        else:
+            result = train_lora(base_model, examples, out_dir, lora=lora, train=train, on_log=on_log,
+                                objective=objective)
         plot = plot_loss_curve([s for s, _ in result.losses], [v for _, v in result.losses], out_dir / "loss.png")
         mlflow.log_metrics({"train_loss": result.train_loss or float("nan"), "train_seconds": result.seconds,
                             "train_steps": result.steps})
@@ -278,6 +289,24 @@ def train_checkpoint(context: dg.AssetExecutionContext, db: Store, llm: LLMResou
         "mlflow_run": dg.MetadataValue.url(tracking.run_url(run_id)),
         "registered_model": f"{tracking.registered_model_name} v{version}",
     }
+
+
+TRAINING_RUNNERS = ("in_process", "pipes")
+
+
+def train_through_pipes(context: dg.AssetExecutionContext, base_model: str, examples: list[Any], out_dir: Path,
+                        lora: Any, train: Any, objective: Any, launch_command: str) -> Any:
+    """Train in a child process (`training/pipes_entry.py`) through Dagster Pipes: its log lines stream into this
+    step's logs, a non-zero exit fails the step, and the orchestrator's memory never holds the model."""
+    from matrix_assets.training.pipes_entry import read_result, write_request
+
+    request = out_dir / "request.json"
+    write_request(request, base_model, examples, out_dir, lora, train, objective)
+    command = [*(shlex.split(launch_command) if launch_command else [sys.executable]),
+               "-m", "matrix_assets.training.pipes_entry", "--request", str(request)]
+    context.log.info(f"training through Dagster Pipes: {' '.join(command)}")
+    dg.PipesSubprocessClient().run(command=command, context=context)
+    return read_result(out_dir)
 
 
 def _examples(method: Method, rows: list[dict]) -> tuple[list[Any], Any]:

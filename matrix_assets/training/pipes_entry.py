@@ -1,0 +1,91 @@
+"""LoRA training in its own process, started by the checkpoint asset through Dagster Pipes, so the orchestrator
+never holds the model. `python -m matrix_assets.training.pipes_entry` under `PipesSubprocessClient`, or
+`accelerate launch -m matrix_assets.training.pipes_entry` for several GPUs; the same module runs under Dagster's
+Kubernetes or other Pipes clients, given the request file on shared storage.
+
+The asset writes a request (base model, examples, settings) as JSON, passes its path as `--request`, and
+reads `train_result.json` from the output folder when the process has ended; losses stream back as Pipes log
+lines while it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matrix_assets.methods.base import RatedResponse, TrainingGroup
+from matrix_assets.training.sft import (
+    LoraSettings, Objective, SFTExample, SFTObjective, StableAlignmentObjective, TrainResult, TrainSettings, train_lora,
+)
+
+RESULT_FILE = "train_result.json"
+
+
+def write_request(path: Path, base_model_path: str, examples: Sequence[SFTExample] | Sequence[TrainingGroup],
+                  output_dir: Path, lora: LoraSettings, train: TrainSettings, objective: Objective) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "base_model_path": base_model_path, "output_dir": str(output_dir),
+        "lora": dataclasses.asdict(lora), "train": dataclasses.asdict(train), "objective": dataclasses.asdict(objective),
+        "examples": [dataclasses.asdict(e) for e in examples],
+    }), encoding="utf-8")
+
+
+def read_request(path: Path) -> dict[str, Any]:
+    """The keyword arguments of `train_lora`, rebuilt from a request file."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    objective_fields = data["objective"]
+    objective: Objective = (StableAlignmentObjective(**objective_fields)
+                            if objective_fields["name"] == "stable_alignment" else SFTObjective(**objective_fields))
+    lora_fields = {**data["lora"], "target_modules": tuple(data["lora"]["target_modules"])}
+    if isinstance(objective, SFTObjective):
+        examples: list[Any] = [SFTExample(**e) for e in data["examples"]]
+    else:
+        examples = [TrainingGroup(**{**e, "responses": tuple(RatedResponse(**r) for r in e["responses"])})
+                    for e in data["examples"]]
+    return {"base_model_path": data["base_model_path"], "examples": examples, "output_dir": Path(data["output_dir"]),
+            "lora": LoraSettings(**lora_fields), "train": TrainSettings(**data["train"]), "objective": objective}
+
+
+def write_result(output_dir: Path, result: TrainResult) -> Path:
+    path = output_dir / RESULT_FILE
+    path.write_text(json.dumps({**dataclasses.asdict(result), "adapter_path": str(result.adapter_path)}),
+                    encoding="utf-8")
+    return path
+
+
+def read_result(output_dir: Path) -> TrainResult:
+    data = json.loads((output_dir / RESULT_FILE).read_text(encoding="utf-8"))
+    return TrainResult(adapter_path=Path(data["adapter_path"]), n_examples=data["n_examples"], steps=data["steps"],
+                       seconds=data["seconds"], losses=[(int(s), float(v)) for s, v in data["losses"]],
+                       train_loss=data["train_loss"])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train a LoRA adapter from a request file (see module docstring).")
+    parser.add_argument("--request", type=Path, required=True, help="the request JSON written by the asset")
+    request = read_request(parser.parse_args(argv).request)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under `accelerate launch` only the main process talks to Dagster: one Pipes session, one result file.
+        train_lora(**request)
+        return
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        def on_log(step: int, logs: dict[str, float]) -> None:
+            if "loss" in logs:
+                pipes.log.info(f"step {step}: loss {logs['loss']:.4f}")
+
+        result = train_lora(**request, on_log=on_log)
+        write_result(request["output_dir"], result)
+        pipes.log.info(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter in {result.adapter_path}")
+
+
+if __name__ == "__main__":
+    main()
