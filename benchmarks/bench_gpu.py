@@ -138,12 +138,12 @@ def training_seconds_per_step(model_dir: Path, examples: int, tokens: int, batch
 
     from matrix_assets.training.sft import SFTExample, TrainSettings, train_lora
 
-    words = " ".join(["word"] * tokens)
-    data = [SFTExample(f"question {i}: {words[: tokens * 2]}", f"answer {i}: {words}") for i in range(examples)]
+    half = " ".join(["word"] * (tokens // 2))  # about one token per word; the chat template adds ~40
+    data = [SFTExample(f"question {i}: {half}", f"answer {i}: {half}") for i in range(examples)]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = train_lora(str(model_dir), data, work / "train",
-                        train=TrainSettings(max_steps=steps, batch_size=batch, max_length=tokens * 3))
+                        train=TrainSettings(max_steps=steps, batch_size=batch, max_length=tokens + 128))
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return result.seconds / max(1, result.steps), peak
 
