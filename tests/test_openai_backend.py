@@ -432,3 +432,14 @@ def test_an_explicit_api_key_is_sent_and_never_shown(server: tuple[str, FakeServ
         backend.generate(_conversations(1), GenerationParams(max_new_tokens=4))
         assert SECRET not in repr(backend)
     assert state.auth_headers == [f"Bearer {SECRET}"]
+
+
+def test_json_schema_travels_as_response_format(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    schema = json.dumps({"type": "object", "properties": {"steps": {"type": "array"}}}, sort_keys=True)
+    with _backend(base_url) as backend:
+        backend.generate(_conversations(1), GenerationParams(json_schema=schema))
+        backend.generate(_conversations(1), GenerationParams())
+    assert state.bodies[0]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "reply", "schema": json.loads(schema), "strict": True}}
+    assert "response_format" not in state.bodies[1]

@@ -34,9 +34,15 @@ class GenerationParams:
     seed: int = 0
     repetition_penalty: float = 1.0  # > 1 discourages the loops small models fall into
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # A JSON schema (as canonical JSON text) the reply must follow: `response_format` on a server, a grammar
+    # (xgrammar) on the local backend. None: free text.
+    json_schema: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        values = asdict(self)
+        if values["json_schema"] is None:
+            del values["json_schema"]  # free-text keys stay what they were before structured output existed
+        return json.dumps(values, sort_keys=True)
 
     def replace(self, **changes: object) -> GenerationParams:
         values = asdict(self)

@@ -12,6 +12,7 @@ only as a Bearer header and kept out of `repr`, logs and error messages.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -347,6 +348,10 @@ class OpenAICompatibleBackend(ChatBackend):
         }
         if params.stop:
             payload["stop"] = list(params.stop)
+        if params.json_schema:
+            # OpenAI's structured-output field, which vLLM, TGI and llama.cpp server also accept.
+            payload["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "reply", "schema": json.loads(params.json_schema), "strict": True}}
         return payload
 
     def _request_with_retries(

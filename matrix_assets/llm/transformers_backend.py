@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from matrix_assets.llm.base import (
-    BackendError, ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, TakeJobs,
-    candidate_variants,
+    BackendError, ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, PermanentBackendError,
+    TakeJobs, candidate_variants,
 )
 from matrix_assets.llm.models import resolve_model_path
 
@@ -151,6 +151,8 @@ class TransformersBackend(ChatBackend):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._lock = threading.RLock()  # one model call at a time; re-entrant: a live session scores verdicts from inside `take`
+        self._grammar_compiler: Any = None
+        self._grammars: dict[str, Any] = {}
 
     def _prepack(self, has_adapter: bool) -> int:
         """On CPU, compute the linear layers with oneDNN on weights packed once (`llm/prepack.py`): about 2x
@@ -241,10 +243,10 @@ class TransformersBackend(ChatBackend):
 
         # Continuous batching drops logits processors it does not support (the repetition penalty among them),
         # which would store text under a cache key that promises the penalty: such calls stay padded.
-        if self.decoding == "continuous" and params.repetition_penalty == 1.0:
+        if self.decoding == "continuous" and params.repetition_penalty == 1.0 and not params.json_schema:
             for index, completion in enumerate(self.generate_continuous(encoded, params)):
                 deliver(index, completion)
-        elif self.decoding == "refill":
+        elif self.decoding == "refill" and not params.json_schema:
             self.generate_refill(encoded, params, on_result=deliver)
         else:
             order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -265,9 +267,16 @@ class TransformersBackend(ChatBackend):
         jobs: dict[int, Job] = {}
 
         def take_tokenized(limit: int) -> list[TokenJob]:
-            taken = take(limit)
-            jobs.update((job.id, job) for job in taken)
-            return [TokenJob(job.id, self.encode(job.conversation), job.params) for job in taken]
+            while True:
+                taken = take(limit)
+                free = [job for job in taken if not job.params.json_schema]
+                # Grammar-constrained requests decode apart (padded, with the grammar's logits processor); their
+                # answers may queue more jobs, so an all-structured take is followed by another.
+                self._generate_structured([job for job in taken if job.params.json_schema], on_completion)
+                if free or not taken:
+                    break
+            jobs.update((job.id, job) for job in free)
+            return [TokenJob(job.id, self.encode(job.conversation), job.params) for job in free]
 
         def done(job: TokenJob, tokens: list[int]) -> None:
             on_completion(jobs.pop(job.id), self._completion(job.prompt, tokens, job.params))
@@ -276,6 +285,34 @@ class TransformersBackend(ChatBackend):
             decode_live(self.model, take_tokenized, done, batch_size=self.batch_size,
                         eos_token_ids=self.eos_token_ids(), pad_token_id=self.tokenizer.pad_token_id,
                         prefix_cache=self.prefix_cache)
+
+    def _generate_structured(self, structured: Sequence[Job], on_completion: OnCompletion) -> None:
+        groups: dict[GenerationParams, list[Job]] = {}
+        for job in structured:
+            groups.setdefault(job.params, []).append(job)
+        for params, group in groups.items():
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                completions = self.generate_encoded([self.encode(j.conversation) for j in chunk], params)
+                for job, completion in zip(chunk, completions):
+                    on_completion(job, completion)
+
+    def _grammar_processor(self, json_schema: str) -> Any:
+        """xgrammar's logits processor for a JSON schema (the library vLLM uses): at every step only tokens that
+        keep the reply valid JSON of that schema are allowed. Compiled grammars are kept per schema."""
+        try:
+            import xgrammar
+            from xgrammar.contrib.hf import LogitsProcessor
+        except ImportError as exc:
+            raise PermanentBackendError("structured output on the local backend needs xgrammar: "
+                                        "pip install 'matrix-assets[structured]'") from exc
+        if self._grammar_compiler is None:
+            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
+            self._grammar_compiler = xgrammar.GrammarCompiler(info)
+        if json_schema not in self._grammars:
+            # Compact JSON: with free whitespace a weak model can spend its whole budget on blanks between tokens.
+            self._grammars[json_schema] = self._grammar_compiler.compile_json_schema(json_schema, any_whitespace=False)
+        return LogitsProcessor(self._grammars[json_schema])
 
     def generate_encoded(self, batch: Sequence[list[int]], params: GenerationParams) -> list[Completion]:
         """One padded `model.generate` call over already tokenized prompts (also used by the benchmark)."""
@@ -298,6 +335,8 @@ class TransformersBackend(ChatBackend):
             torch.manual_seed(params.seed)
         if self.decoding == "static":
             kwargs["cache_implementation"] = "static"
+        if params.json_schema:
+            kwargs["logits_processor"] = [self._grammar_processor(params.json_schema)]
         with self._lock, torch.inference_mode():
             output = self.model.generate(input_ids=input_ids.to(self.device),
                                          attention_mask=attention.to(self.device), **kwargs)

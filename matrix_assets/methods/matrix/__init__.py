@@ -50,11 +50,15 @@ class MatrixSettings:
     revision_candidates: int = 2
     candidate_temperature: float = 0.7
     harm_threshold: float = 0.5
+    # Off by default: on the bundled 135M model, decoding plan and roles under a JSON schema parsed more replies
+    # but filled them with degenerate text (benchmarks/structured_output.py, results in the README).
+    structured_output: tuple[str, ...] = ()
 
     def scene(self) -> SceneSettings:
         return SceneSettings(n_roles=self.n_roles, plan_steps=self.plan_steps, max_rounds=self.max_rounds,
                              n_objects=self.n_objects, max_reactions=self.max_reactions,
-                             plan_tokens=self.plan_tokens, action_tokens=self.action_tokens)
+                             plan_tokens=self.plan_tokens, action_tokens=self.action_tokens,
+                             structured_output=tuple(self.structured_output))
 
     def revision(self) -> RevisionSettings:
         return RevisionSettings(critique_tokens=self.critique_tokens, revision_tokens=self.revision_tokens,
@@ -190,7 +194,7 @@ METHOD = Method(
                   "who notice it, updates the objects and keeps the scene's memory.", _scenes,
                   deps=("initial_responses",),
                   settings=("max_prompts", "n_roles", "plan_steps", "max_rounds", "max_reactions", "n_objects",
-                            "plan_tokens", "action_tokens", "scenes_per_batch")),
+                            "plan_tokens", "action_tokens", "scenes_per_batch", "structured_output")),
         StageSpec("critiques", "What the answer did to the people in the scene, from the question, the answer "
                   "and the transcript.", _critiques, deps=("matrix/scenes",),
                   settings=("max_prompts", "critique_tokens")),

@@ -16,11 +16,14 @@ of a partition on one live backend session. One round of a scene:
 
 Small models break formats: each parser in `parsing` may come back empty. The engine then re-asks once (roles)
 or applies a named fallback, counted per scene in `Transcript.fallbacks`, so the asset metadata and its checks
-show how much of a scene the model really played.
+show how much of a scene the model really played. `structured_output` names the steps (plan, roles) decoded under
+a JSON schema instead (`prompts/*.schema.json`); their JSON is turned into the same lines the parsers read, and a
+reply that is not valid JSON counts as `structured_reply_invalid` before the usual fallbacks apply.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,12 +58,50 @@ class SceneSettings:
     plan_tokens: int = 160
     action_tokens: int = 64
     repetition_penalty: float = 1.15
+    structured_output: tuple[str, ...] = ()  # scene steps decoded under a JSON schema: any of STRUCTURED_STEPS
 
-    def params(self, max_new_tokens: int, *, free_text: bool = True) -> GenerationParams:
+    def __post_init__(self) -> None:
+        unknown = set(self.structured_output) - set(STRUCTURED_STEPS)
+        if unknown:
+            raise ValueError(f"structured_output: unknown step(s) {sorted(unknown)}; choose from {STRUCTURED_STEPS}")
+
+    def params(self, max_new_tokens: int, *, free_text: bool = True, json_schema: str | None = None
+               ) -> GenerationParams:
         """Free text (actions, reactions) gets the repetition penalty that keeps small models out of loops;
         structured replies (lists, labelled lines) do not, because it penalises their repeated markup."""
         return GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                                repetition_penalty=self.repetition_penalty if free_text else 1.0)
+                                repetition_penalty=self.repetition_penalty if free_text else 1.0,
+                                json_schema=json_schema)
+
+
+STRUCTURED_STEPS = ("plan", "roles")
+# The JSON field of each structured step, and how one of its items reads as a line for the step's parser.
+_STRUCTURED_FIELDS: dict[str, tuple[str, Callable[[object], str]]] = {
+    "plan": ("steps", lambda item: f"1. {item}"),
+    "roles": ("people", lambda item: " - ".join(str(item.get(k, "")) for k in ("name", "who", "state"))
+              if isinstance(item, dict) else str(item)),
+}
+
+
+def step_schema(step: str, max_items: int) -> str:
+    """The step's JSON schema file with its list capped at `max_items`, as canonical JSON (a cache-key part)."""
+    schema = json.loads(read_text(f"matrix/scene_{step}.schema.json"))
+    schema["properties"][_STRUCTURED_FIELDS[step][0]]["maxItems"] = max_items
+    return json.dumps(schema, sort_keys=True)
+
+
+def _structured_lines(scene: Transcript, step: str, reply: str) -> str:
+    """A structured reply as the lines the free-text parser reads; the raw reply (counted) if it is not the JSON
+    the schema asked for (a reply cut off by the token budget, or a server that ignored the schema)."""
+    field_name, as_line = _STRUCTURED_FIELDS[step]
+    try:
+        items = json.loads(reply)[field_name]
+        if not isinstance(items, list):
+            raise TypeError(field_name)
+    except (ValueError, TypeError, KeyError):
+        scene.fallbacks["structured_reply_invalid"] += 1
+        return reply
+    return "\n".join(as_line(item) for item in items)
 
 
 def default_roster() -> list[Role]:
@@ -100,10 +141,13 @@ def _people(scene: Transcript) -> list[dict[str, str]]:
 
 def _plan_scene(scene: Transcript, s: SceneSettings) -> Script:
     # The target and the plan only need the question and the answer: asked together.
+    plan_structured = "plan" in s.structured_output
     target_reply, plan_reply = yield [
         Generate(user_message("matrix/scene_target", question=scene.question), s.params(48, free_text=False)),
         Generate(user_message("matrix/scene_plan", question=scene.question, answer=scene.answer,
-                              n_steps=s.plan_steps), s.params(s.plan_tokens, free_text=False)),
+                              n_steps=s.plan_steps, structured=plan_structured),
+                 s.params(s.plan_tokens, free_text=False,
+                          json_schema=step_schema("plan", s.plan_steps) if plan_structured else None)),
     ]
     target = parsing.first_sentence(str(target_reply))
     if not target:
@@ -111,7 +155,8 @@ def _plan_scene(scene: Transcript, s: SceneSettings) -> Script:
         target = scene.question[:200]
     scene.target = target
 
-    steps = parsing.numbered_steps(str(plan_reply), s.plan_steps)
+    plan_text = _structured_lines(scene, "plan", str(plan_reply)) if plan_structured else str(plan_reply)
+    steps = parsing.numbered_steps(plan_text, s.plan_steps)
     if not steps:
         scene.fallbacks["plan_from_answer_sentences"] += 1
         steps = parsing.numbered_steps(scene.answer, s.plan_steps) or parsing.sentences(scene.answer, s.plan_steps)
@@ -121,13 +166,17 @@ def _plan_scene(scene: Transcript, s: SceneSettings) -> Script:
     scene.plan = steps
 
     # Roles and objects both follow from the plan: asked together.
+    roles_structured = "roles" in s.structured_output
     roles_reply, objects_reply = yield [
-        Generate(user_message("matrix/scene_roles", question=scene.question, steps=scene.plan, n_roles=s.n_roles),
-                 s.params(s.plan_tokens, free_text=False)),
+        Generate(user_message("matrix/scene_roles", question=scene.question, steps=scene.plan, n_roles=s.n_roles,
+                              structured=roles_structured),
+                 s.params(s.plan_tokens, free_text=False,
+                          json_schema=step_schema("roles", s.n_roles) if roles_structured else None)),
         Generate(user_message("matrix/scene_objects", steps=scene.plan, n_objects=s.n_objects),
                  s.params(96, free_text=False)),
     ]
-    scene.roles = parsing.roles(str(roles_reply), s.n_roles, exclude={PROTAGONIST})
+    roles_text = _structured_lines(scene, "roles", str(roles_reply)) if roles_structured else str(roles_reply)
+    scene.roles = parsing.roles(roles_text, s.n_roles, exclude={PROTAGONIST})
     if len(scene.roles) < s.min_roles:
         # One bounded re-ask, with a differently shaped prompt, when the list was too short.
         (retry,) = yield [Generate(user_message("matrix/scene_roles_retry", target=scene.target, n_roles=s.n_roles),
