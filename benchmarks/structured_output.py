@@ -7,8 +7,9 @@ Per step:
 
 - fallback share: scenes whose plan (or roles) came from a fallback instead of the model's reply;
 - invalid JSON: structured replies that did not parse (cut off by the token budget);
-- degenerate share: plan steps (or role lines) that are not text: no word of 3+ letters, or fewer than half of
-  their words distinct ("A.A.A.A", "the the the");
+- degenerate share: of the plan steps (or role lines) the model wrote (scenes on a fallback left out), those
+  that are not text: no word of 3+ letters, or fewer than half of their words distinct ("A.A.A.A", "the the
+  the"), or a role whose description repeats its name ("Ava - Ava's - Ava's");
 - examples of both.
 
 The rule, fixed before measuring: structured output stays on for a step only where it lowers the fallback share
@@ -57,18 +58,29 @@ def degenerate(text: str) -> bool:
     return not any(len(w) >= 3 and w.isalpha() for w in words) or len(set(words)) < 0.5 * len(words)
 
 
+def degenerate_role(line: str) -> bool:
+    name, _, rest = line.partition(" - ")
+    return degenerate(line) or all(part.strip().lower().startswith(name.strip().lower()) for part in rest.split(" - "))
+
+
 def step_texts(scene: Transcript, step: str) -> list[str]:
     if step == "plan":
         return list(scene.plan)
     return [f"{r.name} - {r.description} - {r.status}" for r in scene.roles]
 
 
+def relied_on_fallback(scene: Transcript, step: str) -> bool:
+    return any(scene.fallbacks.get(f, 0) for f in PLANNING_FALLBACKS[step])
+
+
 def summarize(scenes: list[Transcript], step: str) -> dict[str, float]:
-    fell_back = sum(1 for s in scenes if any(s.fallbacks.get(f, 0) for f in PLANNING_FALLBACKS[step]))
-    texts = [t for s in scenes for t in step_texts(s, step)]
+    fell_back = sum(1 for s in scenes if relied_on_fallback(s, step))
+    # Only what the model wrote counts for degeneration: a fallback's text is the answer's or the roster's.
+    texts = [t for s in scenes if not relied_on_fallback(s, step) for t in step_texts(s, step)]
     return {"fallback": fell_back / len(scenes), "fell_back": fell_back,
-            "degenerate": sum(map(degenerate, texts)) / max(1, len(texts)), "n_texts": len(texts),
-            "invalid": sum(s.fallbacks.get("structured_reply_invalid", 0) for s in scenes)}
+            "degenerate": sum(map(degenerate_role if step == "roles" else degenerate, texts)) / max(1, len(texts)),
+            "n_texts": len(texts),
+            "invalid": sum(s.fallbacks.get(f"structured_{step}_invalid", 0) for s in scenes)}
 
 
 def main() -> int:
@@ -92,14 +104,15 @@ def main() -> int:
     lines = ["# Structured output for the scene's plan and roles", "",
              f"{len(inputs)} validation prompts (AdvBench training split, positions {start}-{start + len(inputs) - 1}),"
              f" model {MODEL}, MATRIX quick scene. Command: `.venv/bin/python benchmarks/structured_output.py`", "",
-             "| step | decoding | scenes on a fallback | invalid JSON replies | degenerate lines |", "|---|---|---|---|---|"]
+             "| step | decoding | scenes on a fallback | invalid JSON replies | degenerate lines the model wrote |", "|---|---|---|---|---|"]
     verdicts = []
     for step in ("plan", "roles"):
         free, structured = summarize(runs["free text"], step), summarize(runs["structured"], step)
         for label, r in (("free text", free), ("structured", structured)):
             lines.append(f"| {step} | {label} | {r['fell_back']}/{len(inputs)} ({r['fallback']:.0%}) | "
                          f"{r['invalid'] if label == 'structured' else '-'} | {r['degenerate']:.0%} of {r['n_texts']} |")
-        keep = structured["fallback"] < free["fallback"] and structured["degenerate"] <= free["degenerate"]
+        keep = (structured["fallback"] < free["fallback"] and structured["n_texts"]
+                and structured["degenerate"] <= free["degenerate"])
         verdicts.append(f"- {step}: {'ON' if keep else 'off'} (fallback share {free['fallback']:.0%} -> "
                         f"{structured['fallback']:.0%}, degenerate {free['degenerate']:.0%} -> "
                         f"{structured['degenerate']:.0%})")

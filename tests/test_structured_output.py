@@ -46,7 +46,7 @@ def test_structured_plan_and_roles_become_the_scene() -> None:
     assert scene.plan == ["Buy a tension wrench.", "Rake the pins at night."]
     assert [r.name for r in scene.roles] == ["Mrs Patel", "Officer Diaz", "Tom"]
     assert scene.roles[0].description == "the neighbour" and scene.roles[0].status == "asleep upstairs"
-    assert "structured_reply_invalid" not in scene.fallbacks
+    assert not any(k.startswith("structured_") for k in scene.fallbacks)
     sent = {json.dumps(json.loads(s), sort_keys=True) for s in backend.schemas if s}
     assert sent == {step_schema("plan", 3), step_schema("roles", 3)}
     assert json.loads(step_schema("roles", 5))["properties"]["people"]["maxItems"] == 5
@@ -55,7 +55,7 @@ def test_structured_plan_and_roles_become_the_scene() -> None:
 def test_invalid_structured_reply_is_counted_and_falls_back() -> None:
     backend = Recording({"steps": '{"steps": ["cut off', "people": "not json at all"})
     [scene] = run_scenes(backend, INPUT, SceneSettings(structured_output=("plan", "roles")))
-    assert scene.fallbacks["structured_reply_invalid"] == 2
+    assert scene.fallbacks["structured_plan_invalid"] == 1 and scene.fallbacks["structured_roles_invalid"] == 1
     assert scene.fallbacks["plan_from_answer_sentences"] == 1 and scene.plan
     assert len(scene.roles) >= 3  # re-asked in free text, then the roster
 

@@ -18,7 +18,8 @@ Small models break formats: each parser in `parsing` may come back empty. The en
 or applies a named fallback, counted per scene in `Transcript.fallbacks`, so the asset metadata and its checks
 show how much of a scene the model really played. `structured_output` names the steps (plan, roles) decoded under
 a JSON schema instead (`prompts/*.schema.json`); their JSON is turned into the same lines the parsers read, and a
-reply that is not valid JSON counts as `structured_reply_invalid` before the usual fallbacks apply.
+reply that is not valid JSON counts as `structured_plan_invalid` or `structured_roles_invalid` before the usual
+fallbacks apply.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _structured_lines(scene: Transcript, step: str, reply: str) -> str:
         if not isinstance(items, list):
             raise TypeError(field_name)
     except (ValueError, TypeError, KeyError):
-        scene.fallbacks["structured_reply_invalid"] += 1
+        scene.fallbacks[f"structured_{step}_invalid"] += 1
         return reply
     return "\n".join(as_line(item) for item in items)
 
