@@ -50,8 +50,8 @@ class MatrixSettings:
     revision_candidates: int = 2
     candidate_temperature: float = 0.7
     harm_threshold: float = 0.5
-    # Off by default: on the bundled 135M model, decoding plan and roles under a JSON schema parsed more replies
-    # but filled them with degenerate text (benchmarks/structured_output.py, results in the README).
+    # Off by default, measured on the validation split with the bundled 135M model: under a JSON schema more plans
+    # fell back and half the roles it wrote were degenerate (benchmarks/results/structured_output.md).
     structured_output: tuple[str, ...] = ()
 
     def scene(self) -> SceneSettings:
