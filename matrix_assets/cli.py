@@ -184,6 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("[matrix-assets] the data stages failed; see the log above. Nothing generated so far is lost: "
               "re-run to resume.")
         return 1
+    warnings = check_warnings(result)
     print("[matrix-assets] stage 2/2: training sets, LoRA checkpoints, judge validation, evaluation", flush=True)
     trained = _selection(args.methods, ("training_set", "checkpoint"))
     evaluation = [dg.AssetKey("judge_validation"), dg.AssetKey("evaluation_scores")]
@@ -194,9 +195,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not result.success:
         print("[matrix-assets] training/evaluation failed; see the log above.")
         return 1
+    warnings += check_warnings(result)
     print(f"\n[matrix-assets] finished in {time.perf_counter() - began:.0f} s\n")
     print(latest_table())
+    for line in warnings:
+        print(f"[matrix-assets] warning: {line}")
     return 0
+
+
+def check_warnings(result: Any) -> list[str]:
+    """One line per asset check of the run that did not pass (a model too weak to play its scenes, a regression of
+    the tuned model), so the summary under the table says what the table alone would hide."""
+    lines = []
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed:
+            continue
+        verdict = evaluation.metadata.get("verdict")
+        detail = verdict.value if verdict is not None else evaluation.description or "did not pass"
+        partition = f" ({evaluation.partition})" if getattr(evaluation, "partition", None) else ""
+        lines.append(f"{evaluation.asset_key.to_user_string()}{partition}, check {evaluation.check_name}: {detail}")
+    return lines
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

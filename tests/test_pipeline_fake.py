@@ -57,6 +57,10 @@ def test_garbage_model_output_never_crashes_and_the_check_says_the_model_did_not
     check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "model_played_the_scene")
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert "too weak to simulate" in check.metadata["verdict"].value
+    from matrix_assets.cli import check_warnings
+
+    [warning] = [w for w in check_warnings(result) if "model_played_the_scene" in w]
+    assert warning.startswith("matrix/scenes") and "too weak to simulate" in warning and "roles" in warning
     # No fixed text stands in for an unusable revision: the prompts are left out, and counted.
     revisions = result.asset_materializations_for_node("matrix__revisions")[0].metadata
     assert revisions["trained_on"].value == 0 and revisions["excluded/empty_revision"].value == 4
