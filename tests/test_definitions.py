@@ -89,7 +89,10 @@ def test_launchpad_defaults_are_the_quick_profile_and_paper_jobs_carry_the_paper
         for stage in method.stages:
             defaults = stage_config(method.name, stage.name)()
             quick = dataclasses.asdict(method.settings)
-            assert {k: getattr(defaults, k) for k in stage.settings} == {k: quick[k] for k in stage.settings}
+            # Dagster config holds sequences as lists; the settings dataclasses as tuples.
+            launchpad = {k: getattr(defaults, k) for k in stage.settings}
+            assert {k: tuple(v) if isinstance(v, list) else v for k, v in launchpad.items()} == {
+                k: quick[k] for k in stage.settings}
     paper = profile_run_config("paper", partitioned=True)["ops"]
     assert paper["matrix__scenes"]["config"]["n_roles"] == 5 and paper["matrix__scenes"]["config"]["max_rounds"] == 5
     assert paper["matrix__scenes"]["config"]["max_prompts"] is None
