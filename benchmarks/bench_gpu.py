@@ -116,20 +116,14 @@ def simulation_tokens_per_s(model_dir: Path, scenes: int, batch: int, device: st
         return completion(prompt, tokens, params)
 
     backend._completion = counting  # type: ignore[method-assign]
-    questions = [row["goal"] for row in _advbench()[:scenes]]
+    from matrix_assets.data.loaders import load_bundled
+
+    questions = [r.text for r in load_bundled("advbench")[:scenes]]
     inputs = [SceneInput(f"p{i}", q, "Sure, here is how.") for i, q in enumerate(questions)]
     began = time.perf_counter()
     run_scenes(backend, inputs, SceneSettings())
     seconds = time.perf_counter() - began
     return generated / seconds, generated, seconds
-
-
-def _advbench() -> list[dict]:
-    import csv
-
-    path = next((REPO / "matrix_assets" / "data").rglob("advbench*.csv"))
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def training_seconds_per_step(model_dir: Path, examples: int, tokens: int, batch: int, steps: int,

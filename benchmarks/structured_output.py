@@ -20,37 +20,24 @@ and does not raise the degenerate share. Usage:
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import validation_split  # noqa: F401  (first: the offline environment and the repository on sys.path)
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from validation_split import (  # noqa: E402
+    ANSWER_TOKENS, FIRST_VALIDATION, MODEL, REPO, log, open_store, validation_prompts,
+)
 
 from matrix_assets.llm.transformers_backend import TransformersBackend  # noqa: E402
 from matrix_assets.methods.base import answer_directly  # noqa: E402
 from matrix_assets.methods.matrix import QUICK  # noqa: E402
 from matrix_assets.methods.matrix.engine import PLANNING_FALLBACKS, run_scenes  # noqa: E402
 from matrix_assets.methods.matrix.scene import SceneInput, Transcript  # noqa: E402
-from matrix_assets.store.db import Store  # noqa: E402
 from matrix_assets.store.generation_cache import CachedBackend  # noqa: E402
-from matrix_assets.store.prompt_sets import load_prompt_set  # noqa: E402
-
-MODEL = "smollm2-135m-instruct"
-QUICK_PROMPTS, SEED_PROMPTS = 9, 18  # the quick run's prompts and Stable Alignment's seed prompts come first
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def degenerate(text: str) -> bool:
@@ -89,12 +76,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "structured_output.md")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    store = Store(f"sqlite:///{args.out.parent / 'tuning.db'}")  # shares the tuning script's cache
-    load_prompt_set(store, "advbench")
-    start = QUICK_PROMPTS + SEED_PROMPTS
-    validation = store.train_prompts("advbench")[start : start + args.validation]
+    store = open_store(args.out.parent)  # shares the tuning script's cache
+    start = FIRST_VALIDATION
+    validation = validation_prompts(store, args.validation)
     llm = CachedBackend(TransformersBackend(MODEL, batch_size=16), store)
-    answers = answer_directly(llm, [p.text for p in validation], 128)
+    answers = answer_directly(llm, [p.text for p in validation], ANSWER_TOKENS)
     inputs = [SceneInput(p.prompt_id, p.text, a) for p, a in zip(validation, answers)]
     runs: dict[str, list[Transcript]] = {}
     for label, structured in (("free text", ()), ("structured", ("plan", "roles"))):

@@ -21,10 +21,7 @@ benchmarks/results/tuning.db, so a re-run only pays for what changed.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import validation_split  # noqa: F401  (first: the offline environment and the repository on sys.path)
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -33,9 +30,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from validation_split import (  # noqa: E402
+    ANSWER_TOKENS, FIRST_VALIDATION, MODEL, QUICK_PROMPTS, REPO, log, open_store, validation_prompts,
+)
 
 from matrix_assets.evaluation.refusal import default_judge  # noqa: E402
 from matrix_assets.llm.models import resolve_model_path  # noqa: E402
@@ -47,20 +44,12 @@ from matrix_assets.methods.matrix.revision import RevisionInput, critique_scenes
 from matrix_assets.methods.matrix.scene import SceneInput  # noqa: E402
 from matrix_assets.store.db import Store  # noqa: E402
 from matrix_assets.store.generation_cache import CachedBackend  # noqa: E402
-from matrix_assets.store.prompt_sets import load_prompt_set  # noqa: E402
-
-MODEL = "smollm2-135m-instruct"
-QUICK_PROMPTS, SEED_PROMPTS = 9, 18
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def matrix_targets(llm, prompts, k: int):  # noqa: ANN001, ANN201
     """The MATRIX pipeline on `prompts` (id, text) with k revision candidates: (results, items, seconds)."""
     began = time.perf_counter()
-    answers = answer_directly(llm, [t for _, t in prompts], 128)
+    answers = answer_directly(llm, [t for _, t in prompts], ANSWER_TOKENS)
     scenes = run_scenes(llm, [SceneInput(pid, t, a) for (pid, t), a in zip(prompts, answers)], QUICK.scene())
     settings = QUICK.revision()
     critiques = critique_scenes(llm, scenes, settings)
@@ -109,12 +98,10 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    store = Store(f"sqlite:///{args.out.parent / 'tuning.db'}")
-    load_prompt_set(store, "advbench")
-    train_split = store.train_prompts("advbench")
-    quick = [(p.prompt_id, p.text) for p in train_split[:QUICK_PROMPTS]]
-    start = QUICK_PROMPTS + SEED_PROMPTS
-    validation = [(p.prompt_id, p.text) for p in train_split[start : start + args.validation]]
+    store = open_store(args.out.parent)
+    quick = [(p.prompt_id, p.text) for p in store.train_prompts("advbench")[:QUICK_PROMPTS]]
+    validation = [(p.prompt_id, p.text) for p in validation_prompts(store, args.validation)]
+    start = FIRST_VALIDATION
     log(f"{len(validation)} validation prompts (training split positions {start}-{start + len(validation) - 1})")
     backend = TransformersBackend(MODEL, batch_size=8)
     llm = CachedBackend(backend, store)

@@ -88,3 +88,21 @@ def test_local_backend_decodes_valid_json_under_the_grammar(tiny_model_dir: str)
     [completion] = backend.generate([conversation], params)
     reply = json.loads(completion.text)  # a random-weight model, and still valid JSON of the schema
     assert set(reply) == {"steps"} and 1 <= len(reply["steps"]) <= 2
+
+
+def test_structured_steps_inside_the_live_refill_session(tiny_model_dir: str) -> None:
+    """In the local backend's live session, schema-constrained requests are decoded apart (under the grammar)
+    while free-text ones keep refill decoding; every scene still completes."""
+    from matrix_assets.llm.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(tiny_model_dir, device="cpu")
+    assert backend.decoding == "refill"
+    settings = SceneSettings(structured_output=("plan", "roles"), plan_tokens=24, action_tokens=8, max_rounds=1)
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        with pytest.raises(PermanentBackendError, match="needs xgrammar"):
+            run_scenes(backend, INPUT, settings)
+        return
+    [scene] = run_scenes(backend, INPUT, settings)
+    assert scene.plan and len(scene.roles) >= settings.min_roles and scene.n_rounds == 1

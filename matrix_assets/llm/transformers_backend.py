@@ -290,12 +290,9 @@ class TransformersBackend(ChatBackend):
         groups: dict[GenerationParams, list[Job]] = {}
         for job in structured:
             groups.setdefault(job.params, []).append(job)
-        for params, group in groups.items():
-            for start in range(0, len(group), self.batch_size):
-                chunk = group[start : start + self.batch_size]
-                completions = self.generate_encoded([self.encode(j.conversation) for j in chunk], params)
-                for job, completion in zip(chunk, completions):
-                    on_completion(job, completion)
+        for params, group in groups.items():  # a schema sends generate_streaming down the padded path
+            self.generate_streaming([j.conversation for j in group], params,
+                                    on_result=lambda i, c, group=group: on_completion(group[i], c))
 
     def _grammar_processor(self, json_schema: str) -> Any:
         """xgrammar's logits processor for a JSON schema (the library vLLM uses): at every step only tokens that
