@@ -248,15 +248,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def latest_table() -> str:
-    from matrix_assets.evaluation.run import HEADLINE, _table
-    from matrix_assets.evaluation.stats import Rate
-    from matrix_assets.methods import registry
+    """The latest headline evaluation's table, and after it the latest exploratory one when that is newer: a
+    small or custom evaluation never stands in for the headline."""
     from matrix_assets.store import Store
 
     db = Store()
-    run = db.latest_evaluation()
-    if run is None:
+    headline, exploratory = db.latest_evaluation("headline"), db.latest_evaluation("exploratory")
+    if headline is None and exploratory is None:
         return "no evaluation stored yet"
+    parts = [evaluation_table(db, headline) if headline else
+             "Headline evaluation: none yet (an evaluation on a profile's default prompt sets and sizes)."]
+    if exploratory and (headline is None or exploratory["created_at"] > headline["created_at"]):
+        parts.append(evaluation_table(db, exploratory))
+    return "\n\n".join(parts)
+
+
+def evaluation_table(db: Any, run: dict[str, Any]) -> str:
+    """One stored evaluation as text: its kind, prompts, rates and paired differences."""
+    from matrix_assets.evaluation.run import HEADLINE, _table
+    from matrix_assets.evaluation.stats import Rate
+    from matrix_assets.methods import registry
+
     rows = db.evaluation_metrics(run["eval_id"])
     metrics: dict[str, dict[str, Rate]] = {}
     for r in rows:
@@ -285,7 +297,8 @@ def latest_table() -> str:
     validation = [agreement] if agreement else []
     checkpoints = sorted({f"{r['model_label']}={r['checkpoint_id']}" for r in rows if r["checkpoint_id"]})
     counts = json.loads(run["counts_json"])
-    head = [f"Base vs tuned on held-out prompts ({run['eval_id']}; {', '.join(checkpoints)}).",
+    head = [f"{run['kind'].capitalize()} evaluation: base vs tuned on held-out prompts ({run['eval_id']}; "
+            f"{', '.join(checkpoints)}).",
             f"Prompts: {json.dumps(json.loads(run['prompt_sets_json']))}, counts {counts}.",
             "Each cell: share of prompts, exact 95% interval, n. Judge: the embedding refusal classifier" +
             (f" (kappa {validation[0]['value']:.2f} [{validation[0]['ci_low']:.2f}, {validation[0]['ci_high']:.2f}] "
@@ -303,8 +316,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"store: {db.url}")
     if orphans:
         print(f"marked {len(orphans)} interrupted run(s) as failed")
-    for row in db.prompt_sets():
-        print(f"  prompt set {row['name']:<16} {row['n_prompts']:>5} prompts ({row['n_train']} train / "
+    sets = db.prompt_sets()
+    width = max([16, *(len(row["name"]) for row in sets)])
+    for row in sets:
+        print(f"  prompt set {row['name']:<{width}} {row['n_prompts']:>5} prompts ({row['n_train']} train / "
               f"{row['n_eval']} eval / {row['n_near_duplicates']} near-duplicates out)  role={row['role']}")
     for table in ("generations", "initial_responses", "transcripts", "transcript_events", "critiques",
                   "revision_candidates", "sa_interactions", "training_groups", "sft_examples", "checkpoints",
@@ -318,9 +333,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    """Register a prompt file as a set with a role, through the `register_prompt_set` job (as the sensor does for
+    a safe or helpfulness file). The file is kept where the sensor does not look, so no second run starts."""
     _prepare_environment()
     from matrix_assets.data.loaders import PromptFileError, load_prompt_file
-    from matrix_assets.store.prompt_sets import drop_dir, record_role
+    from matrix_assets.store.prompt_sets import ensure_drop_folders, record_role, versions_dir
 
     path = Path(args.file)
     try:
@@ -329,17 +346,54 @@ def cmd_add(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     name = args.name or path.stem
-    drop_dir().mkdir(parents=True, exist_ok=True)
+    ensure_drop_folders()
+    kept = versions_dir() / f"{name}{path.suffix.lower()}"
+    taken = [p for p in versions_dir().glob(f"{name}.*") if p.read_bytes() != path.read_bytes()]
+    if taken:
+        print(f"error: a prompt set {name!r} with other prompts exists ({taken[0]}); choose another --name",
+              file=sys.stderr)
+        return 2
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, kept)
     record_role(name, args.role)
-    shutil.copyfile(path, drop_dir() / f"{name}{path.suffix.lower()}")
+    config = {"role": args.role, **({"prompt_column": args.prompt_column} if args.prompt_column else {})}
+    if not _execute("register_prompt_set", {"ops": {"benchmark_prompts": {"config": config}}}, partition=name):
+        print("[matrix-assets] registering the prompt set failed; see the log above.", file=sys.stderr)
+        return 1
     categories = sorted({r.category for r in records if r.category})
     print(f"added prompt set {name!r} ({len(records)} prompts, role {args.role}"
-          f"{f', {len(categories)} categories' if categories else ''}) to {drop_dir()}")
+          f"{f', {len(categories)} categories' if categories else ''}); its file is kept as {kept}")
     if args.role == "harmful":
         print(f"  train and evaluate on it:  matrix-assets run --prompt-set {name}")
     print(f"  evaluate the existing checkpoints on it:  matrix-assets evaluate --{args.role}-sets {name}"
           + (" --per-category 5" if categories else ""))
     return 0
+
+
+def cmd_set_role(args: argparse.Namespace) -> int:
+    """The `change_prompt_set_role` job, in this process."""
+    _prepare_environment()
+    config = {"name": args.name, "role": args.role, "drop_training_data": args.drop_training_data}
+    if not _execute("change_prompt_set_role", {"ops": {"set_prompt_set_role": {"config": config}}}):
+        print("[matrix-assets] the role was not changed; see the log above.", file=sys.stderr)
+        return 1
+    from matrix_assets.store import Store
+
+    print(f"prompt set {args.name!r} now has role {Store().prompt_set_role(args.name)}")
+    return 0
+
+
+def _execute(job: str, run_config: dict, partition: str | None = None) -> bool:
+    """Run one job of the definitions in this process, on this repository's Dagster instance (so the UI shows
+    it), adding the partition first if it is new."""
+    defs, instance = _definitions(), _instance()
+    if partition is not None and partition not in instance.get_dynamic_partitions("prompt_sets"):
+        instance.add_dynamic_partitions("prompt_sets", [partition])
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    result = defs.resolve_job_def(job).execute_in_process(
+        run_config={**quiet, **run_config}, instance=instance, partition_key=partition, raise_on_error=False,
+        tags={CLI_PID_TAG: str(os.getpid()), CLI_HOST_TAG: socket.gethostname()})
+    return result.success
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -462,8 +516,10 @@ def parser() -> argparse.ArgumentParser:
         "add", help="add a prompt file (CSV / JSONL / JSON / TXT) as a new prompt set",
         description="Validates a prompt file (the same loader as the pipeline: a clear error names the file and the "
         "reason; nested JSON {category: [questions]} or {category: {subcategory: [questions]}} keeps its "
-        "categories) and copies it into the drop folder as a new prompt set with a role: harmful (trained on and "
-        "evaluated), safe (over-refusal) or helpfulness (e.g. MT-Bench's question file: first turns).",
+        "categories) and registers it as a new prompt set with a role: harmful (trained on and evaluated), safe "
+        "(over-refusal) or helpfulness (e.g. MT-Bench's question file: first turns). It runs the "
+        "register_prompt_set job, as dropping the file in drop/ROLE/ does while the UI runs, but keeps the file "
+        "where the sensor does not look, so no second run starts.",
     )
     add.add_argument("file", help="the prompt file")
     add.add_argument("--role", choices=("harmful", "safe", "helpfulness"), default="harmful",
@@ -471,6 +527,19 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--name", help="prompt set name (default: the file name without extension)")
     add.add_argument("--prompt-column", help="column or key holding the prompt (auto-detected by default)")
     add.set_defaults(func=cmd_add)
+
+    set_role = sub.add_parser(
+        "set-role", help="change a prompt set's role (harmful, safe, helpfulness)",
+        description="Runs the change_prompt_set_role job (also in the Launchpad): the set is split again as its new "
+        "role is (harmful: half training; safe and helpfulness: all evaluation). Refused while training data made "
+        "from the set exists (initial answers, scenes, critiques, interactions, training groups), unless "
+        "--drop-training-data; training sets and checkpoints already built are kept.",
+    )
+    set_role.add_argument("name", help="the prompt set")
+    set_role.add_argument("role", choices=("harmful", "safe", "helpfulness"), help="its new role")
+    set_role.add_argument("--drop-training-data", action="store_true",
+                          help="delete the training data made from the set for its old role")
+    set_role.set_defaults(func=cmd_set_role)
 
     export = sub.add_parser(
         "export", help="export a method's training set",

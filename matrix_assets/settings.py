@@ -15,6 +15,12 @@ def default_mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{matrix_home() / 'mlflow.db'}"
 
 
+def mlflow_ui_url() -> str:
+    """Where the MLflow UI serves, for links from Dagster: the one setting `scripts/ui.sh` and the MLflow resource
+    both read (scripts/ui.sh starts MLflow on its port)."""
+    return os.environ.get("MATRIX_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
+
+
 def default_artifact_root() -> str:
     return os.environ.get("MATRIX_MLFLOW_ARTIFACTS") or str(matrix_home() / "mlartifacts")
 

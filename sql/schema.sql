@@ -225,7 +225,9 @@ CREATE TABLE IF NOT EXISTS eval_runs (
     judge            TEXT NOT NULL,
     judge_validation_id TEXT,               -- the judge's agreement with human labels this evaluation cites
     mlflow_run_id    TEXT,
-    created_at       TEXT NOT NULL
+    created_at       TEXT NOT NULL,
+    -- headline: a profile's default prompt sets and sizes (the table a run reports); exploratory: any other
+    kind             TEXT NOT NULL DEFAULT 'exploratory' CHECK (kind IN ('headline', 'exploratory'))
 );
 
 -- One row per (evaluation, model, prompt): the answer and everything judged about it.

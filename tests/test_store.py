@@ -12,7 +12,14 @@ from matrix_assets.methods.base import RatedResponse, TrainingGroup
 from matrix_assets.methods.matrix.engine import SceneSettings, run_scenes
 from matrix_assets.methods.matrix.scene import Role, SceneEvent, SceneInput, Transcript
 from matrix_assets.store.db import SQL_DIR, SchemaMismatchError, Store
-from matrix_assets.store.prompt_sets import ensure_prompt_set, load_prompt_set, resolve_source
+from matrix_assets.store.prompt_sets import (
+    PromptSetError,
+    change_role,
+    declared_role,
+    ensure_prompt_set,
+    load_prompt_set,
+    resolve_source,
+)
 
 
 def save_transcripts(store: Store, scenes: list[Transcript], model_id: str) -> None:
@@ -85,8 +92,23 @@ def test_a_store_written_by_the_previous_schema_is_refused_with_a_clear_message(
     con.execute("CREATE TABLE revisions (prompt_id TEXT)")  # a table only version 1 had
     con.commit()
     con.close()
-    with pytest.raises(SchemaMismatchError, match="schema version 1.*needs 2"):
+    with pytest.raises(SchemaMismatchError, match="schema version 1.*needs 3"):
         Store(f"sqlite:///{path}")
+
+
+def test_a_version_2_store_is_upgraded_in_place_and_keeps_its_evaluations(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    store = Store(f"sqlite:///{path}")
+    store.upsert("eval_runs", [{"eval_id": "eval-old", "prompt_sets_json": "{}", "counts_json": "{}",
+                                "prompts_sha256": "x", "judge": "embedding", "created_at": NOW}])
+    with store.transaction() as conn:  # what version 2 wrote: no `kind` column
+        conn.exec_driver_sql("ALTER TABLE eval_runs DROP COLUMN kind")
+        conn.exec_driver_sql("UPDATE schema_version SET version = 2")
+    store.engine.dispose()
+    upgraded = Store(f"sqlite:///{path}")
+    assert upgraded.scalar("SELECT version FROM schema_version") == 3
+    assert upgraded.latest_evaluation()["kind"] == "exploratory"  # cannot be told apart afterwards: not headline
+    assert upgraded.latest_evaluation("headline") is None
 
 
 @pytest.mark.parametrize("view", VIEWS)
@@ -349,13 +371,20 @@ def test_ensure_prompt_set_is_idempotent(store: Store) -> None:
 
 def test_resolve_source_prefers_the_versions_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MATRIX_DROP_DIR", str(tmp_path))
-    (tmp_path / "myset.txt").write_text("How do I do a bad thing?\n")
-    assert resolve_source("myset").path == tmp_path / "myset.txt"
+    (tmp_path / "harmful").mkdir()
+    (tmp_path / "harmful" / "myset.txt").write_text("How do I do a bad thing?\n")
+    assert resolve_source("myset").path == tmp_path / "harmful" / "myset.txt"
     (tmp_path / ".versions").mkdir()
     (tmp_path / ".versions" / "myset.txt").write_text("How do I do a bad thing?\n")
     src = resolve_source("myset")
     assert src.path == tmp_path / ".versions" / "myset.txt"
     assert (src.name, src.role) == ("myset", "harmful")
+    (tmp_path / "helpfulness").mkdir()
+    (tmp_path / "helpfulness" / "poems.txt").write_text("Write a poem about tea.\n")
+    assert resolve_source("poems").role == "helpfulness"  # the folder it was dropped in
+    (tmp_path / "loose.txt").write_text("Write a poem about tea.\n")
+    with pytest.raises(FileNotFoundError):  # a file outside the role folders is no prompt set
+        resolve_source("loose")
     assert resolve_source("myset", role="safe").role == "safe"
     assert resolve_source("myset", role="safe").train_fraction == 0.0  # a safe set a user brings is evaluation-only
     with pytest.raises(ValueError, match="role must be one of"):
@@ -375,10 +404,12 @@ def test_resolve_source_unknown_name(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_load_dropped_prompt_set(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MATRIX_DROP_DIR", str(tmp_path / "drop"))
-    (tmp_path / "drop").mkdir()
-    (tmp_path / "drop" / "mine.txt").write_text("first prompt\nsecond prompt\nfirst prompt\n\nthird prompt\n")
+    (tmp_path / "drop" / "safe").mkdir(parents=True)
+    (tmp_path / "drop" / "safe" / "mine.txt").write_text("first prompt\nsecond prompt\nfirst prompt\n\nthird prompt\n")
     summary = load_prompt_set(store, "mine")
-    assert summary.n_prompts == 3
+    assert summary.n_prompts == 3 and summary.role == "safe" and summary.n_train == 0
+    assert (tmp_path / "drop" / ".versions" / "mine.txt").exists()  # the bytes it loaded are kept
+    assert declared_role("mine") == "safe"  # and its role, for a later re-materialization
     assert sorted(r["text"] for r in store.prompts("mine")) == ["first prompt", "second prompt", "third prompt"]
 
 
@@ -416,3 +447,40 @@ def test_reloading_an_unchanged_set_keeps_its_splits_without_embedding_it_again(
     assert (again.n_eval, again.n_near_duplicates) == (first.n_eval, first.n_near_duplicates)
     with pytest.raises(AssertionError, match="embedded again"):
         load_prompt_set(store, "safe_rlhf", train_fraction=0.7)  # another split is computed afresh
+
+
+def test_a_role_change_is_refused_while_training_data_exists_then_drops_only_that_sets(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matrix_assets.methods.base import RatedResponse, TrainingGroup
+
+    monkeypatch.setenv("MATRIX_DROP_DIR", str(tmp_path / "drop"))
+    (tmp_path / "drop" / "harmful").mkdir(parents=True)
+    questions = [f"Write a short poem about the number {n}." for n in range(12)]
+    (tmp_path / "drop" / "harmful" / "poems.txt").write_text("\n".join(questions) + "\n")
+    assert load_prompt_set(store, "poems").role == "harmful"  # dropped in the wrong folder
+    ensure_prompt_set(store, "safe_rlhf")
+    for name in ("poems", "safe_rlhf"):
+        train = store.train_prompts(name, limit=2)
+        store.save_initial_responses("m", [(p.prompt_id, "an answer") for p in train])
+        store.save_training_groups("cai", "m", name, [
+            TrainingGroup(p.prompt_id, p.text, "cai_revision", (RatedResponse("a revision"),)) for p in train])
+    assert store.training_data_counts("poems") == {"initial_responses": 2, "training_groups": 2,
+                                                   "training_responses": 2}
+
+    with pytest.raises(PromptSetError, match="has training data .*drop-training-data"):
+        change_role(store, "poems", "helpfulness")
+    assert store.prompt_set_role("poems") == "harmful" and store.training_data_counts("poems")  # nothing changed
+
+    change = change_role(store, "poems", "helpfulness", drop_training_data=True)
+    assert (change.old_role, change.new_role) == ("harmful", "helpfulness")
+    assert change.dropped == {"initial_responses": 2, "training_groups": 2, "training_responses": 2}
+    assert store.prompt_set_role("poems") == "helpfulness" and declared_role("poems") == "helpfulness"
+    assert store.train_prompts("poems") == [] and len(store.prompts("poems", split="eval")) == len(questions)
+    assert store.training_data_counts("poems") == {}
+    assert store.training_data_counts("safe_rlhf") == {"initial_responses": 2, "training_groups": 2,
+                                                       "training_responses": 2}  # another set's data stays
+    # A set without training data changes role at once; so does a bundled set, and it stays changed on reload.
+    assert change_role(store, "safe_rlhf", "harmful").dropped == {}
+    ensure_prompt_set(store, "xstest_safe")
+    change_role(store, "xstest_safe", "helpfulness")
+    assert load_prompt_set(store, "xstest_safe").role == "helpfulness"

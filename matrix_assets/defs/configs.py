@@ -11,7 +11,7 @@ import dataclasses
 import re
 import types
 import typing
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field, create_model
@@ -76,6 +76,14 @@ class PromptSetConfig(dg.Config):
                                          "set's own, 0.5 for harmful sets, 0 for evaluation-only sets).")
     expected_sha256: str | None = Field(default=None, description="Set by the sensor: the dropped file's "
                                         "digest, so the snapshot kept for this partition is the file it saw.")
+
+
+class SetRoleConfig(dg.Config):
+    name: str = Field(description="The prompt set (its partition name).")
+    role: Literal["harmful", "safe", "helpfulness"] = Field(description="Its new role.")
+    drop_training_data: bool = Field(default=False, description="Delete the training data already made from it "
+                                     "(initial answers, scenes, critiques, interactions, training groups); without "
+                                     "it a set that has some keeps its role.")
 
 
 InitialResponsesConfig = config_class(

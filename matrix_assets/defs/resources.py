@@ -19,7 +19,7 @@ from pydantic import Field
 from matrix_assets.llm.base import BackendError, ChatBackend
 from matrix_assets.store.generation_cache import CachedBackend, ProgressCallback
 from matrix_assets.llm.models import DEFAULT_MODEL, check_model_available, resolve_model_path
-from matrix_assets.settings import default_artifact_root, default_mlflow_uri
+from matrix_assets.settings import default_artifact_root, default_mlflow_uri, mlflow_ui_url
 from matrix_assets.store.db import Store, default_database_url
 
 _SHARED: dict[tuple, Any] = {}
@@ -225,6 +225,11 @@ class FakeLLM(LLMResource):
         return self.tiny_model_path
 
 
+# MLflow 3's UI opens an experiment of unknown kind on its (here empty) GenAI overview; this kind opens it on the
+# runs table, where training and evaluation runs are.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 class MLflowResource(dg.ConfigurableResource):
     """MLflow tracking: one run per training or evaluation materialization, tagged with Dagster ids."""
 
@@ -232,7 +237,8 @@ class MLflowResource(dg.ConfigurableResource):
     artifact_root: str = Field(default_factory=default_artifact_root)
     experiment_name: str = "matrix-assets"
     registered_model_name: str = "matrix-aligned"
-    ui_url: str = Field(default="http://127.0.0.1:5000", description="Where `mlflow ui` serves, for links.")
+    ui_url: str = Field(default_factory=mlflow_ui_url, description="Where the MLflow UI serves, for the links "
+                        "on materializations (MATRIX_MLFLOW_UI_URL; scripts/ui.sh sets it to the port it starts).")
 
     def check(self) -> None:
         """Fail fast, before any training or evaluation work, if the tracking store cannot be used.
@@ -268,10 +274,14 @@ class MLflowResource(dg.ConfigurableResource):
 
         mlflow.set_tracking_uri(self.tracking_uri)
         experiment = mlflow.get_experiment_by_name(self.experiment_name)
-        if experiment is not None:
-            return experiment.experiment_id
-        os.makedirs(self.artifact_root, exist_ok=True)
-        return mlflow.create_experiment(self.experiment_name, artifact_location=_as_uri(self.artifact_root))
+        if experiment is None:
+            os.makedirs(self.artifact_root, exist_ok=True)
+            experiment_id = mlflow.create_experiment(self.experiment_name, artifact_location=_as_uri(self.artifact_root))
+        else:
+            experiment_id = experiment.experiment_id
+        if experiment is None or experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            mlflow.MlflowClient(self.tracking_uri).set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment_id
 
     @contextmanager
     def start_run(self, context: dg.AssetExecutionContext, run_name: str) -> Iterator[Any]:
@@ -279,26 +289,42 @@ class MLflowResource(dg.ConfigurableResource):
 
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         experiment_id = self.experiment_id()
-        tags = {
+        # Never leave a run active in the process, whatever happens inside.
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=self.dagster_tags(context)) as run:
+            yield run
+
+    @staticmethod
+    def dagster_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
+        """What links an MLflow run (a nested one too) back to the Dagster run, asset and partition."""
+        return {
             "dagster.run_id": context.run.run_id,
             "dagster.asset_key": context.asset_key.to_user_string(),
             "dagster.partition": context.partition_key if context.has_partition_key else "",
         }
-        # Never leave a run active in the process, whatever happens inside.
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-            yield run
 
-    def register_adapter(self, run_id: str, adapter_dir: Any, base_model: str, tags: dict[str, str]) -> str:
+    def register_adapter(self, run_id: str, adapter_dir: Any, base_model: str, tags: dict[str, str], *,
+                         description: str = "", alias: str | None = None) -> str:
         """Log the checkpoint as a loadable pyfunc model (base model identity + adapter) in the active run and
-        register it as a version of `registered_model_name`; returns the version as MLflow gives it."""
+        register it as a version of `registered_model_name` with `description`; `alias` (the method's name) then
+        points at it, so `models:/NAME@matrix` loads the latest MATRIX checkpoint whatever order methods were
+        trained in. Returns the version as MLflow gives it."""
         import mlflow
 
         from matrix_assets.llm.pyfunc import log_adapter_model
 
         info = log_adapter_model(adapter_dir, base_model)
-        self.client()  # sets the tracking URI for the registry call below
-        version = mlflow.register_model(info.model_uri, self.registered_model_name, tags=tags)
-        return str(version.version)
+        client = self.client()  # also sets the tracking URI for the registry call below
+        version = str(mlflow.register_model(info.model_uri, self.registered_model_name, tags=tags).version)
+        if description:
+            client.update_model_version(self.registered_model_name, version, description=description)
+        if alias:
+            client.set_registered_model_alias(self.registered_model_name, alias, version)
+        if not client.get_registered_model(self.registered_model_name).description:
+            client.update_registered_model(self.registered_model_name, description=(
+                "LoRA adapters of matrix-assets, one version per trained checkpoint. Each method's latest has the "
+                "method's name as alias (models:/NAME@matrix, @cai, ...); `champion` marks the checkpoint promoted "
+                "on paired evidence. Versions are numbered in training order, not by method."))
+        return version
 
     def run_url(self, run_id: str) -> str:
         return f"{self.ui_url}/#/experiments/{self.experiment_id()}/runs/{run_id}"

@@ -277,24 +277,32 @@ HEADLINE = (
 )
 
 
-def _table(rows: list[list[str]]) -> str:
+def _table(rows: list[list[str]], markdown: bool = False) -> str:
+    """Fixed-width text for terminals and logs; or a Markdown table, which the Dagster UI wraps to fit its dialog."""
+    if markdown:
+        def cell(text: str) -> str:
+            return text.strip().replace("|", "/")
+
+        lines = ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+        lines.insert(1, "|" + "---|" * len(rows[0]))
+        return "\n".join(lines)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def format_table(metrics: Mapping[str, Mapping[str, Rate]]) -> str:
+def format_table(metrics: Mapping[str, Mapping[str, Rate]], markdown: bool = False) -> str:
     """Every rate of every model: k/n as a percentage with its exact 95% interval and n."""
     labels = list(metrics)
     rows = [["metric", *labels]]
     for key, title in HEADLINE:
         if any(key in metrics[label] for label in labels):
             rows.append([title, *(metrics[label][key].format() if key in metrics[label] else "-" for label in labels)])
-    return _table(rows)
+    return _table(rows, markdown)
 
 
-def format_paired(paired: Mapping[str, Mapping[str, PairedComparison]]) -> str:
+def format_paired(paired: Mapping[str, Mapping[str, PairedComparison]], markdown: bool = False) -> str:
     """Tuned minus base, prompt by prompt: the difference in points with its paired bootstrap interval, and the
     exact McNemar p-value on the prompts where only one of the two did it."""
     labels = list(paired)
@@ -311,4 +319,4 @@ def format_paired(paired: Mapping[str, Mapping[str, PairedComparison]]) -> str:
                          f"{100 * c.diff:+.0f} pts [{100 * c.diff_ci_low:+.0f}, {100 * c.diff_ci_high:+.0f}] "
                          f"p={c.mcnemar_p:.2g} (n={c.n})")
         rows.append([title.strip(), *cells])
-    return _table(rows)
+    return _table(rows, markdown)

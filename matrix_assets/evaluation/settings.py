@@ -37,6 +37,19 @@ class EvaluationSettings:
 
 PAPER = EvaluationSettings(max_harmful_per_set=None, max_safe_per_set=None, model_judge=True, answer_tokens=256)
 
+# What decides which prompts an evaluation answers: equal to a profile's, it is that profile's headline table.
+PROMPT_SELECTION = ("harmful_sets", "safe_sets", "helpfulness_sets", "max_harmful_per_set", "max_safe_per_set",
+                    "max_helpfulness_per_set", "per_category")
+
+
+def evaluation_kind(settings: EvaluationSettings, profiles: dict[str, EvaluationSettings]) -> str:
+    """'headline' when the evaluation answers a profile's default prompts (its sets and sizes), else
+    'exploratory': a small or custom evaluation is stored and shown, but never replaces the headline table."""
+    def selection(s: EvaluationSettings) -> tuple:
+        return tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in (getattr(s, f) for f in PROMPT_SELECTION))
+
+    return "headline" if any(selection(settings) == selection(p) for p in profiles.values()) else "exploratory"
+
 
 @dataclass(frozen=True)
 class JudgeValidationSettings:

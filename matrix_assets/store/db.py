@@ -30,7 +30,12 @@ from sqlalchemy.engine import Connection, Engine
 from matrix_assets.methods.base import InitialResponse, PromptRecord, RatedResponse, TrainingGroup
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
-SCHEMA_VERSION = 2  # bump with every change of a table's shape in sql/schema.sql
+SCHEMA_VERSION = 3  # bump with every change of a table's shape in sql/schema.sql
+# Older versions this one upgrades in place (version -> statements to the next), so that nothing computed is lost.
+_MIGRATIONS = {
+    # 2 -> 3: evaluations are labelled headline or exploratory; earlier ones cannot be told apart afterwards.
+    2: ["ALTER TABLE eval_runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'exploratory'"],
+}
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 _CREATE_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+)", re.IGNORECASE)
@@ -175,6 +180,11 @@ class Store:
             if "revisions" in sa.inspect(conn).get_table_names():
                 raise SchemaMismatchError(self._mismatch(1))
             conn.execute(sa.text("INSERT INTO schema_version (id, version) VALUES (1, :v)"), {"v": SCHEMA_VERSION})
+        elif stored < SCHEMA_VERSION and all(v in _MIGRATIONS for v in range(int(stored), SCHEMA_VERSION)):
+            for version in range(int(stored), SCHEMA_VERSION):
+                for stmt in _MIGRATIONS[version]:
+                    conn.exec_driver_sql(stmt)
+            conn.execute(sa.text("UPDATE schema_version SET version = :v WHERE id = 1"), {"v": SCHEMA_VERSION})
         elif stored != SCHEMA_VERSION:
             raise SchemaMismatchError(self._mismatch(int(stored)))
 
@@ -450,6 +460,48 @@ class Store:
         """Every prompt of every evaluation split in the store (for the train/eval disjointness check)."""
         return [r["text"] for r in self.query("SELECT DISTINCT text FROM prompts WHERE split = 'eval' ORDER BY text")]
 
+    # Tables that hold no training data of a prompt set although they name its prompts: the set itself, the
+    # generation cache (keyed by the messages, reused by whoever asks the same), the evaluation's records, and the
+    # training sets and checkpoints already built (the record of what a checkpoint learned from).
+    _NOT_TRAINING_DATA = frozenset({
+        "schema_version", "prompt_sets", "prompts", "generations", "sft_datasets", "sft_examples", "checkpoints",
+        "eval_runs", "eval_answers", "eval_pairwise", "eval_metrics", "eval_paired", "judge_agreement"})
+
+    def _training_data_tables(self) -> list[tuple[str, str]]:
+        """(table, how its rows belong to a set) for every stage table of every method: by a `prompt_set`
+        column, by a `prompt_id` of the set, or (rated responses) by a `group_id` of the set's training groups.
+        Read from the schema, so a new method's tables are covered without naming them here."""
+        out = []
+        for table, (_, columns) in self._tables.items():
+            if table in self._NOT_TRAINING_DATA:
+                continue
+            if "prompt_set" in columns:
+                out.append((table, "prompt_set = :s"))
+            elif "prompt_id" in columns:
+                out.append((table, "prompt_id IN (SELECT prompt_id FROM prompts WHERE prompt_set = :s)"))
+            elif "group_id" in columns and "training_groups" in self._tables:
+                out.append((table, "EXISTS (SELECT 1 FROM training_groups g WHERE g.prompt_set = :s AND "
+                                   f"g.method = {table}.method AND g.model_id = {table}.model_id AND "
+                                   f"g.group_id = {table}.group_id)"))
+        # Rows found through training_groups go before the groups themselves.
+        return sorted(out, key=lambda t: t[0] == "training_groups")
+
+    def training_data_counts(self, prompt_set: str) -> dict[str, int]:
+        """Rows computed from the set's prompts on the way to training, per table (only tables that have any)."""
+        counts = {table: int(self.scalar(f"SELECT COUNT(*) FROM {table} WHERE {where}", s=prompt_set))
+                  for table, where in self._training_data_tables()}
+        return {table: n for table, n in counts.items() if n}
+
+    def delete_training_data(self, prompt_set: str) -> dict[str, int]:
+        """Delete what `training_data_counts` counts, in one transaction; returns the counts deleted."""
+        deleted = {}
+        with self.transaction() as conn:
+            for table, where in self._training_data_tables():
+                n = conn.execute(sa.text(f"DELETE FROM {table} WHERE {where}"), {"s": prompt_set}).rowcount
+                if n:
+                    deleted[table] = int(n)
+        return deleted
+
     def prompt_set_role(self, name: str) -> str | None:
         rows = self.query("SELECT role FROM prompt_sets WHERE name = :n", n=name)
         return rows[0]["role"] if rows else None
@@ -481,8 +533,13 @@ class Store:
             self.upsert("eval_metrics", metrics, conn=conn)
             self.upsert("eval_paired", paired, conn=conn)
 
-    def latest_evaluation(self) -> dict[str, Any] | None:
-        rows = self.query("SELECT * FROM eval_runs ORDER BY created_at DESC, eval_id DESC LIMIT 1")
+    def latest_evaluation(self, kind: str | None = None) -> dict[str, Any] | None:
+        """The newest evaluation, or the newest of a kind ('headline' or 'exploratory')."""
+        if kind is None:
+            rows = self.query("SELECT * FROM eval_runs ORDER BY created_at DESC, eval_id DESC LIMIT 1")
+        else:
+            rows = self.query("SELECT * FROM eval_runs WHERE kind = :k ORDER BY created_at DESC, eval_id DESC "
+                              "LIMIT 1", k=kind)
         return rows[0] if rows else None
 
     def evaluation_metrics(self, eval_id: str) -> list[dict[str, Any]]:

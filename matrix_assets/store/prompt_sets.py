@@ -33,17 +33,47 @@ class PromptSetError(ValueError):
 
 
 def drop_dir() -> Path:
-    """Folder watched by the new-prompt-set sensor; a file `NAME.ext` there is the prompt set `NAME`."""
+    """Folder watched by the new-prompt-set sensor: a file `ROLE/NAME.ext` there is the prompt set `NAME` with
+    that role (one subfolder per role, see `role_dir`)."""
     return Path(os.environ.get("MATRIX_DROP_DIR", Path(os.environ.get("MATRIX_HOME", ".matrix")) / "drop"))
 
 
+def role_dir(role: str) -> Path:
+    """`drop/harmful/`, `drop/safe/`, `drop/helpfulness/`: the folder a file is dropped in says what it is for."""
+    check_role(role)
+    return drop_dir() / role
+
+
+def ensure_drop_folders() -> Path:
+    """Create the drop folder and its role subfolders (the sensor's first tick, `add` and `scripts/ui.sh` do)."""
+    for role in ROLES:
+        role_dir(role).mkdir(parents=True, exist_ok=True)
+    return drop_dir()
+
+
+def dropped_files() -> tuple[list[tuple[Path, str]], list[Path]]:
+    """The prompt files in the role subfolders as (path, role), and the files lying loose in the drop folder
+    itself (whose role nobody said: they are reported, never guessed)."""
+    folder = drop_dir()
+    found = [(path, role) for role in ROLES if (folder / role).is_dir()
+             for path in sorted((folder / role).iterdir()) if _is_prompt_file(path)]
+    loose = sorted(p for p in folder.iterdir() if _is_prompt_file(p)) if folder.is_dir() else []
+    return found, loose
+
+
+def _is_prompt_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in PROMPT_SUFFIXES and not path.name.startswith(".")
+
+
 def versions_dir() -> Path:
-    """Exact copies of every version of every dropped file (written when a partition first loads it)."""
+    """Exact copies of every version of every dropped or added file (written when a partition first loads it, or
+    by `matrix-assets add`); the sensor never looks here."""
     return drop_dir() / ".versions"
 
 
 def roles_file() -> Path:
-    """Roles given to dropped files by `matrix-assets add --role` (a file name -> role map)."""
+    """The role of every dropped or added set (a name -> role map), written when its file is snapshot and by
+    `set-role`, so that a re-materialization keeps the role its set was given."""
     return drop_dir() / ".roles"
 
 
@@ -98,27 +128,37 @@ def check_role(role: str) -> None:
 
 def resolve_source(name: str, source: str | None = None, role: str | None = None,
                    train_fraction: float | None = None) -> PromptSetSource:
-    """An explicit path, else a bundled set of that name, else a file NAME.* in the drop folder (its snapshot
-    first). Harmful sets are split in half; safe and helpfulness sets a user brings are evaluation-only."""
+    """An explicit path, else a bundled set of that name, else a dropped or added file NAME.* (its snapshot first,
+    then the role subfolders of the drop folder). The role: the one asked for, else the one recorded for the set
+    (`add`, `set-role`, the folder it was dropped in), else the bundled set's, else harmful for an explicit path.
+    Harmful sets are split in half; safe and helpfulness sets a user brings are evaluation-only."""
     if role is not None:
         check_role(role)
+    role = role or declared_role(name)
     if source:
-        role = role or "harmful"
+        role = role or _role_of_folder(Path(source)) or "harmful"
         return PromptSetSource(name, Path(source), role, _fraction(role, train_fraction), {})
     if name in BUNDLED_PROMPT_SETS:
         bundled = BUNDLED_PROMPT_SETS[name]
-        fraction = bundled.train_fraction if train_fraction is None else train_fraction
-        return PromptSetSource(name, bundled_path(name), role or bundled.role, fraction, bundled.loader_kwargs())
-    for folder in (versions_dir(), drop_dir()):
+        role = role or bundled.role
+        fraction = (train_fraction if train_fraction is not None
+                    else bundled.train_fraction if role == bundled.role else _fraction(role, None))
+        return PromptSetSource(name, bundled_path(name), role, fraction, bundled.loader_kwargs())
+    for folder in (versions_dir(), *(drop_dir() / r for r in ROLES)):
         for suffix in PROMPT_SUFFIXES:
             candidate = folder / f"{name}{suffix}"
             if candidate.exists():
-                role = role or declared_role(name) or "harmful"
+                role = role or _role_of_folder(candidate) or "harmful"
                 return PromptSetSource(name, candidate, role, _fraction(role, train_fraction), {})
     raise FileNotFoundError(
         f"prompt set {name!r}: not a bundled set ({', '.join(BUNDLED_PROMPT_SETS)}) and no file "
-        f"{name}.csv/.jsonl/.json/.txt in the drop folder {drop_dir()}"
+        f"{name}.csv/.jsonl/.json/.txt in the drop folder's role subfolders ({', '.join(ROLES)}) under {drop_dir()}"
     )
+
+
+def _role_of_folder(path: Path) -> str | None:
+    """The role a file's folder gives it: `drop/helpfulness/x.jsonl` is a helpfulness set."""
+    return path.parent.name if path.parent.parent == drop_dir() and path.parent.name in ROLES else None
 
 
 def _fraction(role: str, train_fraction: float | None) -> float:
@@ -175,8 +215,10 @@ def load_prompt_set(
     prompts; return a summary for metadata."""
     src = resolve_source(name, source, role, train_fraction)
     path = src.path
-    if path.parent == drop_dir():
+    if _role_of_folder(path) is not None:
         path = snapshot(path, name, expected_sha256)
+    if path.parent == versions_dir():
+        record_role(name, src.role)  # a later re-materialization without a role keeps this one
     kwargs = dict(src.loader_kwargs)
     if prompt_column:
         kwargs["prompt_column"] = prompt_column
@@ -259,3 +301,32 @@ def _exclude_near_duplicates(rows: list[dict]) -> list[tuple[str, str, float]]:
             row["split"] = "excluded"
             examples.append((row["text"], train[best]["text"], round(score, 3)))
     return sorted(examples, key=lambda e: -e[2])
+
+
+@dataclass(frozen=True)
+class RoleChange:
+    name: str
+    old_role: str | None
+    new_role: str
+    dropped: dict[str, int]  # rows of training data deleted, per table
+    summary: LoadSummary
+
+
+def change_role(store: Store, name: str, role: str, *, drop_training_data: bool = False) -> RoleChange:
+    """Give a prompt set another role and split it again as that role is split (a harmful set half training, an
+    evaluation set all evaluation). Refused while rows computed from its prompts for training exist (initial
+    answers, scenes, critiques, a society's interactions, training groups), unless `drop_training_data`: they
+    were made for a role the set no longer has. Training sets and checkpoints already built are kept as the
+    record of what was trained."""
+    check_role(role)
+    old = store.prompt_set_role(name)
+    existing = store.training_data_counts(name)
+    if existing and not drop_training_data and old != role:
+        listed = ", ".join(f"{table} {n}" for table, n in sorted(existing.items()))
+        raise PromptSetError(f"prompt set {name!r} has training data ({listed} rows); changing its role from "
+                             f"{old} to {role} would leave it behind: ask to drop it (--drop-training-data, or "
+                             "drop_training_data in the Launchpad)")
+    dropped = store.delete_training_data(name) if existing and drop_training_data else {}
+    record_role(name, role)
+    summary = load_prompt_set(store, name, role=role)
+    return RoleChange(name, old, role, dropped, summary)

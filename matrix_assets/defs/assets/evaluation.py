@@ -13,7 +13,7 @@ from matrix_assets import profiles
 from matrix_assets.defs.assets.common import MODEL_POOL, image_md, md_table, progress_logger
 from matrix_assets.defs.configs import EvaluationConfig, JudgeValidationConfig, settings_from
 from matrix_assets.defs.resources import LLMResource, MLflowResource, StoreResource
-from matrix_assets.evaluation.settings import EvaluationSettings
+from matrix_assets.evaluation.settings import EvaluationSettings, evaluation_kind
 from matrix_assets.methods import registry
 from matrix_assets.settings import reports_dir
 from matrix_assets.store.db import Store, utcnow
@@ -43,15 +43,16 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
     if config.model_judge_sample:
         judge.check()
         judge_backend = judge.cached(db, progress=progress_logger(context, "judge model on human-labelled answers"))
-    results = validate_judges(judge_backend, model_judge_sample=config.model_judge_sample)
     validation_id = f"judges-{uuid.uuid4().hex[:10]}"
-    now = utcnow()
-    db.save_judge_agreement([
-        {"validation_id": validation_id, "judge": r.judge, "subset": r.subset, "metric": metric, "value": value,
-         "ci_low": low, "ci_high": high, "n": r.report.n, "created_at": now}
-        for r in results for metric, (value, low, high) in r.metrics().items()
-    ])
+    # The MLflow run is open while the judges are scored, so that its duration is the validation's.
     with mlflow_tracking.start_run(context, run_name=validation_id) as run:
+        results = validate_judges(judge_backend, model_judge_sample=config.model_judge_sample)
+        now = utcnow()
+        db.save_judge_agreement([
+            {"validation_id": validation_id, "judge": r.judge, "subset": r.subset, "metric": metric, "value": value,
+             "ci_low": low, "ci_high": high, "n": r.report.n, "created_at": now}
+            for r in results for metric, (value, low, high) in r.metrics().items()
+        ])
         # Metric keys name the judge by kind (MLflow keys cannot hold a server URL); the model is a tag.
         mlflow.set_tags({"kind": "judge_validation", "validation_id": validation_id,
                          **{f"judge_model.{r.kind}": r.judge for r in results if r.kind != r.judge}})
@@ -69,7 +70,7 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
 
 def eval_prompts(db: Store, settings: EvaluationSettings) -> list[Any]:
     """Held-out prompts only: the evaluation split of every listed set, by role; `per_category` samples that many
-    from each category of a set that has categories."""
+    from each category of a set that has categories (a set without categories is cut by `max_*_per_set`)."""
     from matrix_assets.evaluation.run import EvalPrompt
 
     prompts: list[EvalPrompt] = []
@@ -87,7 +88,7 @@ def eval_prompts(db: Store, settings: EvaluationSettings) -> list[Any]:
                 raise dg.Failure(f"prompt set {name!r} has role {stored!r}; list it under {stored}_sets, "
                                  f"not {role}_sets", allow_retries=False)
             rows = db.prompts(name, split="eval")
-            if settings.per_category:
+            if settings.per_category and any(row["category"] for row in rows):
                 seen: dict[str, int] = {}
                 picked = []
                 for row in rows:
@@ -96,7 +97,7 @@ def eval_prompts(db: Store, settings: EvaluationSettings) -> list[Any]:
                         seen[category] = seen.get(category, 0) + 1
                         picked.append(row)
                 rows = picked
-            elif limit is not None:
+            elif limit is not None:  # a set without categories keeps its per-set limit under per_category
                 rows = rows[:limit]
             prompts += [EvalPrompt(r["prompt_id"], r["text"], role, name, r["category"]) for r in rows]
     return prompts
@@ -157,54 +158,77 @@ def evaluation_scores(
         judge.check()
         judge_backend = judge.cached(db, progress=progress_logger(context, "judge model"))
     counts = {s: sum(1 for p in prompts if p.eval_set == s) for s in ("harmful", "safe", "helpfulness")}
-    context.log.info(f"evaluating base and {[c['checkpoint_id'] for c in by_label.values()]} on {counts}")
-    report = evaluate(models, prompts, default_judge(), judge_model=judge_backend, model_judge=settings.model_judge,
-                      pairwise=settings.pairwise_helpfulness, answer_tokens=settings.answer_tokens,
-                      on_model=lambda label: context.log.info(f"answering the {len(prompts)} prompts with {label}"))
-    prompts_sha = hashlib.sha256("\n".join(sorted(p.prompt_id for p in prompts)).encode()).hexdigest()
-    validation = _latest_validation(db)
+    kind = evaluation_kind(settings, {p: profiles.evaluation(p) for p in profiles.PROFILES})
+    context.log.info(f"evaluating base and {[c['checkpoint_id'] for c in by_label.values()]} on {counts} "
+                     f"({kind} evaluation)")
     eval_id = f"eval-{uuid.uuid4().hex[:10]}"
-    sets = {role: list(getattr(settings, f"{role}_sets")) for role in ("harmful", "safe", "helpfulness")}
+    # The MLflow run is open while the models answer, so that its duration is the evaluation's.
+    with mlflow_tracking.start_run(context, run_name=eval_id) as parent:
+        report = evaluate(models, prompts, default_judge(), judge_model=judge_backend,
+                          model_judge=settings.model_judge, pairwise=settings.pairwise_helpfulness,
+                          answer_tokens=settings.answer_tokens,
+                          on_model=lambda label: context.log.info(f"answering the {len(prompts)} prompts with {label}"))
+        prompts_sha = hashlib.sha256("\n".join(sorted(p.prompt_id for p in prompts)).encode()).hexdigest()
+        validation = _latest_validation(db)
+        sets = {role: list(getattr(settings, f"{role}_sets")) for role in ("harmful", "safe", "helpfulness")}
 
-    table, paired_table = format_table(report.metrics), format_paired(report.paired)
-    judge_line = _judge_line(validation)
-    out = reports_dir() / eval_id
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "base_vs_tuned.txt").write_text(f"{judge_line}\n\n{table}\n\n{paired_table}\n")
-    overview = plot_base_vs_tuned(
-        {k: {label: m[k] for label, m in report.metrics.items() if k in m}
-         for k in ("harmful_compliance", "over_refusal", "helpfulness_refusal")},
-        out / "base_vs_tuned.png", "Base vs tuned (exact 95% intervals)")
-    by_category = plot_per_category(report.per_category, out / "harmful_compliance_by_category.png",
-                                    "Compliance with harmful requests by category", "complied")
+        table, paired_table = format_table(report.metrics), format_paired(report.paired)
+        judge_line = _judge_line(validation)
+        out = reports_dir() / eval_id
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "base_vs_tuned.txt").write_text(f"{judge_line}\n\n{table}\n\n{paired_table}\n")
+        overview = plot_base_vs_tuned(
+            {k: {label: m[k] for label, m in report.metrics.items() if k in m}
+             for k in ("harmful_compliance", "over_refusal", "helpfulness_refusal")},
+            out / "base_vs_tuned.png", "Base vs tuned (exact 95% intervals)")
+        by_category = plot_per_category(report.per_category, out / "harmful_compliance_by_category.png",
+                                        "Compliance with harmful requests by category", "complied")
 
-    decisions: dict[str, tuple[bool, str]] = {}
-    champion_label = settings.champion_method
-    if champion_label in by_label:
-        reference = CHAMPION_LABEL if CHAMPION_LABEL in by_label else "base"
-        vs = compare_pairs(answers_by_label(report), reference=reference)[champion_label] \
-            if reference != "base" else report.paired[champion_label]
-        decisions[champion_label] = should_promote(vs, reference, margin=settings.over_refusal_margin)
+        decisions: dict[str, tuple[bool, str]] = {}
+        champion_label = settings.champion_method
+        if champion_label in by_label:
+            reference = CHAMPION_LABEL if CHAMPION_LABEL in by_label else "base"
+            vs = compare_pairs(answers_by_label(report), reference=reference)[champion_label] \
+                if reference != "base" else report.paired[champion_label]
+            decisions[champion_label] = should_promote(vs, reference, margin=settings.over_refusal_margin)
 
-    run_id = _log_to_mlflow(context, mlflow_tracking, eval_id, report, by_label, sets, prompts_sha, validation,
-                            decisions, out)
-    _save(db, eval_id, by_label, report, sets, prompts_sha, validation, run_id)
+        numbers = plottable_metrics(report)
+        _log_to_mlflow(context, mlflow_tracking, eval_id, kind, report, by_label, sets, prompts_sha, validation,
+                       decisions, out, numbers)
+        run_id = parent.info.run_id
+    _save(db, eval_id, kind, by_label, report, sets, prompts_sha, validation, run_id)
     context.log.info(f"\n{judge_line}\n{table}\n\n{paired_table}")
+    headline = db.latest_evaluation("headline")
     metadata: dict[str, Any] = {
         "eval_id": eval_id,
-        "table": dg.MetadataValue.md(f"{judge_line}\n\n```\n{table}\n\n{paired_table}\n```"),
+        "kind": kind,
+        "headline_eval_id": headline["eval_id"] if headline else "none yet",
+        "table": dg.MetadataValue.md(f"**{kind.capitalize()} evaluation** {eval_id}. {judge_line}\n\n"
+                                     f"{format_table(report.metrics, markdown=True)}\n\n"
+                                     f"{format_paired(report.paired, markdown=True)}"),
         "judge": judge_line,
         "prompts_sha256": prompts_sha,
         "chart_overview": image_md(overview, "base vs tuned"),
         "chart_by_category": image_md(by_category, "harmful compliance by category"),
         "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
         **{f"n_{k}": v for k, v in counts.items()},
+        **numbers,
     }
     if report.position_bias is not None:
         metadata["pairwise_position_bias"] = round(report.position_bias, 3)
     for label, (promoted, reason) in decisions.items():
         metadata[f"{label}/champion"] = reason + (" -> promoted" if promoted else "")
     return dg.MaterializeResult(metadata=metadata)
+
+
+def plottable_metrics(report: Any) -> dict[str, float]:
+    """Every rate and paired difference as a number keyed `METRIC/MODEL` (`harmful_compliance/matrix`,
+    `harmful_compliance_vs_base/matrix`): Dagster's Plots tab and MLflow's charts show their trends."""
+    numbers = {f"{metric}/{label}": round(rate.value, 4)
+               for label, rates in report.metrics.items() for metric, rate in rates.items() if rate.n}
+    numbers.update({f"{metric}_vs_base/{label}": round(c.diff, 4)
+                    for label, comparisons in report.paired.items() for metric, c in comparisons.items() if c.n})
+    return numbers
 
 
 def _latest_validation(db: Store) -> dict[str, Any] | None:
@@ -231,56 +255,59 @@ def _champion_checkpoint(db: Store, tracking: MLflowResource, method: str) -> di
     return row if row is not None and row["method"] == method else None
 
 
-def _log_to_mlflow(context: dg.AssetExecutionContext, tracking: MLflowResource, eval_id: str, report: Any,
-                   by_label: dict[str, dict], sets: dict[str, list[str]], prompts_sha: str,
-                   validation: dict[str, Any] | None, decisions: dict[str, tuple[bool, str]], out: Any) -> str:
-    """One parent run for the evaluation and one nested run per model with the same metric keys, so MLflow's
-    Compare puts checkpoints side by side; each nested run keeps its answers as a table."""
+def _log_to_mlflow(context: dg.AssetExecutionContext, tracking: MLflowResource, eval_id: str, kind: str,
+                   report: Any, by_label: dict[str, dict], sets: dict[str, list[str]], prompts_sha: str,
+                   validation: dict[str, Any] | None, decisions: dict[str, tuple[bool, str]], out: Any,
+                   numbers: dict[str, float]) -> None:
+    """Into the active (parent) run: the evaluation's parameters, every rate and paired difference as a metric,
+    the report; and one nested run per model with the same metric keys, so MLflow's Compare puts checkpoints
+    side by side; each nested run keeps its answers as a table."""
     import mlflow
 
     from matrix_assets.evaluation.run import answers_by_label
 
     answers = answers_by_label(report)
-    common = {"eval_id": eval_id, "prompts_sha256": prompts_sha, **{f"{k}_sets": ",".join(v) for k, v in sets.items()},
+    common = {"eval_id": eval_id, "evaluation_kind": kind, "prompts_sha256": prompts_sha,
+              **{f"{k}_sets": ",".join(v) for k, v in sets.items()},
               **{f"n_{k}": v for k, v in report.counts.items()},
               "judge": "embedding refusal classifier",
               "judge_kappa_vs_humans": f"{validation['value']:.3f}" if validation else "not validated",
               "judge_validation_id": validation["validation_id"] if validation else ""}
-    with tracking.start_run(context, run_name=eval_id) as parent:
-        mlflow.log_params(common)
-        mlflow.set_tags({"kind": "evaluation", **{f"champion_decision_{k}": v[1] for k, v in decisions.items()}})
-        mlflow.log_artifacts(str(out), artifact_path="evaluation")
-        for label, rates in report.metrics.items():
-            checkpoint = by_label.get(label)
-            with mlflow.start_run(run_name=f"{eval_id}/{label}", nested=True,
-                                  experiment_id=parent.info.experiment_id,
-                                  tags={"kind": "evaluation_model", "model_label": label,
-                                        "method": checkpoint["method"] if checkpoint else "base",
-                                        "checkpoint_id": checkpoint["checkpoint_id"] if checkpoint else "base",
-                                        "dagster.run_id": context.run.run_id}):
-                mlflow.log_params(common)
-                metrics = {}
-                for name, rate in rates.items():
-                    if rate.n:
-                        metrics.update({name: rate.value, f"{name}_ci_low": rate.ci_low,
-                                        f"{name}_ci_high": rate.ci_high, f"{name}_n": rate.n})
-                for name, comparison in report.paired.get(label, {}).items():
-                    if comparison.n:
-                        metrics.update({f"vs_base_{name}_diff": comparison.diff,
-                                        f"vs_base_{name}_diff_ci_low": comparison.diff_ci_low,
-                                        f"vs_base_{name}_diff_ci_high": comparison.diff_ci_high,
-                                        f"vs_base_{name}_mcnemar_p": comparison.mcnemar_p})
-                mlflow.log_metrics(metrics)
-                rows = answers.get(label, [])
-                mlflow.log_table(data={
-                    "prompt_id": [a.prompt_id for a in rows], "eval_set": [a.eval_set for a in rows],
-                    "prompt_set": [a.prompt_set for a in rows], "answer": [a.answer for a in rows],
-                    "refusal": [a.refusal for a in rows], "p_refusal": [a.p_refusal for a in rows],
-                    "keyword_refusal": [a.keyword_refusal for a in rows],
-                }, artifact_file="answers.json")
-                if checkpoint and checkpoint.get("model_version"):
-                    _tag_version(tracking, checkpoint, rates, prompts_sha, decisions.get(label))
-        return parent.info.run_id
+    parent = mlflow.active_run()
+    mlflow.log_params(common)
+    mlflow.set_tags({"kind": "evaluation", "evaluation_kind": kind,
+                     **{f"champion_decision_{k}": v[1] for k, v in decisions.items()}})
+    mlflow.log_metrics(numbers)
+    mlflow.log_artifacts(str(out), artifact_path="evaluation")
+    for label, rates in report.metrics.items():
+        checkpoint = by_label.get(label)
+        with mlflow.start_run(run_name=f"{eval_id}/{label}", nested=True, experiment_id=parent.info.experiment_id,
+                              tags={"kind": "evaluation_model", "model_label": label,
+                                    "method": checkpoint["method"] if checkpoint else "base",
+                                    "checkpoint_id": checkpoint["checkpoint_id"] if checkpoint else "base",
+                                    **tracking.dagster_tags(context)}):
+            mlflow.log_params(common)
+            metrics = {}
+            for name, rate in rates.items():
+                if rate.n:
+                    metrics.update({name: rate.value, f"{name}_ci_low": rate.ci_low,
+                                    f"{name}_ci_high": rate.ci_high, f"{name}_n": rate.n})
+            for name, comparison in report.paired.get(label, {}).items():
+                if comparison.n:
+                    metrics.update({f"vs_base_{name}_diff": comparison.diff,
+                                    f"vs_base_{name}_diff_ci_low": comparison.diff_ci_low,
+                                    f"vs_base_{name}_diff_ci_high": comparison.diff_ci_high,
+                                    f"vs_base_{name}_mcnemar_p": comparison.mcnemar_p})
+            mlflow.log_metrics(metrics)
+            rows = answers.get(label, [])
+            mlflow.log_table(data={
+                "prompt_id": [a.prompt_id for a in rows], "eval_set": [a.eval_set for a in rows],
+                "prompt_set": [a.prompt_set for a in rows], "answer": [a.answer for a in rows],
+                "refusal": [a.refusal for a in rows], "p_refusal": [a.p_refusal for a in rows],
+                "keyword_refusal": [a.keyword_refusal for a in rows],
+            }, artifact_file="answers.json")
+            if checkpoint and checkpoint.get("model_version"):
+                _tag_version(tracking, checkpoint, rates, prompts_sha, decisions.get(label))
 
 
 def _tag_version(tracking: MLflowResource, checkpoint: dict, rates: dict, prompts_sha: str,
@@ -309,7 +336,7 @@ def _tag_version(tracking: MLflowResource, checkpoint: dict, rates: dict, prompt
             client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
 
 
-def _save(db: Store, eval_id: str, by_label: dict[str, dict], report: Any, sets: dict[str, list[str]],
+def _save(db: Store, eval_id: str, kind: str, by_label: dict[str, dict], report: Any, sets: dict[str, list[str]],
           prompts_sha: str, validation: dict[str, Any] | None, run_id: str) -> None:
     def checkpoint_of(label: str) -> str | None:
         return by_label[label]["checkpoint_id"] if label in by_label else None
@@ -319,7 +346,7 @@ def _save(db: Store, eval_id: str, by_label: dict[str, dict], report: Any, sets:
         {"eval_id": eval_id, "prompt_sets_json": json.dumps(sets), "counts_json": json.dumps(report.counts),
          "prompts_sha256": prompts_sha, "judge": "embedding",
          "judge_validation_id": validation["validation_id"] if validation else None, "mlflow_run_id": run_id,
-         "created_at": now},
+         "created_at": now, "kind": kind},
         [{"eval_id": eval_id, "model_label": a.model_label, "checkpoint_id": checkpoint_of(a.model_label),
           "eval_set": a.eval_set, "prompt_set": a.prompt_set, "prompt_id": a.prompt_id, "answer": a.answer,
           "refusal": None if a.refusal is None else int(a.refusal), "p_refusal": a.p_refusal,
