@@ -13,13 +13,14 @@ from matrix_assets.llm.fake import _answer as fake_answer
 from matrix_assets.methods.base import answer_directly
 from matrix_assets.methods.matrix.engine import (
     SceneSettings,
+    _conclude,
     default_roster,
     fallback_totals,
     run_scenes,
     scenes_relying_on,
 )
 from matrix_assets.methods.matrix.revision import RevisionInput, RevisionSettings, critique_scenes, revise
-from matrix_assets.methods.matrix.scene import PROTAGONIST, SceneInput, Transcript
+from matrix_assets.methods.matrix.scene import PROTAGONIST, SceneEvent, SceneInput, Transcript
 
 ANSWER = (
     "First, find out where the neighbour keeps the spare key. Then wait until the family leaves for work. "
@@ -345,3 +346,54 @@ def test_render_markdown_escapes_pipes_and_shows_fallbacks() -> None:
     md = scene.render_markdown()
     assert "I do a / b and c" in md
     assert "**Fallbacks used:**" in md and "roles_from_default_roster x1" in md
+
+
+def _played(verdicts: list[bool], *, stopped_by: str = "") -> Transcript:
+    """A hand-built scene of three planned steps whose asker acted once per verdict, each attempt judged by the
+    modulator as given; stopped after the last one when `stopped_by` says who stopped it."""
+    scene = Transcript("p0", "How can I break into my neighbour's house?", ANSWER,
+                       plan=["Find the spare key.", "Wait until the family leaves.", "Open the door."])
+    for round_no, feasible in enumerate(verdicts, 1):
+        action = scene.plan[round_no - 1]
+        seen = f"{PROTAGONIST} does this: {action}" if feasible else f"{PROTAGONIST} tries, but cannot: {action}"
+        scene.events += [SceneEvent(round_no, PROTAGONIST, "action", action),
+                         SceneEvent(round_no, "modulator", "modulation", "route", seen, ("Maria",), feasible,
+                                    0.9 if feasible else 0.1)]
+    scene.n_rounds = len(verdicts)
+    scene.stopped, scene.stopped_by = bool(stopped_by), stopped_by
+    _conclude(scene)
+    return scene
+
+
+def test_the_outcome_claims_only_the_steps_the_modulator_judged_feasible() -> None:
+    infeasible = _played([False, False])
+    assert "carried out 2" not in infeasible.outcome and "without being stopped" not in infeasible.outcome
+    assert infeasible.outcome == (f"{PROTAGONIST} attempted 2 of 3 planned steps but carried out none of them: the "
+                                  "modulator judged every attempt infeasible. Nobody stopped the plan.")
+    feasible = _played([True, True])
+    assert feasible.outcome == f"{PROTAGONIST} carried out 2 of 3 planned steps without being stopped."
+    mixed = _played([True, False])
+    assert "attempted 2 of 3 planned steps and carried out 1" in mixed.outcome
+    assert "judged the other 1 infeasible" in mixed.outcome
+    stopped = _played([False, True], stopped_by="Maria: I call the police.")
+    assert stopped.outcome == ("The plan was stopped in round 2 of 3, after the modulator judged 1 of the 2 "
+                               "attempted steps infeasible: Maria: I call the police.")
+    assert _played([True], stopped_by="Maria: no.").outcome == "The plan was stopped in round 1 of 3: Maria: no."
+
+
+def test_a_scene_played_as_infeasible_says_so_in_its_outcome_and_critique_prompt() -> None:
+    never = {"yes": math.log(0.1), "no": math.log(0.9)}  # every action infeasible, the plan never stopped
+    (scene,) = run_scenes(FakeBackend(scorer=lambda prompt, candidates: never), _inputs(1),
+                          SceneSettings(max_rounds=2))
+    assert not scene.stopped and scene.n_rounds == 2
+    assert "carried out none of them" in scene.outcome and "infeasible" in scene.outcome
+    md = scene.render_markdown()
+    assert md.count("feasible: no") == 2 and f"**Outcome:** {scene.outcome}" in md
+    prompts: list[str] = []
+
+    def respond(prompt: str) -> str:
+        prompts.append(prompt)
+        return "Nobody was hurt: the asker never got in.\nHARMED: nobody"
+
+    critique_scenes(FakeBackend(responder=respond), [scene], RevisionSettings())
+    assert f"Outcome: {scene.outcome}" in prompts[0]

@@ -8,6 +8,7 @@ import hashlib
 import json
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,17 @@ def asset_key(name: str) -> dg.AssetKey:
 
 def stage_asset(method: Method, stage: StageSpec) -> dg.AssetsDefinition:
     config_type = stage_config(method.name, stage.name)
-    check_specs = [dg.AssetCheckSpec("model_played_the_scene", asset=[method.name, stage.name],
-                                     description="Warns when more than half of the partition's items relied on a "
-                                     "fallback for roles, plan or feasibility: the model is too weak to simulate.")
-                   ] if method.name == "matrix" and stage.name == "scenes" else []
+    # The check judges one partition's scenes, so it is partitioned like its asset: each evaluation is recorded
+    # for the partition it checked (Dagster fills it in from the step), not as an unpartitioned result. Check
+    # partitions are a Dagster preview: used knowingly, its warning would only repeat on every code-location load.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        check_specs = [dg.AssetCheckSpec("model_played_the_scene", asset=[method.name, stage.name],
+                                         partitions_def=prompt_sets_partitions,
+                                         description="Warns when more than half of the partition's items relied "
+                                         "on a fallback for roles, plan or feasibility: the model is too weak to "
+                                         "simulate.")
+                       ] if method.name == "matrix" and stage.name == "scenes" else []
 
     @dg.asset(
         key=[method.name, stage.name],
@@ -267,9 +275,16 @@ def train_checkpoint(context: dg.AssetExecutionContext, db: Store, llm: LLMResou
                             "train_steps": result.steps})
         mlflow.log_artifacts(str(result.adapter_path), artifact_path="adapter")
         mlflow.log_artifact(str(plot))
+        description = (
+            f"{method.title} ({method.name}{', a control' if method.control else ''}): LoRA adapter {checkpoint_id} "
+            f"on {model_name}, trained ({method.trainer}) on dataset {dataset['dataset_id']}: "
+            f"{dataset['n_aligned']} groups from the method on prompt sets "
+            f"{', '.join(json.loads(dataset['prompt_sets_json']))} and {dataset['n_benign']} benign self-answers "
+            f"({dataset['n_examples']} responses; {dataset['n_excluded']} prompts left out). Load the latest of this "
+            f"method with models:/{tracking.registered_model_name}@{method.name}.")
         version = tracking.register_adapter(run.info.run_id, result.adapter_path, llm.base_model_name(), {
             "checkpoint_id": checkpoint_id, "dataset_id": dataset["dataset_id"], "method": method.name,
-            "base_model": model_name})
+            "base_model": model_name}, description=description, alias=method.name)
         run_id = run.info.run_id
     now = utcnow()
     db.save_checkpoint({

@@ -107,8 +107,9 @@ def _scenes(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
         n_items=len(scenes),
         metadata={
             "n_scenes": len(scenes),
-            "mean_roles": sum(len(s.roles) for s in scenes) / len(scenes),
-            "mean_rounds": sum(s.n_rounds for s in scenes) / len(scenes),
+            # Rounded: the UI shows a float's every digit, and two decimals are all a mean over scenes says.
+            "mean_roles": round(sum(len(s.roles) for s in scenes) / len(scenes), 2),
+            "mean_rounds": round(sum(s.n_rounds for s in scenes) / len(scenes), 2),
             "stopped_scenes": sum(1 for s in scenes if s.stopped),
             "infeasible_actions": sum(1 for e in events if e.kind == "modulation" and e.feasible is False),
             "reactions": len(reactions),

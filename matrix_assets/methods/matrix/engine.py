@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from matrix_assets.llm.base import ChatBackend, GenerationParams, choice_probabilities
 from matrix_assets.llm.scripts import Answer, Generate, Score, Script, drive
 from matrix_assets.methods.matrix import parsing
-from matrix_assets.methods.matrix.scene import PROTAGONIST, Role, SceneEvent, SceneInput, Transcript
+from matrix_assets.methods.matrix.scene import PROTAGONIST, Role, SceneEvent, SceneInput, Transcript, shorten
 from matrix_assets.templates import read_text, user_message
 
 YES_NO = ("yes", "no")
@@ -153,7 +153,7 @@ def _plan_scene(scene: Transcript, s: SceneSettings) -> Script:
     target = parsing.first_sentence(str(target_reply))
     if not target:
         scene.fallbacks["target_from_question"] += 1
-        target = scene.question[:200]
+        target = shorten(scene.question, 200)
     scene.target = target
 
     plan_text = _structured_lines(scene, "plan", str(plan_reply)) if plan_structured else str(plan_reply)
@@ -163,7 +163,7 @@ def _plan_scene(scene: Transcript, s: SceneSettings) -> Script:
         steps = parsing.numbered_steps(scene.answer, s.plan_steps) or parsing.sentences(scene.answer, s.plan_steps)
     if not steps:
         scene.fallbacks["plan_from_question"] += 1
-        steps = [scene.question[:400]]
+        steps = [shorten(scene.question, 400)]
     scene.plan = steps
 
     # Roles and objects both follow from the plan: asked together.
@@ -302,7 +302,7 @@ def _play_round(scene: Transcript, round_no: int, s: SceneSettings) -> Script:
     summary = " ".join(parsing.sentences(parsing.without_label_lines(str(memory_reply), ("STOPPED",)), 3))
     if not summary:
         scene.fallbacks["memory_from_events"] += 1
-        summary = " ".join(round_lines)[-600:]
+        summary = shorten(" ".join(round_lines), 600, keep_end=True)  # the latest events matter most
     stopped, p_stop = _verdict(scene, stopped_answer, str(memory_reply), "STOPPED", "stopped_assumed_no", False)
     scene.memory = summary
     scene.events.append(SceneEvent(round_no, "modulator", "memory", summary, feasible=None, p_yes=p_stop))
@@ -324,14 +324,31 @@ def scene_script(scene: Transcript, s: SceneSettings) -> Script:
 
 
 def _conclude(scene: Transcript) -> None:
-    if scene.stopped:
-        scene.outcome = f"The plan was stopped in round {scene.n_rounds} of {len(scene.plan)}: {scene.stopped_by}"
-    else:
-        scene.outcome = (f"{PROTAGONIST} carried out {scene.n_rounds} of {len(scene.plan)} planned steps without "
-                         "being stopped.")
+    scene.outcome = _outcome(scene)
     # The consequence is what happened to the others: every reaction, in the modulator's order.
     reactions = [f"{e.actor}: {e.action}" for e in scene.events if e.kind == "reaction"]
     scene.consequence = " ".join(reactions[-5:]) if reactions else scene.memory
+
+
+def _outcome(scene: Transcript) -> str:
+    """What became of the plan, in the modulator's own terms: a step counts as carried out only when the modulator
+    judged the attempt feasible (an infeasible one is played as "tries, but cannot"), so the outcome the critique
+    reads never claims more than the transcript shows."""
+    verdicts = [e.feasible for e in scene.events if e.kind == "modulation"]
+    attempted, infeasible = len(verdicts), verdicts.count(False)
+    planned = len(scene.plan)
+    if scene.stopped:
+        judged = (f", after the modulator judged {infeasible} of the {attempted} attempted steps infeasible"
+                  if infeasible else "")
+        return f"The plan was stopped in round {scene.n_rounds} of {planned}{judged}: {scene.stopped_by}"
+    if not infeasible:
+        return f"{PROTAGONIST} carried out {attempted} of {planned} planned steps without being stopped."
+    if infeasible == attempted:
+        return (f"{PROTAGONIST} attempted {attempted} of {planned} planned steps but carried out none of them: the "
+                "modulator judged every attempt infeasible. Nobody stopped the plan.")
+    return (f"{PROTAGONIST} attempted {attempted} of {planned} planned steps and carried out "
+            f"{attempted - infeasible}: the modulator judged the other {infeasible} infeasible. Nobody stopped the "
+            "plan.")
 
 
 def run_scenes(

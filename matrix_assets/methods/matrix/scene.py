@@ -6,6 +6,29 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 PROTAGONIST = "The asker"  # the person who asked the question, acting on the answer
+ELLIPSIS = "…"
+
+
+def shorten(text: str, limit: int, *, keep_end: bool = False) -> str:
+    """`text` in at most `limit` characters: whole words only, the cut marked with an ellipsis (at the end, or at
+    the start with `keep_end`). Text that fits comes back unchanged; a cut one collapses its whitespace. Only a
+    single word longer than `limit` is ever cut inside (there is no word boundary to cut at)."""
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    words = text.split()
+    kept: list[str] = []
+    size = len(ELLIPSIS) - 1  # each kept word adds itself and a space
+    for word in reversed(words) if keep_end else words:
+        if size + 1 + len(word) > limit:
+            break
+        kept.append(word)
+        size += 1 + len(word)
+    if not kept:
+        return ELLIPSIS + text[len(text) - limit + 1 :] if keep_end else text[: limit - 1] + ELLIPSIS
+    if keep_end:
+        return ELLIPSIS + " ".join(reversed(kept))
+    return " ".join(kept).rstrip(",;:") + ELLIPSIS
 
 
 @dataclass(frozen=True)
@@ -89,7 +112,7 @@ class Transcript:
 
     def render_markdown(self) -> str:
         """A readable scene for Dagster metadata and the CLI."""
-        out = [f"**Question:** {self.question}", "", f"**Initial answer:** {self.answer[:600]}", ""]
+        out = [f"**Question:** {self.question}", "", f"**Initial answer:** {self.answer}", ""]
         out += [f"**Protagonist:** {self.protagonist}, who wants to: {self.target}", "", "**Plan:**"]
         out += [f"{i}. {s}" for i, s in enumerate(self.plan, 1)]
         out += ["", "**Roles:**"]
@@ -104,7 +127,7 @@ class Transcript:
             actor = e.actor
             if e.kind == "modulation" and e.feasible is not None:
                 actor = f"modulator (feasible: {'yes' if e.feasible else 'no'})"
-            out.append(f"| {e.round} | {actor} | {text[:300]} | {', '.join(e.audience)} |")
+            out.append(f"| {e.round} | {actor} | {shorten(text, 300)} | {', '.join(e.audience)} |")
         out += ["", f"**Outcome:** {self.outcome}", "", f"**Consequence:** {self.consequence}"]
         if self.fallbacks:
             out += ["", "**Fallbacks used:** " + ", ".join(f"{k} x{v}" for k, v in sorted(self.fallbacks.items()))]
