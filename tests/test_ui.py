@@ -48,7 +48,8 @@ def _graph_assets() -> list[tuple[str, str]]:
 
 PARTITION = "safe_rlhf"  # materialized through the webserver (test_materialize_a_partition_through_graphql)
 PREP_PARTITION = "dangerousqa"  # materialized in-process before the servers start, to train two checkpoints
-TRAIN_METHODS = ["matrix", "cai"]
+# Four checkpoints, so that the evaluation's table has as many columns as a real run's (base + each method).
+TRAIN_METHODS = ["matrix", "cai", "initial_sft", "refusal_template"]
 READY_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 240
 
@@ -229,14 +230,17 @@ def ui(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Iterato
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
     })
-    dagster_env = dict(
-        env, DAGSTER_HOME=str(dagster_home), MATRIX_HOME=str(home), MATRIX_DAGSTER_STORAGE=str(home / "dagster"),
-        MATRIX_LLM_BACKEND="fake", MATRIX_TINY_MODEL=tiny_model_dir,
-    )
+    # Both servers on ports other than the defaults (3000, 5000), as on a busy machine; the one MLflow URL setting
+    # tells Dagster's materializations where MLflow serves, as scripts/ui.sh does.
     dagster_port = _free_port()
     mlflow_port = _free_port()
     while mlflow_port == dagster_port:
         mlflow_port = _free_port()
+    dagster_env = dict(
+        env, DAGSTER_HOME=str(dagster_home), MATRIX_HOME=str(home), MATRIX_DAGSTER_STORAGE=str(home / "dagster"),
+        MATRIX_LLM_BACKEND="fake", MATRIX_TINY_MODEL=tiny_model_dir,
+        MATRIX_MLFLOW_UI_URL=f"http://127.0.0.1:{mlflow_port}",
+    )
     dagster_log, mlflow_log = home / "dagster.log", home / "mlflow.log"
     procs: list[subprocess.Popen] = []
     try:
@@ -525,7 +529,9 @@ def _autosize_columns(page) -> None:  # noqa: ANN001
             handle.dblclick()
 
 
-def test_mlflow_ui_lists_both_checkpoint_runs(ui: UI, page) -> None:  # noqa: ANN001
+def test_mlflow_ui_lists_every_checkpoint_run(ui: UI, page) -> None:  # noqa: ANN001
+    from matrix_assets.methods import registry
+
     experiment = httpx.get(f"{ui.mlflow_url}/api/2.0/mlflow/experiments/get-by-name",
                            params={"experiment_name": "matrix-assets"}, timeout=30).json()["experiment"]
     assert all(c.startswith("ckpt-") for c in ui.checkpoint_ids), ui.checkpoint_ids
@@ -538,7 +544,7 @@ def test_mlflow_ui_lists_both_checkpoint_runs(ui: UI, page) -> None:  # noqa: AN
     _close_mlflow_assistant(page)
 
     # For the picture: the training loss, method and Dagster asset instead of the empty Dataset / Models columns.
-    page.get_by_role("button", name="Columns").click()
+    page.get_by_role("button", name="Columns", exact=True).click()
     selector = page.locator("[data-component-id='mlflow.experiment_page.runs_table.column_selector']")
     for column in ("Dataset", "Models", "train_loss", "method", "dagster.asset_key"):
         selector.get_by_text(column, exact=True).first.click()
@@ -549,6 +555,13 @@ def test_mlflow_ui_lists_both_checkpoint_runs(ui: UI, page) -> None:  # noqa: AN
     page.wait_for_timeout(1000)
     _screenshot(page, "mlflow_runs.png")
 
+    # Each version says what it is, and each method's latest is found by its alias, whatever the training order.
+    for method in TRAIN_METHODS:
+        version = httpx.get(f"{ui.mlflow_url}/api/2.0/mlflow/registered-models/alias", timeout=30, params={
+            "name": "matrix-aligned", "alias": method}).json()["model_version"]
+        assert {t["key"]: t["value"] for t in version["tags"]}["method"] == method
+        assert version["description"].startswith(registry()[method].title) and "dataset" in version["description"]
+
     page.goto(f"{ui.mlflow_url}/#/models/matrix-aligned?workflowType=machine_learning")
     _close_mlflow_assistant(page)
     for version in range(1, len(ui.checkpoint_ids) + 1):
@@ -557,3 +570,160 @@ def test_mlflow_ui_lists_both_checkpoint_runs(ui: UI, page) -> None:  # noqa: AN
         assert page.get_by_text(checkpoint_id).count() == 1, checkpoint_id
     page.wait_for_timeout(1000)
     _screenshot(page, "mlflow_models.png")
+
+
+# -- prompt sets dropped by role, and the evaluation as a user looks at it -------------------------------------
+
+RUNS_OF_PARTITION = """
+query Runs($partition: String!) {
+  runsOrError(filter: {tags: [{key: "dagster/partition", value: $partition}]}) {
+    __typename ... on Runs { results { runId pipelineName status } }
+  }
+}
+"""
+LATEST_MATERIALIZATION = """
+query Latest($key: AssetKeyInput!) {
+  assetOrError(assetKey: $key) {
+    __typename
+    ... on Asset { assetMaterializations(limit: 1) { runId metadataEntries { label __typename
+      ... on UrlMetadataEntry { url } ... on TextMetadataEntry { text } ... on FloatMetadataEntry { floatValue } } } }
+  }
+}
+"""
+
+
+def _wait_for_run(ui: UI, run_id: str) -> dict:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        run = _gql(ui, RUN_STATUS, runId=run_id)["runOrError"]
+        if run["status"] in ("SUCCESS", "FAILURE", "CANCELED") or time.monotonic() > deadline:
+            return run
+        time.sleep(2)
+
+
+def test_a_helpfulness_file_dropped_in_its_folder_launches_no_training_run(ui: UI) -> None:
+    """MT-Bench's question file (its format: question_id, category, turns) dropped into drop/helpfulness/ while
+    `dagster dev` runs: the sensor registers it for evaluation; nothing is simulated or trained from it."""
+    import json
+
+    folder = ui.home / "drop" / "helpfulness"
+    folder.mkdir(parents=True, exist_ok=True)
+    questions = ["Compose an engaging travel blog post about a recent trip to Hawaii.",
+                 "Draft a professional email seeking your supervisor's feedback on a quarterly report.",
+                 "Write a Python function that returns the n-th Fibonacci number.",
+                 "Explain the difference between weather and climate to a ten-year-old."]
+    (folder / "question.jsonl").write_text("".join(
+        json.dumps({"question_id": 81 + i, "category": "writing", "turns": [q, "Now make it shorter."]}) + "\n"
+        for i, q in enumerate(questions)), encoding="utf-8")
+
+    deadline = time.monotonic() + RUN_TIMEOUT_S  # the sensor ticks every 30 s
+    runs: list[dict] = []
+    while not runs and time.monotonic() < deadline:
+        time.sleep(3)
+        runs = _gql(ui, RUNS_OF_PARTITION, partition="question")["runsOrError"]["results"]
+    assert runs, "the sensor launched no run for the dropped file"
+    [run] = runs
+    assert run["pipelineName"] == "register_prompt_set", runs  # not simulate_prompt_set
+    finished = _wait_for_run(ui, run["runId"])
+    assert finished["status"] == "SUCCESS", _run_errors(ui, run["runId"])
+
+    from matrix_assets.store.db import Store
+
+    db = Store(f"sqlite:///{ui.home / 'matrix.db'}")
+    assert db.prompt_set_role("question") == "helpfulness"
+    assert db.train_prompts("question") == [] and len(db.prompts("question", split="eval")) == len(questions)
+    assert db.training_data_counts("question") == {}  # no answers, scenes or training groups made from it
+    assert [r["pipelineName"] for r in _gql(ui, RUNS_OF_PARTITION, partition="question")["runsOrError"]["results"]
+            ] == ["register_prompt_set"]
+
+
+@pytest.fixture(scope="module")
+def evaluation_run(ui: UI) -> dict:
+    """evaluation_scores materialized through the webserver as its Materialize button does (the asset job with
+    an asset selection): base and every trained checkpoint on a few held-out prompts of each kind. Returns the
+    materialization's metadata by label."""
+    from pipeline_helpers import stage_config
+
+    [repo] = _gql(ui, REPOSITORIES)["repositoriesOrError"]["nodes"]
+    selector = {"repositoryName": repo["name"], "repositoryLocationName": repo["location"]["name"]}
+    params = {
+        "selector": {**selector, "jobName": "__ASSET_JOB", "assetSelection": [{"path": ["evaluation_scores"]}]},
+        "runConfigData": stage_config(evaluation_scores={
+            "harmful_sets": [PREP_PARTITION], "safe_sets": ["xstest_safe"], "helpfulness_sets": ["vicuna_bench"],
+            "max_harmful_per_set": 4, "max_safe_per_set": 4, "max_helpfulness_per_set": 4,
+            "pairwise_helpfulness": False, "methods": TRAIN_METHODS}),
+    }
+    launched = _gql(ui, LAUNCH_RUN, params=params)["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    assert _wait_for_run(ui, run_id)["status"] == "SUCCESS", _run_errors(ui, run_id)
+    asset = _gql(ui, LATEST_MATERIALIZATION, key={"path": ["evaluation_scores"]})["assetOrError"]
+    [materialization] = asset["assetMaterializations"]
+    assert materialization["runId"] == run_id
+    return {e["label"]: e for e in materialization["metadataEntries"]}
+
+
+def _open_evaluation_asset(ui: UI, page) -> None:  # noqa: ANN001
+    page.goto(f"{ui.dagster_url}/assets/evaluation_scores")
+    _dismiss_popups(ui, page)
+    page.get_by_role("button", name="Plots").wait_for(state="visible")
+
+
+def test_evaluation_plots_tab_lists_a_harmful_compliance_series(ui: UI, evaluation_run: dict, page) -> None:  # noqa: ANN001
+    for method in ("base", *TRAIN_METHODS):  # numbers, not text: the Plots tab can draw them
+        assert evaluation_run[f"harmful_compliance/{method}"]["__typename"] == "FloatMetadataEntry", method
+    assert evaluation_run["harmful_compliance_vs_base/matrix"]["__typename"] == "FloatMetadataEntry"
+    _open_evaluation_asset(ui, page)
+    page.get_by_role("button", name="Plots").click()
+    for method in ("base", "matrix"):
+        page.get_by_text(f"harmful_compliance/{method}", exact=True).first.wait_for(state="visible")
+    page.mouse.move(VIEWPORT["width"] // 2, VIEWPORT["height"] - 50)
+    page.wait_for_timeout(1000)
+    _screenshot(page, "dagster_evaluation_plots.png")
+
+
+def test_evaluation_table_is_fully_visible_in_its_dialog(ui: UI, evaluation_run: dict, page) -> None:  # noqa: ANN001
+    _open_evaluation_asset(ui, page)
+    row = page.locator("tr", has=page.get_by_text("table", exact=True))
+    row.get_by_text("[Show Markdown]").click()
+    dialog = page.locator(".bp5-dialog")
+    dialog.locator("table").first.wait_for(state="visible")
+    fit = dialog.evaluate("""d => {
+      const body = d.querySelector('.bp5-dialog-body') || d;
+      const box = d.getBoundingClientRect();
+      const cells = [...d.querySelectorAll('table td, table th')];
+      return {tables: d.querySelectorAll('table').length, pre: d.querySelectorAll('pre').length,
+              overflow: body.scrollWidth - body.clientWidth,
+              outside: cells.filter(c => c.getBoundingClientRect().right > box.right + 0.5).length,
+              text: d.innerText};
+    }""")
+    assert fit["tables"] == 1 and fit["pre"] == 0, fit  # a table, not a fixed-width text block
+    assert fit["overflow"] <= 0 and fit["outside"] == 0, fit  # no cell cut off, no sideways scrolling
+    for method in TRAIN_METHODS:
+        assert method in fit["text"]
+    assert "Exploratory evaluation" in fit["text"]  # 4 prompts a set: never shown as the headline
+    page.wait_for_timeout(1000)  # the dialog fades in
+    _screenshot(page, "dagster_evaluation_table.png")
+
+
+def test_the_mlflow_link_of_a_run_on_non_default_ports_opens_that_run(ui: UI, evaluation_run: dict, page) -> None:  # noqa: ANN001
+    url = evaluation_run["mlflow_run"]["url"]
+    assert url.startswith(f"{ui.mlflow_url}/#/experiments/"), (url, ui.mlflow_url)  # not port 5000
+    run_id = url.split("/runs/", 1)[1].split("?", 1)[0]
+    run = httpx.get(f"{ui.mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=30).json()["run"]
+    metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert {f"harmful_compliance/{m}" for m in ("base", *TRAIN_METHODS)} <= metrics  # the parent run charts them
+    nested = httpx.post(f"{ui.mlflow_url}/api/2.0/mlflow/runs/search", timeout=30, json={
+        "experiment_ids": [run["info"]["experiment_id"]],
+        "filter": f"tags.mlflow.parentRunId = '{run_id}'"}).json()["runs"]
+    assert len(nested) == len(TRAIN_METHODS) + 1
+    for child in nested:
+        tags = {t["key"]: t["value"] for t in child["data"]["tags"]}
+        assert tags["dagster.asset_key"] == "evaluation_scores" and tags["dagster.run_id"], tags
+
+    page.goto(url)
+    _close_mlflow_assistant(page)
+    page.get_by_text(run["info"]["run_name"], exact=True).first.wait_for(state="visible")
+    page.get_by_text("dagster.asset_key").first.wait_for(state="visible")
+    page.wait_for_timeout(1000)
+    _screenshot(page, "mlflow_evaluation_run.png")

@@ -225,11 +225,6 @@ class FakeLLM(LLMResource):
         return self.tiny_model_path
 
 
-# MLflow 3's UI opens an experiment of unknown kind on its (here empty) GenAI overview; this kind opens it on the
-# runs table, where training and evaluation runs are.
-EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-
-
 class MLflowResource(dg.ConfigurableResource):
     """MLflow tracking: one run per training or evaluation materialization, tagged with Dagster ids."""
 
@@ -274,14 +269,10 @@ class MLflowResource(dg.ConfigurableResource):
 
         mlflow.set_tracking_uri(self.tracking_uri)
         experiment = mlflow.get_experiment_by_name(self.experiment_name)
-        if experiment is None:
-            os.makedirs(self.artifact_root, exist_ok=True)
-            experiment_id = mlflow.create_experiment(self.experiment_name, artifact_location=_as_uri(self.artifact_root))
-        else:
-            experiment_id = experiment.experiment_id
-        if experiment is None or experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-            mlflow.MlflowClient(self.tracking_uri).set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return experiment_id
+        if experiment is not None:
+            return experiment.experiment_id
+        os.makedirs(self.artifact_root, exist_ok=True)
+        return mlflow.create_experiment(self.experiment_name, artifact_location=_as_uri(self.artifact_root))
 
     @contextmanager
     def start_run(self, context: dg.AssetExecutionContext, run_name: str) -> Iterator[Any]:
@@ -327,7 +318,9 @@ class MLflowResource(dg.ConfigurableResource):
         return version
 
     def run_url(self, run_id: str) -> str:
-        return f"{self.ui_url}/#/experiments/{self.experiment_id()}/runs/{run_id}"
+        """The run's page; in MLflow 3's "Model training" view, where training and evaluation runs are listed (its
+        UI otherwise starts in the GenAI view)."""
+        return f"{self.ui_url}/#/experiments/{self.experiment_id()}/runs/{run_id}?workflowType=machine_learning"
 
 
 class TrackingUnavailableError(RuntimeError):

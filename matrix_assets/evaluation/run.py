@@ -292,17 +292,17 @@ def _table(rows: list[list[str]], markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
-def format_table(metrics: Mapping[str, Mapping[str, Rate]], markdown: bool = False) -> str:
+def format_table(metrics: Mapping[str, Mapping[str, Rate]]) -> str:
     """Every rate of every model: k/n as a percentage with its exact 95% interval and n."""
     labels = list(metrics)
     rows = [["metric", *labels]]
     for key, title in HEADLINE:
         if any(key in metrics[label] for label in labels):
             rows.append([title, *(metrics[label][key].format() if key in metrics[label] else "-" for label in labels)])
-    return _table(rows, markdown)
+    return _table(rows)
 
 
-def format_paired(paired: Mapping[str, Mapping[str, PairedComparison]], markdown: bool = False) -> str:
+def format_paired(paired: Mapping[str, Mapping[str, PairedComparison]]) -> str:
     """Tuned minus base, prompt by prompt: the difference in points with its paired bootstrap interval, and the
     exact McNemar p-value on the prompts where only one of the two did it."""
     labels = list(paired)
@@ -319,4 +319,20 @@ def format_paired(paired: Mapping[str, Mapping[str, PairedComparison]], markdown
                          f"{100 * c.diff:+.0f} pts [{100 * c.diff_ci_low:+.0f}, {100 * c.diff_ci_high:+.0f}] "
                          f"p={c.mcnemar_p:.2g} (n={c.n})")
         rows.append([title.strip(), *cells])
-    return _table(rows, markdown)
+    return _table(rows)
+
+
+def format_markdown(metrics: Mapping[str, Mapping[str, Rate]],
+                    paired: Mapping[str, Mapping[str, PairedComparison]]) -> str:
+    """Rates and paired differences as one Markdown table, a row per (metric, model): it grows down, not across,
+    with the number of models, so it fits the Dagster UI's metadata dialog however many methods are compared."""
+    rows = [["metric", "model", "rate [exact 95% CI] (n)", "tuned - base, paired [95% CI]", "McNemar p"]]
+    for key, title in HEADLINE:
+        labels = [label for label in metrics if key in metrics[label]]
+        for index, label in enumerate(labels):
+            c = paired.get(label, {}).get(key)
+            diff = "" if c is None else "n/a (n=0)" if c.n == 0 else (
+                f"{100 * c.diff:+.0f} pts [{100 * c.diff_ci_low:+.0f}, {100 * c.diff_ci_high:+.0f}]")
+            p_value = "" if c is None or c.n == 0 else f"{c.mcnemar_p:.2g}"
+            rows.append([title.strip() if index == 0 else "", label, metrics[label][key].format(), diff, p_value])
+    return _table(rows, markdown=True)

@@ -133,7 +133,14 @@ def evaluation_scores(
     from matrix_assets.evaluation.champion import should_promote
     from matrix_assets.evaluation.plots import plot_base_vs_tuned, plot_per_category
     from matrix_assets.evaluation.refusal import default_judge
-    from matrix_assets.evaluation.run import answers_by_label, compare_pairs, evaluate, format_paired, format_table
+    from matrix_assets.evaluation.run import (
+        answers_by_label,
+        compare_pairs,
+        evaluate,
+        format_markdown,
+        format_paired,
+        format_table,
+    )
 
     db = store.get_store()
     settings = settings_from(config, profiles.evaluation("quick"))
@@ -204,8 +211,7 @@ def evaluation_scores(
         "kind": kind,
         "headline_eval_id": headline["eval_id"] if headline else "none yet",
         "table": dg.MetadataValue.md(f"**{kind.capitalize()} evaluation** {eval_id}. {judge_line}\n\n"
-                                     f"{format_table(report.metrics, markdown=True)}\n\n"
-                                     f"{format_paired(report.paired, markdown=True)}"),
+                                     f"{format_markdown(report.metrics, report.paired)}"),
         "judge": judge_line,
         "prompts_sha256": prompts_sha,
         "chart_overview": image_md(overview, "base vs tuned"),
