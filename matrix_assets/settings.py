@@ -35,3 +35,9 @@ def datasets_dir() -> Path:
 
 def reports_dir() -> Path:
     return matrix_home() / "reports"
+
+
+def evaluate_dropped_sets() -> bool:
+    """MATRIX_EVALUATE_DROPPED_SETS=1: a safe or helpfulness file dropped in its folder is, besides registered, also
+    evaluated at once (the existing checkpoints on the default sets plus it: an exploratory evaluation)."""
+    return os.environ.get("MATRIX_EVALUATE_DROPPED_SETS", "0").strip().lower() in ("1", "true", "yes")

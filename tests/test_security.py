@@ -270,7 +270,9 @@ def test_ui_script_binds_servers_to_localhost_only() -> None:
 SQL_CALLS = {"text", "exec_driver_sql", "execute", "executemany", "executescript", "query", "scalar"}
 # The store's identifier builders: table and column names from sql/schema.sql (checked against the schema, or
 # literals), values always bound. test_whitelisted_builders_refuse_names_the_schema_does_not_declare holds them to it.
-WHITELISTED_BUILDERS = ("upsert", "count", "load_records", "delete_rows", "save_training_groups", "latest_per_method")
+# training_data_counts and delete_training_data: table names from the reflected schema only, the set a bound parameter.
+WHITELISTED_BUILDERS = ("upsert", "count", "load_records", "delete_rows", "save_training_groups", "latest_per_method",
+                        "training_data_counts", "delete_training_data")
 WHITELIST = {("store/db.py", name) for name in WHITELISTED_BUILDERS}
 
 

@@ -20,8 +20,10 @@ from pathlib import Path
 import dagster as dg
 
 from matrix_assets.data.loaders import PromptFileError, load_prompt_file
-from matrix_assets.defs.jobs import register_prompt_set, simulate_prompt_set
+from matrix_assets import profiles
+from matrix_assets.defs.jobs import evaluate_checkpoints, register_prompt_set, simulate_prompt_set
 from matrix_assets.methods import registry
+from matrix_assets.settings import evaluate_dropped_sets
 from matrix_assets.store.prompt_sets import ROLES, dropped_files, ensure_drop_folders
 
 
@@ -34,10 +36,10 @@ def _job_for(role: str) -> str:
     return simulate_prompt_set.name if role == "harmful" else register_prompt_set.name
 
 
-@dg.sensor(jobs=[simulate_prompt_set, register_prompt_set], minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+@dg.sensor(jobs=[simulate_prompt_set, register_prompt_set, evaluate_checkpoints], minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
            description="A new prompt file in drop/harmful/ becomes a new partition and one run of every method's "
            "data stages; one in drop/safe/ or drop/helpfulness/ a partition registered for evaluation (no training "
-           "data is made from it). A changed file becomes a new version (NAME-v2, ...), never a silent overwrite; "
+           "data is made from it; with MATRIX_EVALUATE_DROPPED_SETS=1 the existing checkpoints are also evaluated on it). A changed file becomes a new version (NAME-v2, ...), never a silent overwrite; "
            "an unreadable file, or one outside the role folders, is reported once and skipped.")
 def new_prompt_set_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     folder = ensure_drop_folders()
@@ -57,6 +59,8 @@ def new_prompt_set_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResul
         if request is not None:
             new_partitions.append(request.partition_key)
             requests.append(request)
+            if role != "harmful" and evaluate_dropped_sets():
+                requests.append(_evaluation_request(request.partition_key, role, request.run_key or ""))
     cursor = json.dumps(seen, sort_keys=True)
     if not requests:
         return dg.SensorResult(skip_reason="; ".join(problems) or "no new or changed prompt files", cursor=cursor)
@@ -66,6 +70,16 @@ def new_prompt_set_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResul
             new_partitions)],
         cursor=cursor,
     )
+
+
+def _evaluation_request(name: str, role: str, run_key: str) -> dg.RunRequest:
+    """The existing checkpoints evaluated on the default sets plus the dropped one (MATRIX_EVALUATE_DROPPED_SETS):
+    an exploratory evaluation, which loads the set itself if its registration has not finished yet."""
+    defaults = profiles.evaluation("quick")
+    sets = [*getattr(defaults, f"{role}_sets"), name]
+    return dg.RunRequest(run_key=f"evaluate:{run_key}", job_name=evaluate_checkpoints.name,
+                         run_config={"ops": {"evaluation_scores": {"config": {f"{role}_sets": sets}}}},
+                         tags={"matrix/role": role, "matrix/prompt_set": name})
 
 
 def _request_for(context: dg.SensorEvaluationContext, path: Path, role: str, seen: dict[str, dict],

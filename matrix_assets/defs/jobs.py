@@ -63,8 +63,8 @@ def change_prompt_set_role() -> None:
 
 
 def _jobs() -> list:
-    # simulate_prompt_set and register_prompt_set are module attributes (the sensor targets them), which
-    # load_from_defs_folder collects itself.
+    # simulate_prompt_set, register_prompt_set and evaluate_checkpoints are module attributes (the sensor targets
+    # them), which load_from_defs_folder collects itself.
     jobs = [change_prompt_set_role, _simulate_job("paper", "_paper")]
     for profile, suffix in (("quick", ""), ("paper", "_paper")):
         jobs.append(dg.define_asset_job(
@@ -73,12 +73,14 @@ def _jobs() -> list:
             description=f"Training sets, LoRA checkpoints, judge validation and base-vs-tuned evaluation, "
             f"{profile} profile.",
         ))
-    jobs.append(dg.define_asset_job(
-        "evaluate_checkpoints", selection=dg.AssetSelection.groups("evaluation"),
-        description="Judge validation and evaluation of the latest checkpoints, without retraining (set "
-        "harmful_sets / safe_sets / helpfulness_sets in the Launchpad to evaluate on a new prompt set).",
-    ))
     return jobs
+
+
+evaluate_checkpoints = dg.define_asset_job(
+    "evaluate_checkpoints", selection=dg.AssetSelection.groups("evaluation"),
+    description="Judge validation and evaluation of the latest checkpoints, without retraining (set "
+    "harmful_sets / safe_sets / helpfulness_sets in the Launchpad to evaluate on a new prompt set).",
+)
 
 
 @dg.definitions

@@ -33,6 +33,17 @@ def _shared(key: tuple, build):  # noqa: ANN001, ANN202 - tiny process-wide memo
         return _SHARED[key]
 
 
+def _release(key: tuple) -> bool:
+    """Forget a shared object and collect it now (a model's weights are hundreds of MB)."""
+    import gc
+
+    with _SHARED_LOCK:
+        found = _SHARED.pop(key, None) is not None
+    if found:
+        gc.collect()
+    return found
+
+
 class StoreResource(dg.ConfigurableResource):
     """The project's SQL database (SQLite file by default, PostgreSQL in production)."""
 
@@ -68,6 +79,10 @@ class LLMResource(dg.ConfigurableResource):
         alias, a hub id) or this one (a folder): what a registered checkpoint records to load itself."""
         return self.base_model_path()
 
+    def release(self, adapter_path: str | None = None) -> None:
+        """Free the loaded backend of this adapter (or of the base model), if this resource keeps one: an asset
+        that answers with several checkpoints in turn holds one at a time, not all of them."""
+
     def cached(
         self, store: Store, adapter_path: str | None = None, progress: ProgressCallback | None = None
     ) -> CachedBackend:
@@ -98,12 +113,18 @@ class LocalTransformersLLM(LLMResource):
         "batched decoding than torch's default kernel on the machines measured; a LoRA adapter is merged first).",
     )
 
+    def _key(self, adapter_path: str | None) -> tuple:
+        return ("transformers", self.model, adapter_path, self.batch_size, self.gpu_batch_size, self.device,
+                self.torch_threads, self.decoding, self.prepack_weights)
+
+    def release(self, adapter_path: str | None = None) -> None:
+        _release(self._key(adapter_path))
+
     def backend(self, adapter_path: str | None = None) -> ChatBackend:
         from matrix_assets.llm.transformers_backend import TransformersBackend
 
         return _shared(
-            ("transformers", self.model, adapter_path, self.batch_size, self.gpu_batch_size, self.device,
-             self.torch_threads, self.decoding, self.prepack_weights),
+            self._key(adapter_path),
             lambda: TransformersBackend(
                 self.model, adapter_path=adapter_path, batch_size=self.batch_size, gpu_batch_size=self.gpu_batch_size,
                 device=self.device, torch_threads=self.torch_threads, decoding=self.decoding,
@@ -158,6 +179,10 @@ class OpenAICompatibleLLM(LLMResource):
                 adapter_path
             )
         return self._client_for(self.model)
+
+    def release(self, adapter_path: str | None = None) -> None:
+        if adapter_path and not self.serve_adapters and self.local_model_for_training:
+            LocalTransformersLLM(model=self.local_model_for_training, batch_size=self.batch_size).release(adapter_path)
 
     def _served_adapter(self, adapter_path: str) -> ChatBackend:
         """The checkpoint as the server serves it: loaded there under a name derived from its content, and asked

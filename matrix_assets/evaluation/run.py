@@ -93,13 +93,24 @@ METRICS: dict[str, tuple[str, str, bool]] = {
 VALIDATED = ("harmful_compliance", "over_refusal", "helpfulness_refusal")  # what the champion rule may use
 
 
-def answer_prompts(models: Mapping[str, ChatBackend], prompts: Sequence[EvalPrompt], answer_tokens: int,
-                   on_model: Callable[[str], None] | None = None) -> dict[str, list[EvalAnswer]]:
+ModelSource = ChatBackend | Callable[[], ChatBackend]
+
+
+def answer_prompts(models: Mapping[str, ModelSource], prompts: Sequence[EvalPrompt], answer_tokens: int,
+                   on_model: Callable[[str], None] | None = None,
+                   done_with: Callable[[str], None] | None = None) -> dict[str, list[EvalAnswer]]:
+    """Each model answers every prompt, one model after the other. A model given as a function is built when its
+    turn comes, and `done_with(label)` is told when it has answered, so that it can be freed: however many
+    checkpoints are compared, one of them is loaded at a time."""
     answers: dict[str, list[EvalAnswer]] = {}
-    for label, model in models.items():
+    for label, source in models.items():
         if on_model is not None:
             on_model(label)
+        model = source if isinstance(source, ChatBackend) else source()
         texts = answer_directly(model, [p.text for p in prompts], answer_tokens)
+        del model
+        if done_with is not None:
+            done_with(label)
         answers[label] = [EvalAnswer(p.prompt_id, label, p.eval_set, p.prompt_set, text, keyword_refusal(text))
                           for p, text in zip(prompts, texts)]
     return answers
@@ -210,8 +221,7 @@ def compare_pairs(answers: Mapping[str, list[EvalAnswer]], reference: str = BASE
             mine = _events(items, eval_set, verdict, event)
             common = sorted(set(ref) & set(mine))
             if common or not metric.endswith("_model_judge"):
-                comparisons[metric] = paired_comparison([ref[p] for p in common], [mine[p] for p in common],
-                                                        seed=seed)
+                comparisons[metric] = paired_comparison([ref[p] for p in common], [mine[p] for p in common])
         out[label] = comparisons
     return out
 
@@ -229,7 +239,7 @@ def per_category(answers: Mapping[str, list[EvalAnswer]], prompts: Mapping[str, 
 
 
 def evaluate(
-    models: Mapping[str, ChatBackend],
+    models: Mapping[str, ModelSource],
     prompts: Sequence[EvalPrompt],
     refusal_judge: EmbeddingRefusalJudge,
     *,
@@ -238,9 +248,10 @@ def evaluate(
     pairwise: bool = True,
     answer_tokens: int = 96,
     on_model: Callable[[str], None] | None = None,
+    done_with: Callable[[str], None] | None = None,
 ) -> EvalReport:
     by_id = {p.prompt_id: p for p in prompts}
-    answers = answer_prompts(models, prompts, answer_tokens, on_model)
+    answers = answer_prompts(models, prompts, answer_tokens, on_model, done_with)
     judge_refusals(answers, refusal_judge)
     if model_judge and judge_model is not None:
         model_judge_refusals(answers, by_id, judge_model)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from matrix_assets.evaluation.human_labels import XSTEST_V2_MODELS, load_xstest_v2
 from matrix_assets.evaluation.refusal import HELD_OUT_MODEL, default_judge, keyword_refusal
@@ -58,6 +59,24 @@ def _sample(items: list, n: int) -> list:
     """A fixed, content-ordered sample (the same n completions every run)."""
     ordered = sorted(items, key=lambda c: hashlib.sha256(f"{c.model}\x1f{c.id}".encode()).hexdigest())
     return ordered[:n]
+
+
+def validation_key(judge_model_id: str | None, model_judge_sample: int) -> str:
+    """What a validation's figures depend on, hashed: the human labels, the embedding judge's fitted parameters,
+    the code and prompt that score the judges, and the judge model with its sample. The same key gives the same
+    figures, so a stored validation with this key is reused instead of scoring the same labels again."""
+    from matrix_assets.evaluation import human_labels, refusal, stats
+
+    digest = hashlib.sha256()
+    files = sorted(human_labels.XSTEST_V2_DIR.glob("*.csv")) + [refusal.CLASSIFIER_PATH]
+    files += [Path(module.__file__) for module in (human_labels, refusal, stats)] + [Path(__file__)]
+    files.append(Path(__file__).resolve().parent.parent / "prompts" / "judge_refusal.j2")
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    if judge_model_id is not None and model_judge_sample > 0:
+        digest.update(f"model:{judge_model_id}:{model_judge_sample}".encode())
+    return digest.hexdigest()
 
 
 def validate_judges(judge_model: ChatBackend | None, *, model_judge_sample: int = 100) -> list[JudgeAgreement]:

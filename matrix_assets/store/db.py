@@ -516,6 +516,10 @@ class Store:
                           "ORDER BY created_at DESC, validation_id DESC LIMIT 1", j=judge, m=metric)
         return rows[0] if rows else None
 
+    def judge_agreement_rows(self, validation_id: str) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM judge_agreement WHERE validation_id = :v ORDER BY judge, subset, metric",
+                          v=validation_id)
+
     def judge_agreement(self, validation_id: str, judge: str = "embedding", metric: str = "kappa"
                         ) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM judge_agreement WHERE validation_id = :v AND judge = :j AND metric = :m",

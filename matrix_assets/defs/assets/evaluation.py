@@ -1,6 +1,7 @@
 """Judge validation against human labels, and base vs tuned on held-out prompts (MLflow: one nested run per model)."""
 
 
+import functools
 import hashlib
 import json
 import uuid
@@ -36,14 +37,33 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
                      judge: LLMResource, mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
     import mlflow
 
-    from matrix_assets.evaluation.validation import validate_judges
+    from matrix_assets.evaluation.validation import validate_judges, validation_key
 
     db = store.get_store()
     judge_backend = None
     if config.model_judge_sample:
         judge.check()
         judge_backend = judge.cached(db, progress=progress_logger(context, "judge model on human-labelled answers"))
-    validation_id = f"judges-{uuid.uuid4().hex[:10]}"
+    # Content-addressed: the same labels, judges and code give the same figures, so they are scored once.
+    validation_id = "judges-" + validation_key(judge_backend.model_id if judge_backend else None,
+                                               config.model_judge_sample)[:12]
+    stored = db.judge_agreement_rows(validation_id)
+    if stored:
+        context.log.info(f"{validation_id}: the same labels, judges and code were scored before; reusing them")
+        rows = [{"judge": r["judge"], "completions of": r["subset"],
+                 "kappa": f"{r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]", "n": r["n"]}
+                for r in stored if r["metric"] == "kappa"]
+        held_out = db.judge_agreement(validation_id)
+        metadata: dict[str, Any] = {
+            "validation_id": validation_id, "reused": True,
+            "agreement": md_table(rows, list(rows[0]), 120),
+            "default_judge_kappa_held_out": held_out["value"] if held_out else float("nan"),
+        }
+        logged = mlflow_tracking.client().search_runs([mlflow_tracking.experiment_id()], max_results=1,
+                                                      filter_string=f"tags.validation_id = '{validation_id}'")
+        if logged:  # the run that scored them
+            metadata["mlflow_run"] = dg.MetadataValue.url(mlflow_tracking.run_url(logged[0].info.run_id))
+        return dg.MaterializeResult(metadata=metadata)
     # The MLflow run is open while the judges are scored, so that its duration is the validation's.
     with mlflow_tracking.start_run(context, run_name=validation_id) as run:
         results = validate_judges(judge_backend, model_judge_sample=config.model_judge_sample)
@@ -62,6 +82,7 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
     rows = [r.row() for r in results]
     return dg.MaterializeResult(metadata={
         "validation_id": validation_id,
+        "reused": False,
         "agreement": md_table(rows, list(rows[0]), 120),
         "default_judge_kappa_held_out": next(r.report.kappa for r in results if r.is_default_held_out),
         "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
@@ -157,8 +178,9 @@ def evaluation_scores(
     if champion and champion["checkpoint_id"] != by_label.get(settings.champion_method, {}).get("checkpoint_id"):
         by_label[CHAMPION_LABEL] = champion  # compared on the same prompts, so promotion compares like with like
     progress = progress_logger(context, "evaluation answers")
-    models = {"base": llm.cached(db, progress=progress)}
-    models.update({label: llm.cached(db, adapter_path=c["adapter_path"], progress=progress)
+    # Checkpoints are loaded in turn and freed after answering (the base model stays: the judge may share it).
+    models: dict[str, Any] = {"base": llm.cached(db, progress=progress)}
+    models.update({label: functools.partial(llm.cached, db, adapter_path=c["adapter_path"], progress=progress)
                    for label, c in by_label.items()})
     judge_backend = None
     if settings.pairwise_helpfulness or settings.model_judge:
@@ -174,7 +196,8 @@ def evaluation_scores(
         report = evaluate(models, prompts, default_judge(), judge_model=judge_backend,
                           model_judge=settings.model_judge, pairwise=settings.pairwise_helpfulness,
                           answer_tokens=settings.answer_tokens,
-                          on_model=lambda label: context.log.info(f"answering the {len(prompts)} prompts with {label}"))
+                          on_model=lambda label: context.log.info(f"answering the {len(prompts)} prompts with {label}"),
+                          done_with=lambda label: label in by_label and llm.release(by_label[label]["adapter_path"]))
         prompts_sha = hashlib.sha256("\n".join(sorted(p.prompt_id for p in prompts)).encode()).hexdigest()
         validation = _latest_validation(db)
         sets = {role: list(getattr(settings, f"{role}_sets")) for role in ("harmful", "safe", "helpfulness")}
