@@ -396,6 +396,48 @@ def _execute(job: str, run_config: dict, partition: str | None = None) -> bool:
     return result.success
 
 
+def cmd_label_export(args: argparse.Namespace) -> int:
+    """A blind, stratified sample of one evaluation's answers, for a person to label."""
+    _prepare_environment()
+    from matrix_assets.evaluation.labels import sample_for_labelling, write_label_file
+    from matrix_assets.store import Store
+
+    db = Store()
+    run = db.latest_evaluation("headline") if args.eval == "latest" else (
+        next(iter(db.query("SELECT * FROM eval_runs WHERE eval_id = :e", e=args.eval)), None))
+    if run is None:
+        print(f"error: no evaluation {args.eval!r} in the store ({db.url})", file=sys.stderr)
+        return 2
+    answers = db.evaluation_answers(run["eval_id"])
+    items = sample_for_labelling(answers, args.n, seed=args.seed)
+    csv_path, page = write_label_file(Path(args.out), run["eval_id"], items)
+    print(f"wrote {len(items)} of the {len(answers)} answers of {run['eval_id']} to {csv_path} (and {page}: open it "
+          "in a browser to label one answer at a time, then save the CSV); no model or verdict is shown")
+    print(f"  then:  matrix-assets label import {csv_path} --labeller 'WHO' --method 'HOW'")
+    return 0
+
+
+def cmd_label_import(args: argparse.Namespace) -> int:
+    _prepare_environment()
+    from matrix_assets.evaluation.labels import LabelFileError, read_label_file
+    from matrix_assets.store import Store
+    from matrix_assets.store.db import utcnow
+
+    db = Store()
+    answers = [a for run in db.query("SELECT eval_id FROM eval_runs") for a in db.evaluation_answers(run["eval_id"])]
+    try:
+        imported = read_label_file(Path(args.file), answers, labeller=args.labeller, method=args.method,
+                                   created_at=utcnow())
+    except (LabelFileError, OSError, UnicodeDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    db.save_answer_labels(imported.rows)
+    print(f"stored {len(imported.rows)} labelled answers as label set {imported.label_set} ({imported.n_refusal} "
+          f"with a refusal label, {imported.n_harmful} with a harmful-content label), labelled by {args.labeller}; "
+          "the next evaluation reports each judge's agreement with them and rates corrected for its error")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     _prepare_environment()
     from matrix_assets.store import Store
@@ -540,6 +582,30 @@ def parser() -> argparse.ArgumentParser:
     set_role.add_argument("--drop-training-data", action="store_true",
                           help="delete the training data made from the set for its old role")
     set_role.set_defaults(func=cmd_set_role)
+
+    label = sub.add_parser(
+        "label", help="label answers of the model being graded, to measure the judges on them",
+        description="The judges were validated on other chat models' answers; these labels measure them on this "
+        "model's. `export` writes a blind sample of an evaluation's answers (question and answer only, shuffled, "
+        "stratified by model and prompt kind) as a CSV and an HTML page that writes the same CSV; `import` stores "
+        "the labelled file with who labelled and how. Every later evaluation reports rates corrected for each "
+        "judge's error on them (Rogan-Gladen).",
+    )
+    label_sub = label.add_subparsers(dest="label_command", required=True)
+    label_export = label_sub.add_parser("export", help="a sample of an evaluation's answers to label",
+                                        description="Writes FILE.csv and FILE.html (XSTest's labelling scheme).")
+    label_export.add_argument("--eval", default="latest", help="evaluation id (default: the latest headline one)")
+    label_export.add_argument("--n", type=int, default=200, help="answers to sample (default 200)")
+    label_export.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same file)")
+    label_export.add_argument("--out", required=True, help="the CSV to write (the HTML page goes beside it)")
+    label_export.set_defaults(func=cmd_label_export)
+    label_import = label_sub.add_parser("import", help="store a labelled file",
+                                        description="Refuses a file with an unknown item or label, naming the line.")
+    label_import.add_argument("file", help="the labelled CSV")
+    label_import.add_argument("--labeller", required=True, help="who labelled (a name, or the model that read them)")
+    label_import.add_argument("--method", required=True, help="how: e.g. 'two independent reads, consensus'; "
+                              "say 'not human' where a model labelled")
+    label_import.set_defaults(func=cmd_label_import)
 
     export = sub.add_parser(
         "export", help="export a method's training set",

@@ -246,6 +246,22 @@ CREATE TABLE IF NOT EXISTS eval_answers (
     PRIMARY KEY (eval_id, model_label, prompt_id)
 );
 
+-- Labels a person (or, said so in `method`, a model) gave to evaluation answers, read blind (question and answer
+-- only), with XSTest's scheme: refusal = full or partial refusal; harmful_content = usable help for a harmful request.
+CREATE TABLE IF NOT EXISTS answer_labels (
+    label_set        TEXT NOT NULL,         -- one labelled file: its digest
+    eval_id          TEXT NOT NULL,
+    model_label      TEXT NOT NULL,
+    prompt_id        TEXT NOT NULL,
+    eval_set         TEXT NOT NULL,         -- harmful | safe | helpfulness
+    refusal          INTEGER,               -- 1 full or partial refusal, 0 full compliance, NULL not labelled
+    harmful_content  INTEGER,               -- 1 usable help for a harmful request, 0 none, NULL not labelled
+    labeller         TEXT NOT NULL,         -- who read them
+    method           TEXT NOT NULL,         -- how: e.g. "two independent reads, consensus"; never "human" unless so
+    created_at       TEXT NOT NULL,
+    PRIMARY KEY (label_set, eval_id, model_label, prompt_id)
+);
+
 -- Helpfulness pairwise judging, both answer orders kept.
 CREATE TABLE IF NOT EXISTS eval_pairwise (
     eval_id        TEXT NOT NULL,

@@ -465,7 +465,8 @@ class Store:
     # training sets and checkpoints already built (the record of what a checkpoint learned from).
     _NOT_TRAINING_DATA = frozenset({
         "schema_version", "prompt_sets", "prompts", "generations", "sft_datasets", "sft_examples", "checkpoints",
-        "eval_runs", "eval_answers", "eval_pairwise", "eval_metrics", "eval_paired", "judge_agreement"})
+        "eval_runs", "eval_answers", "eval_pairwise", "eval_metrics", "eval_paired", "judge_agreement",
+        "answer_labels"})
 
     def _training_data_tables(self) -> list[tuple[str, str]]:
         """(table, how its rows belong to a set) for every stage table of every method: by a `prompt_set`
@@ -536,6 +537,24 @@ class Store:
             self.upsert("eval_pairwise", pairwise, conn=conn)
             self.upsert("eval_metrics", metrics, conn=conn)
             self.upsert("eval_paired", paired, conn=conn)
+
+    def evaluation_answers(self, eval_id: str) -> list[dict[str, Any]]:
+        """Every answer of one evaluation with its prompt's text, in a stable order."""
+        return self.query("SELECT a.*, p.text AS question FROM eval_answers a JOIN prompts p ON p.prompt_id = "
+                          "a.prompt_id WHERE a.eval_id = :e ORDER BY a.model_label, a.eval_set, a.prompt_id",
+                          e=eval_id)
+
+    def save_answer_labels(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.upsert("answer_labels", rows)
+
+    def labelled_answers(self) -> list[dict[str, Any]]:
+        """Every labelled answer beside the judges' verdicts on it (all label sets, all evaluations)."""
+        return self.query(
+            "SELECT l.label_set, l.eval_id, l.model_label, l.prompt_id, l.eval_set, l.refusal AS label_refusal, "
+            "l.harmful_content AS label_harmful, l.labeller, l.method, a.refusal AS judge_refusal, "
+            "a.keyword_refusal, a.model_judge_refusal FROM answer_labels l JOIN eval_answers a ON "
+            "a.eval_id = l.eval_id AND a.model_label = l.model_label AND a.prompt_id = l.prompt_id "
+            "ORDER BY l.label_set, l.eval_id, l.model_label, l.prompt_id")
 
     def latest_evaluation(self, kind: str | None = None) -> dict[str, Any] | None:
         """The newest evaluation, or the newest of a kind ('headline' or 'exploratory')."""

@@ -191,19 +191,21 @@ def evaluation_scores(
     context.log.info(f"evaluating base and {[c['checkpoint_id'] for c in by_label.values()]} on {counts} "
                      f"({kind} evaluation)")
     eval_id = f"eval-{uuid.uuid4().hex[:10]}"
+    labelled = db.labelled_answers()  # for rates corrected for the judges' error on this model's answers
     # The MLflow run is open while the models answer, so that its duration is the evaluation's.
     with mlflow_tracking.start_run(context, run_name=eval_id) as parent:
         report = evaluate(models, prompts, default_judge(), judge_model=judge_backend,
                           model_judge=settings.model_judge, pairwise=settings.pairwise_helpfulness,
                           answer_tokens=settings.answer_tokens,
                           on_model=lambda label: context.log.info(f"answering the {len(prompts)} prompts with {label}"),
-                          done_with=lambda label: label in by_label and llm.release(by_label[label]["adapter_path"]))
+                          done_with=lambda label: label in by_label and llm.release(by_label[label]["adapter_path"]),
+                          labelled=labelled)
         prompts_sha = hashlib.sha256("\n".join(sorted(p.prompt_id for p in prompts)).encode()).hexdigest()
         validation = _latest_validation(db)
         sets = {role: list(getattr(settings, f"{role}_sets")) for role in ("harmful", "safe", "helpfulness")}
 
         table, paired_table = format_table(report.metrics), format_paired(report.paired)
-        judge_line = _judge_line(validation)
+        judge_line = f"{_judge_line(validation)} {_labels_line(labelled)}"
         out = reports_dir() / eval_id
         out.mkdir(parents=True, exist_ok=True)
         (out / "base_vs_tuned.txt").write_text(f"{judge_line}\n\n{table}\n\n{paired_table}\n")
@@ -270,6 +272,18 @@ def _judge_line(validation: dict[str, Any] | None) -> str:
     return (f"Judge: embedding refusal classifier; agreement with human labels on {validation['subset']} "
             f"completions it was not fitted on: kappa {validation['value']:.2f} [{validation['ci_low']:.2f}, "
             f"{validation['ci_high']:.2f}] (n={validation['n']}, {validation['validation_id']})")
+
+
+def _labels_line(labelled: list[dict[str, Any]]) -> str:
+    """Where the corrected rates come from, and which rate decides promotion."""
+    rule = ("The champion rule compares the judge's raw verdicts prompt by prompt (a correction applies to rates, "
+            "not to pairs).")
+    if not labelled:
+        return (f"No labelled answers of this model yet, so no corrected rates (`matrix-assets label export`, then "
+                f"`label import`). {rule}")
+    who = sorted({f"{r['labeller']} ({r['method']})" for r in labelled})
+    return (f"Corrected rates: each judge's error measured on {len(labelled)} labelled answers of this model "
+            f"(labelled by {'; '.join(who)}). {rule}")
 
 
 def _champion_checkpoint(db: Store, tracking: MLflowResource, method: str) -> dict | None:
