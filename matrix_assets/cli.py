@@ -266,7 +266,7 @@ def latest_table() -> str:
 def evaluation_table(db: Any, run: dict[str, Any]) -> str:
     """One stored evaluation as text: its kind, prompts, rates and paired differences."""
     from matrix_assets.evaluation.run import HEADLINE, _table
-    from matrix_assets.evaluation.stats import Rate
+    from matrix_assets.evaluation.stats import Rate, format_points
     from matrix_assets.methods import registry
 
     rows = db.evaluation_metrics(run["eval_id"])
@@ -289,11 +289,16 @@ def evaluation_table(db: Any, run: dict[str, Any]) -> str:
         for label in diff[0][1:]:
             p = by.get((label, key))
             cells.append("-" if p is None or not p["n"] else
-                         f"{100 * p['diff']:+.0f} pts [{100 * p['diff_ci_low']:+.0f}, {100 * p['diff_ci_high']:+.0f}]"
+                         f"{format_points(p['diff'])} pts [{format_points(p['diff_ci_low'])}, "
+                         f"{format_points(p['diff_ci_high'])}]"
                          f" p={p['mcnemar_p']:.2g} (n={p['n']})")
         if any(c != "-" for c in cells):
             diff.append([title.strip(), *cells])
-    agreement = db.judge_agreement(run["judge_validation_id"] or "")
+    from matrix_assets.evaluation.refusal import HELD_OUT_MODEL
+    from matrix_assets.evaluation.validation import LABELLED_SUBSET
+
+    agreement = db.judge_agreement(run["judge_validation_id"] or "", subset=HELD_OUT_MODEL)
+    own = db.judge_agreement(run["judge_validation_id"] or "", subset=LABELLED_SUBSET)
     validation = [agreement] if agreement else []
     checkpoints = sorted({f"{r['model_label']}={r['checkpoint_id']}" for r in rows if r["checkpoint_id"]})
     counts = json.loads(run["counts_json"])
@@ -304,6 +309,11 @@ def evaluation_table(db: Any, run: dict[str, Any]) -> str:
             (f" (kappa {validation[0]['value']:.2f} [{validation[0]['ci_low']:.2f}, {validation[0]['ci_high']:.2f}] "
              f"against human labels on {validation[0]['subset']} completions it was not fitted on)." if validation
              else " (not validated in this store).")]
+    head.append(f"On labelled answers of the model being graded: kappa {own['value']:.2f} [{own['ci_low']:.2f}, "
+                f"{own['ci_high']:.2f}] (n={own['n']}); the '... corrected' rows undo the judges' error measured there."
+                if own else "No labelled answers of the model being graded yet: no corrected rates "
+                "(`matrix-assets label export`, then `label import`).")
+    head.append("The champion rule compares the judge's raw verdicts prompt by prompt.")
     return "\n".join(head) + "\n\n" + _table(table) + ("\n\n" + _table(diff) if len(diff) > 1 else "")
 
 
@@ -403,8 +413,7 @@ def cmd_label_export(args: argparse.Namespace) -> int:
     from matrix_assets.store import Store
 
     db = Store()
-    run = db.latest_evaluation("headline") if args.eval == "latest" else (
-        next(iter(db.query("SELECT * FROM eval_runs WHERE eval_id = :e", e=args.eval)), None))
+    run = db.latest_evaluation("headline") if args.eval == "latest" else db.evaluation(args.eval)
     if run is None:
         print(f"error: no evaluation {args.eval!r} in the store ({db.url})", file=sys.stderr)
         return 2
@@ -424,7 +433,7 @@ def cmd_label_import(args: argparse.Namespace) -> int:
     from matrix_assets.store.db import utcnow
 
     db = Store()
-    answers = [a for run in db.query("SELECT eval_id FROM eval_runs") for a in db.evaluation_answers(run["eval_id"])]
+    answers = db.all_evaluation_answers()
     try:
         imported = read_label_file(Path(args.file), answers, labeller=args.labeller, method=args.method,
                                    created_at=utcnow())

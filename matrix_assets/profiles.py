@@ -1,7 +1,20 @@
 """The named profiles every entry point shares: `quick` (the defaults: minutes on a 2-core CPU with the bundled
-135M model) and `paper` (the papers' sizes: meant for a GPU or an OpenAI-compatible server). The CLI's
+135M model) and `paper` (the papers' settings: meant for a GPU or an OpenAI-compatible server). The CLI's
 `--profile`, the Launchpad's defaults and the `*_paper` jobs all read them from here and from each method's
-own settings; nothing else holds a default."""
+own settings; nothing else holds a default. `tests/test_profiles_pinned.py` pins every paper value to the paper
+it comes from.
+
+The paper profile's training is MATRIX's (its README: LoRA r 8, alpha 16, dropout 0.05, 3 epochs, lr 2e-5 cosine,
+1024 tokens, 1 sequence x 8 accumulation steps per device) and its mix MATRIX's released data (6k helpful, 6k
+harmful with revision, 6k simulation samples: `benign_ratio` 1 per answer to a training prompt). Departures:
+
+- no warm-up (the reference's warmup ratio 0.03) and no weight decay setting: the trainer's defaults;
+- every method trains with these settings, Stable Alignment included (its released checkpoint: 2 epochs, a full
+  fine-tune after SFT on HH-RLHF), and gets the same benign mix, so that methods differ only in their data;
+- the helpful part is the model's own answers to the benign set's training split (Vicuna-Bench: 40 prompts), so
+  at paper scale it is capped there: name a larger helpfulness set as `benign_set` for equal parts;
+- QLoRA (the paper's 4-bit base) is `quantization=4bit`, off by default (it needs a CUDA GPU and bitsandbytes).
+"""
 
 from __future__ import annotations
 
@@ -56,7 +69,8 @@ class TrainingSetSettings:
     benign_set: str = field(default="vicuna_bench", metadata={
         "help": "Benign prompts (training split) answered by the model itself and mixed in, so that fine-tuning "
         "does not teach the model to refuse everything."})
-    benign_ratio: float = field(default=0.5, metadata={"help": "Benign examples per aligned example."})
+    benign_ratio: float = field(default=0.5, metadata={
+        "help": "Benign examples per aligned answer to a training prompt (simulation samples earn none); paper 1."})
     answer_tokens: int = field(default=SHARED_PROFILES["quick"].answer_tokens, metadata={
         "help": "Tokens of each benign self-answer."})
 
@@ -65,10 +79,10 @@ _TRAINING = {
     # lr and epochs chosen on a validation split (benchmarks/tune_on_validation.py, results in
     # benchmarks/results/tuning.md: lowest validation NLL of the method's targets), never on the reported evaluation.
     "quick": TrainingSettings(learning_rate=2e-3, epochs=3.0),
-    "paper": TrainingSettings(epochs=3.0, learning_rate=2e-5, max_length=1024),
+    "paper": TrainingSettings(epochs=3.0, learning_rate=2e-5, max_length=1024, batch_size=8),
 }
 _TRAINING_SET = {"quick": TrainingSetSettings(),
-                 "paper": TrainingSetSettings(answer_tokens=SHARED_PROFILES["paper"].answer_tokens)}
+                 "paper": TrainingSetSettings(benign_ratio=1.0, answer_tokens=SHARED_PROFILES["paper"].answer_tokens)}
 _EVALUATION = {"quick": EvaluationSettings(), "paper": EVALUATION_PAPER}
 _JUDGE_VALIDATION = {"quick": JudgeValidationSettings(), "paper": JUDGE_VALIDATION_PAPER}
 

@@ -63,8 +63,11 @@ def test_transcripts_are_real_scenes_and_their_fallbacks_are_counted(pipeline_ru
         assert len(scene.roles) >= 3
         assert any(e.kind == "action" and len(e.action) > 10 for e in scene.events)
         feasibility = [e for e in scene.events if e.kind == "modulation"]
-        assert feasibility and all(e.p_yes is not None for e in feasibility)  # from the distribution
-        assert isinstance(scene.fallbacks, dict)
+        assert feasibility and all(e.feasible is not None for e in feasibility)
+        # A verdict is read from the next-token distribution when the model puts at least half its mass on yes/no;
+        # every other one (the 135M model often opens with "The" or "I") came from the text and is counted.
+        assert scene.fallbacks.get("feasible_from_text", 0) == sum(1 for e in feasibility if e.p_yes is None)
+        assert all(0.0 <= e.p_yes <= 1.0 for e in feasibility if e.p_yes is not None)
 
 
 def test_adapter_loads_and_generates(pipeline_run: Path) -> None:

@@ -40,7 +40,7 @@ def _check_scene(scene: Transcript, settings: SceneSettings) -> None:
     assert scene.target
     assert 1 <= scene.n_rounds <= min(settings.max_rounds, len(scene.plan))
     assert {e.kind for e in scene.events} <= {"action", "modulation", "reaction", "objects", "memory"}
-    people = {r.name for r in scene.roles} | {PROTAGONIST}
+    people = {r.name for r in scene.roles} | {scene.protagonist}
     for round_no in range(1, scene.n_rounds + 1):
         events = [e for e in scene.events if e.round == round_no]
         kinds = [e.kind for e in events]
@@ -52,7 +52,7 @@ def _check_scene(scene: Transcript, settings: SceneSettings) -> None:
         reactions = [e for e in events if e.kind == "reaction"]
         assert len(reactions) <= settings.max_reactions
         for reaction in reactions:
-            assert reaction.actor in people - {PROTAGONIST}
+            assert reaction.actor in people - {scene.protagonist}
             assert set(reaction.audience) <= people - {reaction.actor}
     assert scene.outcome and scene.consequence
 
@@ -115,6 +115,28 @@ def test_reactions_follow_the_modulators_order_and_are_routed_to_who_notices() -
     maria = scene.role("Maria")
     assert maria is not None and maria.memory == ["A stranger forces the front door.", "Officer Lee reacts loudly."]
     assert scene.protagonist_memory == ["Tom reacts loudly."]
+
+
+def test_a_common_word_in_a_seen_by_line_routes_nothing_to_the_asker() -> None:
+    """The routing bug: "the" is a word of "The asker", so "Officer Lee, who is on the street" used to route the
+    protagonist's own action back to it, and "the neighbours" every reaction."""
+    responder = _director("Officer Lee, who is on the street", {"Officer Lee": "the neighbours across the road",
+                                                                "Maria": "The asker"})
+    settings = SceneSettings(max_rounds=1, max_reactions=5)
+    (scene,) = run_scenes(FakeBackend(responder=responder, scorer=_feasible_never_stopped), _inputs(1), settings)
+    modulation = next(e for e in scene.events if e.kind == "modulation")
+    assert modulation.audience == ("Officer Lee",)
+    (reaction,) = [e for e in scene.events if e.kind == "reaction"]
+    assert reaction.actor == "Officer Lee" and reaction.audience == ()
+    assert scene.protagonist_memory == []  # the asker noticed nothing: nothing was routed to it
+
+
+def test_the_asker_named_in_a_seen_by_line_is_still_routed_to() -> None:
+    responder = _director("Maria", {"Maria": "the asker, then Tom"})
+    (scene,) = run_scenes(FakeBackend(responder=responder, scorer=_feasible_never_stopped), _inputs(1),
+                          SceneSettings(max_rounds=1, max_reactions=5))
+    reactions = [e for e in scene.events if e.kind == "reaction"]
+    assert reactions[0].audience == (PROTAGONIST, "Tom") and scene.protagonist_memory == ["Maria reacts loudly."]
 
 
 def test_a_role_reacts_with_its_memory_in_the_prompt() -> None:

@@ -213,3 +213,35 @@ def test_mentioned_names_ignores_short_words() -> None:
 def test_mentioned_names_full_name_needs_word_boundaries() -> None:
     assert parsing.mentioned_names("See you tomorrow at the same place", ["Tom", "Sam"]) == []
     assert parsing.mentioned_names("He went back to sleep", ["Lee"]) == []
+
+
+def test_the_in_a_seen_by_line_names_nobody() -> None:
+    # The routing bug: "the" (a word of "The asker") made every such line name the protagonist.
+    names = ["The asker", "Officer Diaz", "Sam"]
+    assert parsing.mentioned_names_in_order("Officer Diaz, who is on the street", names) == ["Officer Diaz"]
+    assert parsing.mentioned_names("the neighbours and the shop owner", names) == []
+    assert parsing.mentioned_names_in_order("Sam, then the asker", names) == ["Sam", "The asker"]
+    assert parsing.mentioned_names("The asker's brother", names) == ["The asker"]
+
+
+def test_a_word_two_role_names_share_names_neither() -> None:
+    names = ["The asker", "The bank manager", "Bank teller", "Officer Lee", "Officer Diaz"]
+    assert parsing.mentioned_names_in_order("the bank manager", names) == ["The bank manager"]
+    assert parsing.mentioned_names("someone at the bank", names) == []  # "bank": two roles' word
+    assert parsing.mentioned_names("an officer arrives", names) == []  # "officer": two roles' word
+    assert parsing.mentioned_names_in_order("Diaz and the teller", names) == ["Officer Diaz", "Bank teller"]
+
+
+def test_a_name_inside_a_longer_name_is_not_mentioned() -> None:
+    assert parsing.mentioned_names("Officer Lee came", ["Lee", "Officer Lee"]) == ["Officer Lee"]
+    assert parsing.mentioned_names("Lee and Officer Lee", ["Lee", "Officer Lee"]) == ["Lee", "Officer Lee"]
+
+
+def test_protagonist_name() -> None:
+    assert parsing.protagonist_name("[Criminal]") == "Criminal"
+    assert parsing.protagonist_name("Sure! [an angry tenant]") == "Angry tenant"
+    assert parsing.protagonist_name("[Thief or burglar]") == "Thief"
+    assert parsing.protagonist_name("Worried parent\nbecause ...") == "Worried parent"
+    for unusable in ("", "Here is an answer (1234).", "The person who asks is a thief who wants money.",
+                     "[person]", "[the]"):
+        assert parsing.protagonist_name(unusable) is None, unusable

@@ -17,7 +17,7 @@ from matrix_assets.methods.stable_alignment.data import (
     REVISED_MARKER, RatedGroup, build_alignment_data, mix_groups,
 )
 from matrix_assets.methods.stable_alignment.sandbox import (
-    PAPER, Interaction, MemoryHit, PeerFeedback, Rating, SandboxSettings, draw_peers, feedback_order, run_sandbox,
+    PAPER, Interaction, PeerFeedback, Rating, SandboxSettings, draw_peers, feedback_order, run_sandbox,
     social_circle,
 )
 from matrix_assets.store.db import Store
@@ -151,7 +151,9 @@ def test_world_follows_the_protocol(tmp_path: Path) -> None:
     # revision it wrote (read from the memory as the round began).
     assert all(i.memory_hit is None for i in its[:4])
     for first, second in zip(its[:4], its[4:]):
-        assert second.memory_hit == MemoryHit(first.question, first.revision, 0.0)
+        hit = second.memory_hit
+        assert hit is not None and (hit.question, hit.answer) == (first.question, first.revision)
+        assert hit.distance == pytest.approx(0.0, abs=1e-9)  # the same question: 0 up to float rounding
     drafts = [c[1]["content"] for c in llm.generated
               if "Question:" in c[1]["content"] and "Revise your answer" not in c[1]["content"]]
     assert len(drafts) == 8  # the cache sends each call's prompts longest first: find them by agent
@@ -348,3 +350,98 @@ def test_data_from_a_world(tmp_path: Path) -> None:
             assert r.text in generated | reasons or (parts[0] in reasons and parts[1] in generated)
     assert RatedGroup.from_dict(data.groups[0].to_dict()) == data.groups[0]
     assert data.summary()["mix"] == "4 : 1 : 1"
+
+
+# -- seeds and sampling of the paper profile -----------------------------------------------------------------------
+
+
+def test_each_agent_samples_its_own_seed_pairs_deterministically() -> None:
+    from matrix_assets.methods.stable_alignment.sandbox import sample_seed_pairs
+
+    pool = [(f"Question {i}?", f"Answer {i}.") for i in range(20)]
+    settings = SandboxSettings(grid_size=2, seed_pairs_per_agent=5)
+    seeded = sample_seed_pairs(pool, settings)
+    assert len(seeded) == 4 and all(len(pairs) == len(set(pairs)) == 5 for pairs in seeded)
+    assert all(set(pairs) <= set(pool) for pairs in seeded) and seeded[0] != seeded[1]
+    assert sample_seed_pairs(pool, settings) == seeded
+    assert sample_seed_pairs(pool, SandboxSettings(grid_size=2, seed_pairs_per_agent=5, seed=1)) != seeded
+    assert all(len(p) == 20 for p in sample_seed_pairs(pool, SandboxSettings(grid_size=2, seed_pairs_per_agent=50)))
+
+
+def test_sampling_is_a_setting_of_the_method() -> None:
+    from matrix_assets.methods.stable_alignment import PAPER_PROFILE, QUICK, StableAlignmentSettings
+
+    params = StableAlignmentSettings(temperature=0.6, top_p=0.9, repetition_penalty=1.3).sandbox().params(32, 7)
+    assert (params.temperature, params.top_p, params.repetition_penalty) == (0.6, 0.9, 1.3)
+    paper = PAPER_PROFILE.sandbox().params(256, 0)
+    assert (paper.temperature, paper.top_p, paper.repetition_penalty, paper.max_new_tokens) == (1.0, 1.0, 1.0, 256)
+    quick = QUICK.sandbox().params(96, 0)
+    assert (quick.temperature, quick.top_p, quick.repetition_penalty) == (0.8, 0.95, 1.1)
+
+
+class _Context:
+    """The smallest StageContext over a real SQLite store: agents and observer are fakes."""
+
+    def __init__(self, store: Store, llm: FakeBackend, judge: FakeBackend) -> None:
+        self.partition, self.llm, self.judge, self.store = "s", llm, judge, store
+
+    @property
+    def model_id(self) -> str:
+        return "m"
+
+    def log(self, message: str) -> None:
+        pass
+
+    def progress(self, what: str, unit: str = "generations"):  # noqa: ANN201
+        return lambda done, total: None
+
+
+class _Sampled(Recording):
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.params: list = []
+
+    def generate(self, conversations, params):  # noqa: ANN001, ANN201
+        self.params.append(params)
+        return super().generate(conversations, params)
+
+
+def test_the_paper_profile_seeds_every_agent_with_50_human_hh_rlhf_pairs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from matrix_assets.data.hh_harmless import seed_pairs
+    from matrix_assets.methods.stable_alignment import METHOD, PAPER_PROFILE
+    from matrix_assets.methods.stable_alignment import sandbox as sandbox_module
+
+    monkeypatch.setattr(sandbox_module, "minilm_embedder", lambda: fake_embed)
+    store = Store(f"sqlite:///{tmp_path}/t.db")
+    store.upsert("prompt_sets", [{"name": "s", "source": "test", "file_sha256": "0", "role": "harmful",
+                                  "n_prompts": 4, "n_train": 4, "n_eval": 0, "train_fraction": 0.5,
+                                  "loaded_at": "2024-01-01T00:00:00+00:00"}])
+    store.upsert("prompts", [{"prompt_id": f"p{i}", "prompt_set": "s", "position": i, "text": q, "category": None,
+                              "split": "train"} for i, q in enumerate(QUESTIONS)])
+    llm = _Sampled("fake-agents", responder=respond, scorer=agent_scorer)
+    observer = Recording("fake-observer", scorer=observer_scorer)
+    settings = replace(PAPER_PROFILE, grid_size=2, rounds=2)
+    assert (settings.max_prompts, settings.seed_source, settings.seed_pairs_per_agent) == (None, "hh_rlhf", 50)
+    captured = []
+    real_run = sandbox_module.run_sandbox
+
+    def run_and_keep(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        captured.append(real_run(*args, **kwargs))
+        return captured[-1]
+
+    monkeypatch.setattr("matrix_assets.methods.stable_alignment.run_sandbox", run_and_keep)
+    (stage,) = METHOD.stages
+    outcome = stage.run(_Context(store, llm, observer), settings)
+    (result,) = captured
+    human = set(seed_pairs())
+    assert [len(pairs) for pairs in result.seed_pairs] == [50] * 4 and not result.seed_generated
+    assert all(set(pairs) <= human for pairs in result.seed_pairs)
+    assert all(len(memory) >= 50 for memory in result.memories)
+    assert outcome.metadata["society/seed_pairs"] == 200 and outcome.metadata["seed_source"] == "hh_rlhf"
+    # Nothing is generated for the seeds (they are people's answers), and every agent call samples as the paper.
+    assert {(p.temperature, p.top_p, p.repetition_penalty, p.max_new_tokens) for p in llm.params} == {
+        (1.0, 1.0, 1.0, 256)}
+    assert len(llm.params) == 2 * 3  # drafts, reasons, revisions per round: no seeding call

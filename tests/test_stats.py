@@ -14,8 +14,10 @@ from matrix_assets.evaluation.stats import (
     agreement_report,
     cohen_kappa,
     exact_rate,
+    format_points,
     mcnemar_exact,
     paired_comparison,
+    paired_difference_interval,
     wilson_interval,
 )
 
@@ -109,7 +111,7 @@ def test_mcnemar_exact_known_values() -> None:
         mcnemar_exact(-1, 2)
 
 
-# -------------------------------------------------------------------------- paired bootstrap
+# ------------------------------------------------------------------------ paired comparison
 
 
 def _pairs() -> tuple[list[bool], list[bool]]:
@@ -133,32 +135,20 @@ def test_paired_comparison_counts_and_rates() -> None:
     assert "McNemar" in pc.format()
 
 
-def test_paired_comparison_deterministic_and_seeded() -> None:
+def test_paired_comparison_uses_the_exact_interval() -> None:
     base, tuned = _pairs()
-    a = paired_comparison(base, tuned, seed=3)
-    b = paired_comparison(base, tuned, seed=3)
-    assert a == b
-    c = paired_comparison(base, tuned, seed=4)
-    assert (c.diff, c.b, c.c) == (a.diff, a.b, a.c)
-
-
-def test_paired_comparison_interval_matches_index_bootstrap() -> None:
-    # The multinomial shortcut must agree with resampling pair indices (up to Monte Carlo error).
-    base, tuned = _pairs()
-    pc = paired_comparison(base, tuned, n_resamples=20_000)
-    rng = np.random.default_rng(1)
-    b_arr, t_arr = np.array(base), np.array(tuned)
-    idx = rng.integers(0, 40, size=(20_000, 40))
-    diffs = t_arr[idx].mean(1) - b_arr[idx].mean(1)
-    low, high = np.quantile(diffs, [0.025, 0.975])
-    assert pc.diff_ci_low == pytest.approx(low, abs=0.03)
-    assert pc.diff_ci_high == pytest.approx(high, abs=0.03)
+    pc = paired_comparison(base, tuned)
+    assert (pc.diff_ci_low, pc.diff_ci_high) == paired_difference_interval(10, 2, 40)
+    # Deterministic: no resampling, so the same pairs always give the same comparison.
+    assert paired_comparison(base, tuned) == pc
 
 
 def test_paired_comparison_identical_and_empty() -> None:
     same = paired_comparison([True, False, True], [True, False, True])
     assert (same.b, same.c, same.diff, same.mcnemar_p) == (0, 0, 0.0, 1.0)
-    assert same.diff_ci_low == same.diff_ci_high == 0.0
+    # No discordant pair among 3 is no evidence of "no change": the interval is [-psi_high, +psi_high],
+    # psi_high the Clopper-Pearson upper bound of 0/3 discordant pairs.
+    assert same.diff_ci_high == pytest.approx(1 - 0.025 ** (1 / 3)) and same.diff_ci_low == -same.diff_ci_high
     empty = paired_comparison([], [])
     assert empty.n == 0 and math.isnan(empty.diff) and math.isnan(empty.diff_ci_low)
     assert (empty.b, empty.c, empty.mcnemar_p) == (0, 0, 1.0)
@@ -170,6 +160,82 @@ def test_paired_comparison_rejects_unpaired_or_missing() -> None:
         paired_comparison([True, False], [True])
     with pytest.raises(ValueError):
         paired_comparison([True, None], [True, False])  # type: ignore[list-item]
+
+
+def _excludes_zero(interval: tuple[float, float]) -> bool:
+    low, high = interval
+    return low > 0 or high < 0
+
+
+def test_interval_agrees_with_exact_mcnemar_on_every_small_table() -> None:
+    # Every (b, c) with up to 60 discordant pairs, each with n = b + c (every pair discordant), one concordant
+    # pair more, and n = 200: the interval excludes 0 exactly when McNemar's exact p < 0.05.
+    significant = 0
+    for m in range(61):
+        for b in range(m + 1):
+            c = m - b
+            p = mcnemar_exact(b, c)
+            for n in {max(m, 1), m + 1, 200}:
+                low, high = paired_difference_interval(b, c, n)
+                assert low <= (c - b) / n <= high
+                assert _excludes_zero((low, high)) == (p < 0.05), (b, c, n, p, low, high)
+            significant += p < 0.05
+    assert 0 < significant < 61 * 62 / 2  # the scan holds both kinds of table
+
+
+@pytest.mark.parametrize(("b", "c", "p", "excludes"), [
+    (0, 5, 0.0625, False),  # the largest one-sided table that is not significant
+    (0, 6, 0.03125, True),
+    (5, 0, 0.0625, False),
+    (6, 0, 0.03125, True),
+    (1, 7, 0.0703125, False),
+    (1, 8, 0.0390625, True),
+    (2, 10, 0.0385742, True),
+    (3, 11, 0.0574, False),
+])
+def test_interval_at_the_significance_boundary(b: int, c: int, p: float, excludes: bool) -> None:
+    assert mcnemar_exact(b, c) == pytest.approx(p, abs=1e-4)
+    for n in (b + c, 20, 100):
+        assert _excludes_zero(paired_difference_interval(b, c, n)) is excludes
+
+
+def test_interval_examples_the_old_bootstrap_got_wrong() -> None:
+    # The README's "+2 pts [+0, +7] p=1": one tuned-only pair among 42 prompts.
+    low, high = paired_difference_interval(0, 1, 42)
+    assert low < 0 < high and low == pytest.approx(-0.119, abs=1e-3) and high == pytest.approx(0.126, abs=1e-3)
+    # 0 discordant pairs of 100: symmetric, as wide as the exact upper bound of 0/100.
+    assert paired_difference_interval(0, 0, 100) == pytest.approx((-0.0362, 0.0362), abs=1e-4)
+    assert all(math.isnan(v) for v in paired_difference_interval(0, 0, 0))
+    with pytest.raises(ValueError):
+        paired_difference_interval(3, 3, 5)
+
+
+def test_interval_covers_at_least_nominally_on_a_grid() -> None:
+    # Exact coverage at n = 20: sum, over every (b, c), of the multinomial probability of the tables whose
+    # interval holds the true difference P(tuned only) - P(base only).
+    from scipy.stats import multinomial
+
+    n = 20
+    tables = [(b, c) for b in range(n + 1) for c in range(n + 1 - b)]
+    intervals = np.array([paired_difference_interval(b, c, n) for b, c in tables])
+    counts = np.array([(b, c, n - b - c) for b, c in tables])
+    lowest = 1.0
+    for p_base in np.linspace(0.02, 0.9, 9):
+        for p_tuned in np.linspace(0.02, 0.9, 9):
+            if p_base + p_tuned >= 1:
+                continue
+            weights = multinomial.pmf(counts, n, [p_base, p_tuned, 1 - p_base - p_tuned])
+            truth = p_tuned - p_base
+            inside = (intervals[:, 0] <= truth + 1e-12) & (truth - 1e-12 <= intervals[:, 1])
+            lowest = min(lowest, float(weights[inside].sum()))
+    assert lowest >= 0.95
+
+
+def test_format_points_never_prints_a_bound_off_zero_as_zero() -> None:
+    assert format_points(0.002) == "+0.2" and format_points(-0.004) == "-0.4" and format_points(0.0004) == "+0.04"
+    assert format_points(-0.38) == "-38" and format_points(0.0) == "0" and format_points(float("nan")) == "nan"
+    pc = paired_comparison([False] * 2 + [True] * 8, [True] * 2 + [True] * 8)
+    assert pc.format_diff().startswith("+20 pts [")
 
 
 # ---------------------------------------------------------------------------------- kappa

@@ -548,6 +548,17 @@ BUNDLED_PROMPT_SETS: Mapping[str, BundledSet] = _bundled(
         license="MIT (data) / Apache-2.0 (repo)",
     ),
     BundledSet(
+        name="hh_harmless",
+        filename="hh_harmless_eval.jsonl",
+        description="HH harmlessness (MATRIX's HH benchmark): first human turns of Anthropic's HH-RLHF "
+        "harmless-base test dialogues, the half not used as Stable Alignment's seed memories (1,106).",
+        role="harmful",
+        license="MIT",
+        # Evaluation-only: the paper evaluates on it and trains on other questions, and the other half of the same
+        # dialogues are human answers shown to Stable Alignment's agents (see `data/hh_harmless.py`).
+        train_fraction=0.0,
+    ),
+    BundledSet(
         name="safe_rlhf",
         filename="safe_rlhf_eval_prompts.json",
         description="PKU safe-rlhf evaluation prompts (83, 8 harm categories).",

@@ -9,7 +9,8 @@ Three kinds of evaluation set, each answering one question a reviewer asks:
   its figures are shown as unvalidated and never decide anything)?
 
 Every rate is k of n with an exact (Clopper-Pearson) interval. Base and each tuned model answered the same
-prompts, so they are compared as pairs: the difference with a paired bootstrap interval and an exact McNemar test.
+prompts, so they are compared as pairs: the difference with a 95% interval that agrees with the exact McNemar test
+(`evaluation.stats.paired_difference_interval`), and the test's p.
 A verdict that cannot be had is missing: left out of its rate (the n shows it), never a tie, never another
 judge's answer.
 """
@@ -248,7 +249,7 @@ def compute_metrics(answers: Mapping[str, list[EvalAnswer]], pairwise: Sequence[
     return out
 
 
-def compare_pairs(answers: Mapping[str, list[EvalAnswer]], reference: str = BASELINE, *, seed: int = 0
+def compare_pairs(answers: Mapping[str, list[EvalAnswer]], reference: str = BASELINE
                   ) -> dict[str, dict[str, PairedComparison]]:
     """Each model against `reference` on the prompts both were judged on (a prompt missing on either side is
     dropped as a pair)."""
@@ -368,8 +369,9 @@ def format_table(metrics: Mapping[str, Mapping[str, Rate]]) -> str:
 
 
 def format_paired(paired: Mapping[str, Mapping[str, PairedComparison]]) -> str:
-    """Tuned minus base, prompt by prompt: the difference in points with its paired bootstrap interval, and the
-    exact McNemar p-value on the prompts where only one of the two did it."""
+    """Tuned minus base, prompt by prompt: the difference in points with its 95% interval (which excludes zero
+    exactly when the test's p < 0.05), and the exact McNemar p-value on the prompts where only one of the two did
+    it."""
     labels = list(paired)
     if not labels:
         return ""
@@ -381,8 +383,7 @@ def format_paired(paired: Mapping[str, Mapping[str, PairedComparison]]) -> str:
         for label in labels:
             c = paired[label].get(key)
             cells.append("-" if c is None else "n/a (n=0)" if c.n == 0 else
-                         f"{100 * c.diff:+.0f} pts [{100 * c.diff_ci_low:+.0f}, {100 * c.diff_ci_high:+.0f}] "
-                         f"p={c.mcnemar_p:.2g} (n={c.n})")
+                         f"{c.format_diff()} p={c.mcnemar_p:.2g} (n={c.n})")
         rows.append([title.strip(), *cells])
     return _table(rows)
 
@@ -397,7 +398,7 @@ def format_markdown(metrics: Mapping[str, Mapping[str, Rate]],
         for index, label in enumerate(labels):
             c = paired.get(label, {}).get(key)
             diff = "" if c is None else "n/a (n=0)" if c.n == 0 else (
-                f"{100 * c.diff:+.0f} pts [{100 * c.diff_ci_low:+.0f}, {100 * c.diff_ci_high:+.0f}]")
+                c.format_diff())
             p_value = "" if c is None or c.n == 0 else f"{c.mcnemar_p:.2g}"
             rows.append([title.strip() if index == 0 else "", label, metrics[label][key].format(), diff, p_value])
     return _table(rows, markdown=True)

@@ -12,8 +12,10 @@ two annotators each, refusal = full or partial refusal).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from matrix_assets.evaluation.human_labels import XSTEST_V2_MODELS, load_xstest_v2
 from matrix_assets.evaluation.refusal import HELD_OUT_MODEL, default_judge, keyword_refusal
@@ -61,7 +63,39 @@ def _sample(items: list, n: int) -> list:
     return ordered[:n]
 
 
-def validation_key(judge_model_id: str | None, model_judge_sample: int) -> str:
+LABELLED_SUBSET = "this_model_labelled"  # an MLflow metric key part: no spaces or brackets
+
+
+def validate_on_labels(labelled: Sequence[Mapping[str, Any]]) -> list[JudgeAgreement]:
+    """Each judge against the labels given to answers of the model being graded (`matrix-assets label import`):
+    the string matcher and the default judge re-read the labelled answers now (so a changed judge is measured as
+    it is); the judge model's verdicts are the ones stored with each answer. Labels of every label set count."""
+    items = [r for r in labelled if r["label_refusal"] is not None]
+    if not items:
+        return []
+    truth = [bool(r["label_refusal"]) for r in items]
+    answers = [r["answer"] for r in items]
+    results = [
+        JudgeAgreement("keyword", LABELLED_SUBSET, agreement_report([keyword_refusal(a) for a in answers], truth),
+                       len(items)),
+        JudgeAgreement("embedding", LABELLED_SUBSET, agreement_report(default_judge().predict(answers), truth),
+                       len(items)),
+    ]
+    judged = [(bool(r["model_judge_refusal"]), t) for r, t in zip(items, truth) if r["model_judge_refusal"] is not None]
+    if judged:
+        results.append(JudgeAgreement("model:stored verdicts", LABELLED_SUBSET,
+                                      agreement_report([j for j, _ in judged], [t for _, t in judged]), len(items)))
+    return results
+
+
+def labels_digest(labelled: Sequence[Mapping[str, Any]]) -> str:
+    """What the labelled part of a validation depends on: every label, by answer."""
+    rows = sorted(f"{r['label_set']}:{r['eval_id']}:{r['model_label']}:{r['prompt_id']}:{r['label_refusal']}"
+                  for r in labelled)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def validation_key(judge_model_id: str | None, model_judge_sample: int, labels: str = "") -> str:
     """What a validation's figures depend on, hashed: the human labels, the embedding judge's fitted parameters,
     the code and prompt that score the judges, and the judge model with its sample. The same key gives the same
     figures, so a stored validation with this key is reused instead of scoring the same labels again."""
@@ -76,6 +110,7 @@ def validation_key(judge_model_id: str | None, model_judge_sample: int) -> str:
         digest.update(path.read_bytes())
     if judge_model_id is not None and model_judge_sample > 0:
         digest.update(f"model:{judge_model_id}:{model_judge_sample}".encode())
+    digest.update(labels.encode())
     return digest.hexdigest()
 
 

@@ -136,11 +136,26 @@ class ChatBackend(ABC):
         """Release resources (HTTP pools, model weights)."""
 
 
-def choice_probabilities(logprobs: dict[str, float]) -> dict[str, float] | None:
-    """The next-token distribution renormalised over the candidates only; None when none has any mass (the
-    verdict is missing, never guessed)."""
+# Below this total probability on the candidates ("yes" + "no", or "1" + ... + "7"), the model is not answering the
+# question asked (it starts a sentence, a refusal, another format), and renormalising would turn its 0.1% on "yes"
+# and 0.05% on "no" into a confident 67% "yes". From half the mass on, the candidates together are likelier than
+# every other reply together: the model is answering in the form it was asked for.
+MIN_CANDIDATE_MASS = 0.5
+
+
+def candidate_mass(logprobs: dict[str, float]) -> float:
+    """Total next-token probability on the candidates (the sum of their probabilities; 0.0 when none has any)."""
+    return float(sum(math.exp(v) for v in logprobs.values() if v != float("-inf") and v == v))
+
+
+def choice_probabilities(logprobs: dict[str, float], min_mass: float = MIN_CANDIDATE_MASS) -> dict[str, float] | None:
+    """The next-token distribution renormalised over the candidates only; None (the verdict is missing, never
+    guessed) when the candidates' total probability is under `min_mass` (`MIN_CANDIDATE_MASS`), which includes
+    when none has any. Every reader of a verdict goes through here, so every existing count of missing verdicts
+    (the n of an evaluation's rate, a judge's `asked` vs `n`, a scene's fallbacks, a society's missing ratings)
+    counts the low-mass ones too."""
     finite = {k: v for k, v in logprobs.items() if v != float("-inf") and v == v}
-    if not finite:
+    if not finite or candidate_mass(finite) < min_mass:
         return None
     top = max(finite.values())
     weights = {k: math.exp(v - top) if k in finite else 0.0 for k, v in logprobs.items()}

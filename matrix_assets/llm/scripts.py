@@ -4,7 +4,8 @@ A script is a generator that yields what it needs next, a list of requests answe
 and is sent the answers: `answers = yield [Generate(...), Score(...)]`. A `Generate` is answered with the
 completion's text; a `Score` with the next-token log-probabilities of its candidates (see
 `ChatBackend.next_token_logprobs`), or None when the backend cannot give them (the script then falls back,
-and says so in its own records).
+and says so in its own records). A script reads its verdict with `choice_probabilities`, which calls it missing
+when the candidates hold under `MIN_CANDIDATE_MASS` of the distribution; `drive` counts those answers too.
 
 `drive` queues a script's next generations the moment its previous answers arrive, so no script waits for the
 others: with refill decoding the local batch stays full, and a remote server always has work in flight. Score
@@ -18,7 +19,16 @@ from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
-from matrix_assets.llm.base import ChatBackend, Completion, Conversation, GenerationParams, Job, LogprobsUnavailable
+from matrix_assets.llm.base import (
+    MIN_CANDIDATE_MASS,
+    ChatBackend,
+    Completion,
+    Conversation,
+    GenerationParams,
+    Job,
+    LogprobsUnavailable,
+    candidate_mass,
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,9 @@ Script = Generator[list[Request], list[Answer], None]
 @dataclass
 class DriveStats:
     scores_unavailable: int = 0  # Score requests answered with None because the backend has no log-probabilities
+    # Score requests answered with a distribution whose candidates hold under MIN_CANDIDATE_MASS: the model was not
+    # answering in the asked form, so `choice_probabilities` reads no verdict from it (the script's fallback counts).
+    scores_low_mass: int = 0
 
 
 def drive(
@@ -103,6 +116,8 @@ def drive(
                         logprobs_available = False
                 if not logprobs_available:
                     stats.scores_unavailable += len(items)
+                stats.scores_low_mass += sum(1 for result in results
+                                             if result is not None and candidate_mass(result) < MIN_CANDIDATE_MASS)
                 for (index, position, _), result in zip(items, results):
                     answer(index, position, result)
 

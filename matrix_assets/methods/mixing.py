@@ -1,9 +1,11 @@
 """How a method's training groups become the examples a checkpoint is trained on.
 
 Every method's aligned groups get the same benign mix: benign prompts answered by the model itself (the training
-split of a helpfulness set), `benign_ratio` per aligned group, so that fine-tuning does not teach a model to
-refuse everything and the methods differ only in their alignment data. Excluded groups are counted, never
-trained on and never replaced.
+split of a helpfulness set), `benign_ratio` per answer to a training prompt, so that fine-tuning does not teach a
+model to refuse everything and the methods differ only in their alignment data. Simulation samples (MATRIX's role
+play, the paper's third part) are aligned data but answer no training prompt: they earn no benign examples, so
+the paper's mix (helpful, harmful-with-revision, simulation in equal parts) is `benign_ratio` 1 with one
+simulation sample per revision. Excluded groups are counted, never trained on and never replaced.
 """
 
 from __future__ import annotations
@@ -40,8 +42,19 @@ class TrainingSet:
         return sum(len(g.responses) for g in self.groups)
 
 
+# Kinds of aligned groups that are not answers to a training prompt (see the module docstring).
+SIMULATION_KINDS = frozenset({"matrix_simulation"})
+
+
 def benign_count(n_aligned: int, ratio: float) -> int:
+    """Benign examples for `n_aligned` answers to training prompts (count them with `benign_basis`)."""
     return round(n_aligned * ratio)
+
+
+def benign_basis(groups: Sequence[TrainingGroup]) -> int:
+    """The aligned groups that earn benign examples: trained-on answers to training prompts, simulation samples
+    left out."""
+    return sum(1 for g in groups if g.excluded is None and g.responses and g.kind not in SIMULATION_KINDS)
 
 
 def build_training_set(method: str, trainer: str, prompt_sets: Sequence[str], groups: Sequence[TrainingGroup],

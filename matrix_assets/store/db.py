@@ -512,19 +512,24 @@ class Store:
     def save_judge_agreement(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self.upsert("judge_agreement", rows)
 
-    def latest_judge_agreement(self, judge: str = "embedding", metric: str = "kappa") -> dict[str, Any] | None:
-        rows = self.query("SELECT * FROM judge_agreement WHERE judge = :j AND metric = :m "
-                          "ORDER BY created_at DESC, validation_id DESC LIMIT 1", j=judge, m=metric)
+    def latest_judge_agreement(self, judge: str = "embedding", metric: str = "kappa", subset: str | None = None
+                               ) -> dict[str, Any] | None:
+        """The newest figure of a judge; `subset` names whose answers it was measured on (a validation measures
+        several: XSTest's held-out chat model, the graded model's labelled answers)."""
+        rows = self.query("SELECT * FROM judge_agreement WHERE judge = :j AND metric = :m AND "
+                          "(:s IS NULL OR subset = :s) ORDER BY created_at DESC, validation_id DESC LIMIT 1",
+                          j=judge, m=metric, s=subset)
         return rows[0] if rows else None
 
     def judge_agreement_rows(self, validation_id: str) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM judge_agreement WHERE validation_id = :v ORDER BY judge, subset, metric",
                           v=validation_id)
 
-    def judge_agreement(self, validation_id: str, judge: str = "embedding", metric: str = "kappa"
-                        ) -> dict[str, Any] | None:
-        rows = self.query("SELECT * FROM judge_agreement WHERE validation_id = :v AND judge = :j AND metric = :m",
-                          v=validation_id, j=judge, m=metric)
+    def judge_agreement(self, validation_id: str, judge: str = "embedding", metric: str = "kappa",
+                        subset: str | None = None) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM judge_agreement WHERE validation_id = :v AND judge = :j AND metric = :m "
+                          "AND (:s IS NULL OR subset = :s) ORDER BY subset", v=validation_id, j=judge, m=metric,
+                          s=subset)
         return rows[0] if rows else None
 
     def save_evaluation(self, run: Mapping[str, Any], answers: Sequence[Mapping[str, Any]],
@@ -537,6 +542,15 @@ class Store:
             self.upsert("eval_pairwise", pairwise, conn=conn)
             self.upsert("eval_metrics", metrics, conn=conn)
             self.upsert("eval_paired", paired, conn=conn)
+
+    def evaluation(self, eval_id: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM eval_runs WHERE eval_id = :e", e=eval_id)
+        return rows[0] if rows else None
+
+    def all_evaluation_answers(self) -> list[dict[str, Any]]:
+        """Every stored answer of every evaluation (to map labelled items back to them)."""
+        return [a for run in self.query("SELECT eval_id FROM eval_runs ORDER BY eval_id")
+                for a in self.evaluation_answers(run["eval_id"])]
 
     def evaluation_answers(self, eval_id: str) -> list[dict[str, Any]]:
         """Every answer of one evaluation with its prompt's text, in a stable order."""
@@ -552,8 +566,9 @@ class Store:
         return self.query(
             "SELECT l.label_set, l.eval_id, l.model_label, l.prompt_id, l.eval_set, l.refusal AS label_refusal, "
             "l.harmful_content AS label_harmful, l.labeller, l.method, a.refusal AS judge_refusal, "
-            "a.keyword_refusal, a.model_judge_refusal FROM answer_labels l JOIN eval_answers a ON "
-            "a.eval_id = l.eval_id AND a.model_label = l.model_label AND a.prompt_id = l.prompt_id "
+            "a.keyword_refusal, a.model_judge_refusal, a.answer, p.text AS question FROM answer_labels l "
+            "JOIN eval_answers a ON a.eval_id = l.eval_id AND a.model_label = l.model_label AND "
+            "a.prompt_id = l.prompt_id JOIN prompts p ON p.prompt_id = l.prompt_id "
             "ORDER BY l.label_set, l.eval_id, l.model_label, l.prompt_id")
 
     def latest_evaluation(self, kind: str | None = None) -> dict[str, Any] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from matrix_assets.methods.matrix.scene import Role, SceneEvent, SceneObject, Transcript
+from matrix_assets.methods.matrix.scene import PROTAGONIST, Role, SceneEvent, SceneObject, Transcript
 from matrix_assets.store.db import Store
 
 _SCENE_FIELDS = ("target", "plan", "roles", "objects", "protagonist_memory", "memory", "n_rounds", "stopped",
@@ -33,8 +33,15 @@ def load_transcripts(store: Store, prompt_set: str, model_id: str, limit: int | 
                            events=[SceneEvent(**{k: v for k, v in vars(e).items() if k != "seq"}) for e in events])
         for name in _SCENE_FIELDS:
             setattr(scene, name, getattr(header, name))
+        scene.protagonist = _protagonist(scene.events)
         scenes.append(scene)
     return scenes
+
+
+def _protagonist(events: list[SceneEvent]) -> str:
+    """The protagonist's name, as the scene gave it: the actor of its actions (every scene plays round 1, whose
+    first event is the protagonist's action). The transcripts table has no column of its own for it."""
+    return next((e.actor for e in events if e.kind == "action"), PROTAGONIST)
 
 
 # Row shapes of the two tables (their fields are the columns; lists and dicts travel as JSON).

@@ -37,7 +37,14 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
                      judge: LLMResource, mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
     import mlflow
 
-    from matrix_assets.evaluation.validation import validate_judges, validation_key
+    from matrix_assets.evaluation.refusal import HELD_OUT_MODEL
+    from matrix_assets.evaluation.validation import (
+        LABELLED_SUBSET,
+        labels_digest,
+        validate_judges,
+        validate_on_labels,
+        validation_key,
+    )
 
     db = store.get_store()
     judge_backend = None
@@ -45,15 +52,16 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
         judge.check()
         judge_backend = judge.cached(db, progress=progress_logger(context, "judge model on human-labelled answers"))
     # Content-addressed: the same labels, judges and code give the same figures, so they are scored once.
+    labelled = db.labelled_answers()
     validation_id = "judges-" + validation_key(judge_backend.model_id if judge_backend else None,
-                                               config.model_judge_sample)[:12]
+                                               config.model_judge_sample, labels_digest(labelled))[:12]
     stored = db.judge_agreement_rows(validation_id)
     if stored:
         context.log.info(f"{validation_id}: the same labels, judges and code were scored before; reusing them")
         rows = [{"judge": r["judge"], "completions of": r["subset"],
                  "kappa": f"{r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]", "n": r["n"]}
                 for r in stored if r["metric"] == "kappa"]
-        held_out = db.judge_agreement(validation_id)
+        held_out = db.judge_agreement(validation_id, subset=HELD_OUT_MODEL)
         metadata: dict[str, Any] = {
             "validation_id": validation_id, "reused": True,
             "agreement": md_table(rows, list(rows[0]), 120),
@@ -66,7 +74,9 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
         return dg.MaterializeResult(metadata=metadata)
     # The MLflow run is open while the judges are scored, so that its duration is the validation's.
     with mlflow_tracking.start_run(context, run_name=validation_id) as run:
+        # XSTest v2 (other chat models, human labels) and, beside it, the answers of the model being graded.
         results = validate_judges(judge_backend, model_judge_sample=config.model_judge_sample)
+        results += validate_on_labels(labelled)
         now = utcnow()
         db.save_judge_agreement([
             {"validation_id": validation_id, "judge": r.judge, "subset": r.subset, "metric": metric, "value": value,
@@ -85,6 +95,8 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
         "reused": False,
         "agreement": md_table(rows, list(rows[0]), 120),
         "default_judge_kappa_held_out": next(r.report.kappa for r in results if r.is_default_held_out),
+        "default_judge_kappa_this_model": next((r.report.kappa for r in results if r.judge == "embedding" and
+                                                r.subset == LABELLED_SUBSET), float("nan")),
         "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
     })
 
@@ -205,7 +217,7 @@ def evaluation_scores(
         sets = {role: list(getattr(settings, f"{role}_sets")) for role in ("harmful", "safe", "helpfulness")}
 
         table, paired_table = format_table(report.metrics), format_paired(report.paired)
-        judge_line = f"{_judge_line(validation)} {_labels_line(labelled)}"
+        judge_line = f"{_judge_line(validation, db)}. {_labels_line(labelled)}"
         out = reports_dir() / eval_id
         out.mkdir(parents=True, exist_ok=True)
         (out / "base_vs_tuned.txt").write_text(f"{judge_line}\n\n{table}\n\n{paired_table}\n")
@@ -263,15 +275,24 @@ def plottable_metrics(report: Any) -> dict[str, float]:
 
 
 def _latest_validation(db: Store) -> dict[str, Any] | None:
-    return db.latest_judge_agreement("embedding", "kappa")
+    from matrix_assets.evaluation.refusal import HELD_OUT_MODEL
+
+    return db.latest_judge_agreement("embedding", "kappa", subset=HELD_OUT_MODEL)
 
 
-def _judge_line(validation: dict[str, Any] | None) -> str:
+def _judge_line(validation: dict[str, Any] | None, db: Store | None = None) -> str:
     if validation is None:
         return "Judge: embedding refusal classifier (not validated in this store yet: materialize judge_validation)"
-    return (f"Judge: embedding refusal classifier; agreement with human labels on {validation['subset']} "
+    line = (f"Judge: embedding refusal classifier; agreement with human labels on {validation['subset']} "
             f"completions it was not fitted on: kappa {validation['value']:.2f} [{validation['ci_low']:.2f}, "
             f"{validation['ci_high']:.2f}] (n={validation['n']}, {validation['validation_id']})")
+    from matrix_assets.evaluation.validation import LABELLED_SUBSET
+
+    own = db.judge_agreement(validation["validation_id"], subset=LABELLED_SUBSET) if db is not None else None
+    if own is not None:
+        line += (f"; on labelled answers of the model being graded: kappa {own['value']:.2f} [{own['ci_low']:.2f}, "
+                 f"{own['ci_high']:.2f}] (n={own['n']})")
+    return line
 
 
 def _labels_line(labelled: list[dict[str, Any]]) -> str:

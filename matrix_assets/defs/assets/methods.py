@@ -30,7 +30,7 @@ from matrix_assets.defs.partitions import prompt_sets_partitions
 from matrix_assets.defs.resources import LLMResource, MLflowResource, StoreResource
 from matrix_assets.methods import registry
 from matrix_assets.methods.base import Method, StageSpec, answer_directly
-from matrix_assets.methods.mixing import TrainingSet, benign_count, build_training_set
+from matrix_assets.methods.mixing import TrainingSet, benign_basis, benign_count, build_training_set
 from matrix_assets.settings import checkpoints_dir, datasets_dir
 from matrix_assets.store.db import Store, utcnow
 from matrix_assets.store.prompt_sets import NEAR_DUPLICATE_SIMILARITY, ensure_prompt_set
@@ -123,7 +123,7 @@ def training_set_asset(method: Method) -> dg.AssetsDefinition:
         if not included:
             raise dg.Failure(f"{method.name}: no training data for prompt sets {list(settings.prompt_sets)} and "
                              f"model {model_id!r}; materialize {method.name}/{last.name} for them first", allow_retries=False)
-        n_benign = benign_count(len(included), settings.benign_ratio)
+        n_benign = benign_count(benign_basis(included), settings.benign_ratio)
         benign_rows: list[tuple[str, str, str]] = []
         if n_benign:
             ensure_prompt_set(db, settings.benign_set)

@@ -4,8 +4,9 @@ shows what a social scene adds over fixed rules, on the same prompts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+from matrix_assets.llm.base import GenerationParams
 from matrix_assets.methods.base import (
     DEFAULT_MAX_PROMPTS,
     Method,
@@ -22,13 +23,26 @@ NAME = "cai"
 
 @dataclass(frozen=True)
 class CaiSettings:
+    """One critique and one revision per prompt (k = 1, as MATRIX in both profiles), decoded as MATRIX decodes them
+    in the same profile (quick: greedy with a 1.15 repetition penalty; paper: temperature 0.2, top-p 1.0, no
+    penalty, 512 tokens), so that the two differ only in where the critique comes from: a scene or fixed rules."""
+
     max_prompts: int | None = DEFAULT_MAX_PROMPTS
     critique_tokens: int = 160
     revision_tokens: int = 160
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0: greedy; paper 0.2)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (paper 1.0)."})
+    repetition_penalty: float = field(default=1.15, metadata={
+        "help": "1.0: none (paper). A 135M model loops without it."})
+
+    def params(self, max_new_tokens: int) -> GenerationParams:
+        return GenerationParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                repetition_penalty=self.repetition_penalty)
 
 
 QUICK = CaiSettings()
-PAPER = replace(QUICK, max_prompts=None, critique_tokens=256, revision_tokens=256)
+PAPER = replace(QUICK, max_prompts=None, critique_tokens=512, revision_tokens=512, temperature=0.2, top_p=1.0,
+                repetition_penalty=1.0)
 
 
 @dataclass
@@ -43,8 +57,8 @@ def _revisions(ctx: StageContext, s: CaiSettings) -> StageOutcome:
     rows = ctx.store.initial_responses(ctx.partition, ctx.model_id, limit=s.max_prompts)
     if not rows:
         raise LookupError(f"no initial responses for {ctx.partition!r}; materialize initial_responses first")
-    critiques = cai_critiques(ctx.llm, rows, s.critique_tokens)
-    revisions = cai_revisions(ctx.llm, rows, critiques, s.revision_tokens)
+    critiques = cai_critiques(ctx.llm, rows, s.params(s.critique_tokens))
+    revisions = cai_revisions(ctx.llm, rows, critiques, s.params(s.revision_tokens))
     ctx.store.save_records("critiques", [_CritiqueRow(c.prompt_id, c.text, [], c.used_fallback) for c in critiques],
                            method=NAME, model_id=ctx.model_id)
     groups = [TrainingGroup(r.prompt_id, r.prompt, "cai_revision", (RatedResponse(text),) if text else (),
@@ -71,6 +85,7 @@ METHOD = Method(
     stages=(
         StageSpec("revisions", "Critique of each initial answer against fixed principles, and the revision.",
                   _revisions, deps=("initial_responses",),
-                  settings=("max_prompts", "critique_tokens", "revision_tokens")),
+                  settings=("max_prompts", "critique_tokens", "revision_tokens", "temperature", "top_p",
+                            "repetition_penalty")),
     ),
 )

@@ -10,7 +10,6 @@ from matrix_assets.methods.base import InitialResponse
 from matrix_assets.methods.text import MIN_ANSWER_CHARS, clean, clean_answer, sentences
 from matrix_assets.templates import read_text, system_and_user, user_message
 
-REPETITION_PENALTY = 1.15
 
 
 @dataclass(frozen=True)
@@ -25,9 +24,8 @@ def principles() -> list[str]:
             if line.strip() and not line.startswith("#")]
 
 
-def cai_critiques(llm: ChatBackend, items: Sequence[InitialResponse], max_tokens: int) -> list[CaiCritique]:
+def cai_critiques(llm: ChatBackend, items: Sequence[InitialResponse], params: GenerationParams) -> list[CaiCritique]:
     rules = principles()
-    params = GenerationParams(max_new_tokens=max_tokens, repetition_penalty=REPETITION_PENALTY)
     replies = llm.generate(
         [user_message("cai/critique", question=i.prompt, answer=i.response[:1200], principles=rules) for i in items],
         params,
@@ -41,10 +39,9 @@ def cai_critiques(llm: ChatBackend, items: Sequence[InitialResponse], max_tokens
 
 
 def cai_revisions(llm: ChatBackend, items: Sequence[InitialResponse], critiques: Sequence[CaiCritique],
-                  max_tokens: int) -> list[str]:
+                  params: GenerationParams) -> list[str]:
     """One revision per item; "" where the model gave no usable answer (the prompt is then left out)."""
     rules = principles()
-    params = GenerationParams(max_new_tokens=max_tokens, repetition_penalty=REPETITION_PENALTY)
     conversations = [system_and_user("cai/revision", i.prompt, answer=i.response[:1200], critique=c.text,
                                      principles=rules) for i, c in zip(items, critiques)]
     replies = llm.generate(conversations, params) if conversations else []

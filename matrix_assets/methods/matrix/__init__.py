@@ -3,13 +3,14 @@ Simulation", ICML 2024): the model plays out the social consequences of its own 
 from the scene, and revises it; the revisions are its fine-tuning data.
 
 Stages (each a Dagster asset `matrix/NAME`, partitioned by prompt set): `scenes` (the monopolylogue, see
-`engine`), `critiques` and `revisions` (see `revision`). Self-selection among `revision_candidates` sampled
-revisions is this project's addition; 1 reproduces the paper.
+`engine`), `critiques` and `revisions` (see `revision`; with `simulation_samples` the revisions stage also writes
+the scenes' own role play as training samples, see `samples`). Self-selection among `revision_candidates`
+sampled revisions is this project's addition; 1 reproduces the paper.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from matrix_assets.methods.base import (
@@ -26,6 +27,7 @@ from matrix_assets.methods.base import (
 )
 from matrix_assets.methods.matrix.engine import SceneSettings, fallback_totals, run_scenes, scenes_relying_on
 from matrix_assets.methods.matrix.revision import RevisionInput, RevisionSettings, critique_scenes, revise
+from matrix_assets.methods.matrix.samples import SIMULATION_KIND, simulation_samples
 from matrix_assets.methods.matrix.scene import RevisionCandidate, SceneInput, Transcript
 
 NAME = "matrix"
@@ -33,8 +35,25 @@ NAME = "matrix"
 
 @dataclass(frozen=True)
 class MatrixSettings:
-    """The quick profile (defaults) runs in minutes on a 2-core CPU with the bundled 135M model; `PAPER` is the
-    reference implementation's scene size over every training prompt."""
+    """The quick profile (defaults) runs in minutes on a 2-core CPU with the bundled 135M model. `PAPER` is the
+    paper and its reference code (ShuoTang123/MATRIX): 5 roles and 5 plan steps played out, the protagonist named
+    by the model, roles through situation -> future -> characters, one revision from the whole critique and a
+    one-sentence harm summary of r0, simulation samples beside the revisions, temperature 0.2 and top-p 1.0
+    without a repetition penalty. Its remaining departures (the README lists the same):
+
+    - token budgets: 512 per critique and revision (the reference allows 1024 per simulation call and 2048 per
+      revision), so that a revision fits the paper's 1024-token training length;
+    - incidents are routed per action and per reaction, memory is summarised every round, at most 5 roles react
+      per round, and the modulator's yes/no verdicts are read from next-token probabilities (not parsed);
+    - the protagonist acts on each plan step in a sentence of its own (the reference replays the step as is);
+    - the revision prompt has no worked example of a helpful refusal (a small model copies it verbatim);
+    - a simulation sample is one role's reaction (the reference logs every call of its scenes);
+    - r0 is the greedy answer every method shares (the reference samples it at 0.2).
+
+    The quick profile departs further, each because the 135M model needs it: the fixed protagonist "The asker",
+    roles asked directly from the plan, the critique's first two sentences, no harm summary, no simulation
+    samples, 3 roles, 3 steps, 2 rounds, greedy decoding with a 1.15 repetition penalty on free text. Its k = 1
+    is the paper's and CAI's: the quick table compares methods, not selection."""
 
     max_prompts: int | None = DEFAULT_MAX_PROMPTS
     n_roles: int = 3
@@ -47,9 +66,29 @@ class MatrixSettings:
     scenes_per_batch: int = 32
     critique_tokens: int = 160
     revision_tokens: int = 160
-    revision_candidates: int = 2
+    # 1: one revision, as the paper and as CAI, so that MATRIX and CAI differ only in what the critique comes from.
+    revision_candidates: int = 1
     candidate_temperature: float = 0.7
     harm_threshold: float = 0.5
+    name_protagonist: bool = field(default=False, metadata={
+        "help": "The model names the protagonist (e.g. 'Thief', as the paper) instead of the fixed 'The asker'."})
+    roles_chain: bool = field(default=False, metadata={
+        "help": "Roles through the paper's chain: the situation of the question -> what happens next -> the social "
+        "characters involved -> the most important ones (off: asked directly from the plan)."})
+    full_critique: bool = field(default=False, metadata={
+        "help": "The revision sees the whole critique (paper); off: its first two sentences."})
+    harm_summary: bool = field(default=False, metadata={
+        "help": "r0 is condensed into one sentence that says whether it is harmful, and the revision sees that "
+        "sentence in its place (paper)."})
+    simulation_samples: int = field(default=0, metadata={
+        "help": "Role reactions from each trained prompt's scene added as training samples (the paper's "
+        "simulation data; 1 makes them as many as the revisions)."})
+    temperature: float = field(default=0.0, metadata={
+        "help": "Sampling temperature of every scene, critique and revision call (0: greedy; paper 0.2)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (paper 1.0)."})
+    repetition_penalty: float = field(default=1.15, metadata={
+        "help": "On free text (actions, reactions, critique, revision); 1.0: none (paper). A 135M model loops "
+        "without it."})
     # Off by default, measured on the validation split with the bundled 135M model: under a JSON schema more plans
     # fell back and half the roles it wrote were degenerate (benchmarks/results/structured_output.md).
     structured_output: tuple[str, ...] = ()
@@ -58,18 +97,26 @@ class MatrixSettings:
         return SceneSettings(n_roles=self.n_roles, plan_steps=self.plan_steps, max_rounds=self.max_rounds,
                              n_objects=self.n_objects, max_reactions=self.max_reactions,
                              plan_tokens=self.plan_tokens, action_tokens=self.action_tokens,
+                             name_protagonist=self.name_protagonist, roles_chain=self.roles_chain,
+                             temperature=self.temperature, top_p=self.top_p,
+                             repetition_penalty=self.repetition_penalty,
                              structured_output=tuple(self.structured_output))
 
     def revision(self) -> RevisionSettings:
         return RevisionSettings(critique_tokens=self.critique_tokens, revision_tokens=self.revision_tokens,
                                 candidates=self.revision_candidates,
                                 candidate_temperature=self.candidate_temperature,
-                                harm_threshold=self.harm_threshold)
+                                harm_threshold=self.harm_threshold, full_critique=self.full_critique,
+                                harm_summary=self.harm_summary, temperature=self.temperature, top_p=self.top_p,
+                                repetition_penalty=self.repetition_penalty)
 
 
 QUICK = MatrixSettings()
-PAPER = replace(QUICK, max_prompts=None, n_roles=5, plan_steps=5, max_rounds=5, max_reactions=5,
-                critique_tokens=256, revision_tokens=256)
+# Sizes: the reference code's defaults (example.py: 5 agents, 5 ego steps); the rest as the class docstring says.
+PAPER = replace(QUICK, max_prompts=None, n_roles=5, plan_steps=5, max_rounds=5, max_reactions=5, plan_tokens=256,
+                critique_tokens=512, revision_tokens=512, revision_candidates=1, name_protagonist=True,
+                roles_chain=True, full_critique=True, harm_summary=True, simulation_samples=1, temperature=0.2,
+                top_p=1.0, repetition_penalty=1.0)
 
 
 class MatrixStore(MethodStore, Protocol):
@@ -158,11 +205,15 @@ def _revisions(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
                       (RatedResponse(r.chosen),) if r.chosen is not None else (), r.excluded)
         for i, r in zip(items, results)
     ]
-    store.save_training_groups(NAME, ctx.model_id, ctx.partition, groups)
+    # The paper's simulation data, one part per trained revision: only prompts that are trained on contribute.
+    simulation = [TrainingGroup(i.prompt_id, prompt, SIMULATION_KIND, (RatedResponse(reaction),))
+                  for i, r in zip(items, results) if r.chosen is not None and s.simulation_samples
+                  for prompt, reaction in simulation_samples(scenes[i.prompt_id], s.simulation_samples)]
+    store.save_training_groups(NAME, ctx.model_id, ctx.partition, groups + simulation)
     excluded = [r.excluded for r in results if r.excluded]
     scored = [c.p_harm for c in candidates if c.p_harm is not None]
-    sample = [{"prompt": i.question, "initial": i.answer, "revised": r.chosen or f"(left out: {r.excluded})"}
-              for i, r in list(zip(items, results))[:3]]
+    sample = [{"prompt": i.question, "initial": i.answer, **({"harm_summary": r.summary} if s.harm_summary else {}),
+               "revised": r.chosen or f"(left out: {r.excluded})"} for i, r in list(zip(items, results))[:3]]
     return StageOutcome(
         n_items=len(results),
         metadata={
@@ -174,10 +225,14 @@ def _revisions(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
             "mean_self_judged_p_harm": sum(scored) / len(scored) if scored else float("nan"),
             "same_as_initial_answer": sum(1 for i, r in zip(items, results) if r.chosen and
                                           r.chosen.strip() == i.answer.strip()),
+            "simulation_samples": len(simulation),
+            **({"harm_summary_unusable": sum(1 for r in results if r.summary is None)} if s.harm_summary else {}),
             "side_by_side": sample,
         },
     )
 
+
+_SAMPLING = ("temperature", "top_p", "repetition_penalty")  # every stage that generates shows them
 
 METHOD = Method(
     name=NAME,
@@ -195,15 +250,16 @@ METHOD = Method(
                   "who notice it, updates the objects and keeps the scene's memory.", _scenes,
                   deps=("initial_responses",),
                   settings=("max_prompts", "n_roles", "plan_steps", "max_rounds", "max_reactions", "n_objects",
-                            "plan_tokens", "action_tokens", "scenes_per_batch", "structured_output")),
+                            "plan_tokens", "action_tokens", "scenes_per_batch", "name_protagonist", "roles_chain",
+                            *_SAMPLING, "structured_output")),
         StageSpec("critiques", "What the answer did to the people in the scene, from the question, the answer "
                   "and the transcript.", _critiques, deps=("matrix/scenes",),
-                  settings=("max_prompts", "critique_tokens")),
+                  settings=("max_prompts", "critique_tokens", *_SAMPLING)),
         StageSpec("revisions", "r1: the answer revised in the light of the critique, helpful where it can be and "
                   "harmless where it must be; with several candidates, the model's own choice.", _revisions,
                   deps=("matrix/critiques",),
                   settings=("max_prompts", "revision_tokens", "revision_candidates", "candidate_temperature",
-                            "harm_threshold")),
+                            "harm_threshold", "full_critique", "harm_summary", "simulation_samples", *_SAMPLING)),
     ),
 )
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
-from matrix_assets.llm.base import ChatBackend, GenerationParams, choice_probabilities
+from matrix_assets.llm.base import ChatBackend, Conversation, GenerationParams, choice_probabilities
 from matrix_assets.llm.scripts import Answer, Generate, Score, Script, drive
 from matrix_assets.methods.matrix import parsing
 from matrix_assets.methods.matrix.scene import PROTAGONIST, Role, SceneEvent, SceneInput, Transcript, shorten
@@ -58,6 +58,15 @@ class SceneSettings:
     max_reactions: int = 3
     plan_tokens: int = 160
     action_tokens: int = 64
+    # The model names the protagonist (the reference code's "ego" role, e.g. "Thief") instead of the fixed
+    # PROTAGONIST; a name that cannot be used falls back to PROTAGONIST (counted).
+    name_protagonist: bool = False
+    # Roles through the reference code's chain: the situation the question is asked in -> what happens next if
+    # the answer is followed -> the social characters involved -> the n most important. Off: the roles are asked
+    # directly from the plan (one call; what a 135M model can follow).
+    roles_chain: bool = False
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
     repetition_penalty: float = 1.15
     structured_output: tuple[str, ...] = ()  # scene steps decoded under a JSON schema: any of STRUCTURED_STEPS
 
@@ -65,12 +74,14 @@ class SceneSettings:
         unknown = set(self.structured_output) - set(STRUCTURED_STEPS)
         if unknown:
             raise ValueError(f"structured_output: unknown step(s) {sorted(unknown)}; choose from {STRUCTURED_STEPS}")
+        if self.temperature < 0.0 or not 0.0 < self.top_p <= 1.0 or self.repetition_penalty <= 0.0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
 
     def params(self, max_new_tokens: int, *, free_text: bool = True, json_schema: str | None = None
                ) -> GenerationParams:
         """Free text (actions, reactions) gets the repetition penalty that keeps small models out of loops;
         structured replies (lists, labelled lines) do not, because it penalises their repeated markup."""
-        return GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0,
+        return GenerationParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                                 repetition_penalty=self.repetition_penalty if free_text else 1.0,
                                 json_schema=json_schema)
 
@@ -135,21 +146,29 @@ def _verdict(scene: Transcript, answer: Answer, reply: str, label: str, fallback
 
 
 def _people(scene: Transcript) -> list[dict[str, str]]:
-    return [{"name": PROTAGONIST, "description": "the person who asked, now acting on the answer"}] + [
+    return [{"name": scene.protagonist, "description": "the person who asked, now acting on the answer"}] + [
         {"name": r.name, "description": r.description} for r in scene.roles
     ]
 
 
 def _plan_scene(scene: Transcript, s: SceneSettings) -> Script:
-    # The target and the plan only need the question and the answer: asked together.
+    # The target, the plan and (for the roles chain) the situation only need the question and the answer: asked
+    # together.
     plan_structured = "plan" in s.structured_output
-    target_reply, plan_reply = yield [
+    first: list[Generate] = [
         Generate(user_message("matrix/scene_target", question=scene.question), s.params(48, free_text=False)),
         Generate(user_message("matrix/scene_plan", question=scene.question, answer=scene.answer,
                               n_steps=s.plan_steps, structured=plan_structured),
                  s.params(s.plan_tokens, free_text=False,
                           json_schema=step_schema("plan", s.plan_steps) if plan_structured else None)),
     ]
+    if s.roles_chain:
+        first.append(Generate(user_message("matrix/scene_situation", question=scene.question),
+                              s.params(s.plan_tokens)))
+    elif s.name_protagonist:
+        first.append(_ask_protagonist(scene, None, s))
+    replies = yield first
+    target_reply, plan_reply = replies[0], replies[1]
     target = parsing.first_sentence(str(target_reply))
     if not target:
         scene.fallbacks["target_from_question"] += 1
@@ -166,28 +185,35 @@ def _plan_scene(scene: Transcript, s: SceneSettings) -> Script:
         steps = [shorten(scene.question, 400)]
     scene.plan = steps
 
-    # Roles and objects both follow from the plan: asked together.
+    if s.roles_chain:
+        roles_conversation = yield from _roles_chain(scene, str(replies[2]), s)
+    else:
+        if s.name_protagonist:
+            _set_protagonist(scene, str(replies[2]))
+        roles_conversation = user_message("matrix/scene_roles", question=scene.question, steps=scene.plan,
+                                          n_roles=s.n_roles, structured="roles" in s.structured_output)
+
+    # Roles and objects both follow from what came before: asked together.
     roles_structured = "roles" in s.structured_output
     roles_reply, objects_reply = yield [
-        Generate(user_message("matrix/scene_roles", question=scene.question, steps=scene.plan, n_roles=s.n_roles,
-                              structured=roles_structured),
-                 s.params(s.plan_tokens, free_text=False,
-                          json_schema=step_schema("roles", s.n_roles) if roles_structured else None)),
+        Generate(roles_conversation, s.params(s.plan_tokens, free_text=False,
+                                              json_schema=step_schema("roles", s.n_roles) if roles_structured
+                                              else None)),
         Generate(user_message("matrix/scene_objects", steps=scene.plan, n_objects=s.n_objects),
                  s.params(96, free_text=False)),
     ]
     roles_text = _structured_lines(scene, "roles", str(roles_reply)) if roles_structured else str(roles_reply)
-    scene.roles = parsing.roles(roles_text, s.n_roles, exclude={PROTAGONIST})
+    scene.roles = parsing.roles(roles_text, s.n_roles, exclude={scene.protagonist})
     if len(scene.roles) < s.min_roles:
         # One bounded re-ask, with a differently shaped prompt, when the list was too short.
         (retry,) = yield [Generate(user_message("matrix/scene_roles_retry", target=scene.target, n_roles=s.n_roles),
                                    s.params(s.plan_tokens, free_text=False))]
         scene.fallbacks["roles_reasked"] += 1
         scene.roles += parsing.roles(str(retry), s.n_roles - len(scene.roles),
-                                     exclude={r.name for r in scene.roles} | {PROTAGONIST})
+                                     exclude={r.name for r in scene.roles} | {scene.protagonist})
         if len(scene.roles) < s.min_roles:
             scene.fallbacks["roles_from_default_roster"] += 1
-            names = {r.name.lower() for r in scene.roles}
+            names = {r.name.lower() for r in scene.roles} | {scene.protagonist.lower()}
             for role in default_roster():
                 if len(scene.roles) >= max(s.min_roles, min(s.n_roles, 3)):
                     break
@@ -199,20 +225,60 @@ def _plan_scene(scene: Transcript, s: SceneSettings) -> Script:
         scene.fallbacks["no_objects_parsed"] += 1
 
 
+def _ask_protagonist(scene: Transcript, situation: str | None, s: SceneSettings) -> Generate:
+    return Generate(user_message("matrix/scene_protagonist", question=scene.question, situation=situation),
+                    s.params(16, free_text=False))
+
+
+def _set_protagonist(scene: Transcript, reply: str) -> None:
+    name = parsing.protagonist_name(reply)
+    if name is None:
+        scene.fallbacks["protagonist_from_default"] += 1
+        return
+    scene.protagonist = name
+
+
+def _roles_chain(scene: Transcript, situation_reply: str, s: SceneSettings) -> Generator[list, list, Conversation]:
+    """Situation -> (the protagonist's name, from the situation) and what happens next -> the characters involved
+    -> the conversation that selects the roles (asked by the caller, beside the objects)."""
+    situation = " ".join(parsing.sentences(situation_reply, 4))
+    if not situation:
+        scene.fallbacks["situation_from_question"] += 1
+        situation = f"Someone asks: {shorten(scene.question, 300)}"
+    asked = [Generate(user_message("matrix/scene_future", situation=situation, question=scene.question,
+                                   answer=scene.answer), s.params(s.plan_tokens))]
+    if s.name_protagonist:
+        asked.append(_ask_protagonist(scene, situation, s))
+    replies = yield asked
+    if s.name_protagonist:
+        _set_protagonist(scene, str(replies[1]))
+    future = " ".join(parsing.sentences(str(replies[0]), 5))
+    if not future:
+        scene.fallbacks["future_from_plan"] += 1
+        future = " ".join(scene.plan)
+    (characters_reply,) = yield [Generate(user_message("matrix/scene_characters", situation=situation,
+                                                       future=future), s.params(s.plan_tokens))]
+    characters = parsing.clean(str(characters_reply)) or future
+    return user_message("matrix/scene_roles_select", situation=situation, characters=shorten(characters, 1200),
+                        n_roles=s.n_roles, protagonist=scene.protagonist,
+                        structured="roles" in s.structured_output)
+
+
 def _route(scene: Transcript, reply: str, exclude: str) -> tuple[list[str], str | None]:
     """Who notices (in the order the modulator named them) and what they notice, from a routing reply."""
-    names = [PROTAGONIST] + [r.name for r in scene.roles]
-    names = [n for n in names if n != exclude]
+    # Names are told apart against everyone in the scene, the actor included: a word the actor's name shares
+    # with another role's names neither of them.
+    names = [scene.protagonist] + [r.name for r in scene.roles]
     seen_line = parsing.labelled_line(reply, "SEEN BY")
     if seen_line is not None and seen_line.strip().lower().startswith("nobody"):
         return [], parsing.labelled_line(reply, "WHAT THEY NOTICE")
-    audience = parsing.mentioned_names_in_order(seen_line or "", names) if seen_line else []
-    return audience, parsing.labelled_line(reply, "WHAT THEY NOTICE")
+    mentioned = parsing.mentioned_names_in_order(seen_line, names) if seen_line else []
+    return [n for n in mentioned if n != exclude], parsing.labelled_line(reply, "WHAT THEY NOTICE")
 
 
 def _observe(scene: Transcript, audience: Sequence[str], observation: str) -> None:
     for name in audience:
-        if name == PROTAGONIST:
+        if name == scene.protagonist:
             scene.protagonist_memory.append(observation)
         elif (role := scene.role(name)) is not None:
             role.memory.append(observation)
@@ -221,35 +287,36 @@ def _observe(scene: Transcript, audience: Sequence[str], observation: str) -> No
 def _play_round(scene: Transcript, round_no: int, s: SceneSettings) -> Script:
     params = s.params(s.action_tokens)
     step = scene.plan[round_no - 1]
+    protagonist = scene.protagonist
     # 1. The protagonist acts on the next plan step.
     (reply,) = yield [Generate(user_message(
-        "matrix/protagonist_action", protagonist=PROTAGONIST, target=scene.target, memory=scene.memory,
+        "matrix/protagonist_action", protagonist=protagonist, target=scene.target, memory=scene.memory,
         objects=scene.objects, noticed=scene.protagonist_memory[-4:], step=step), params)]
     action = parsing.clean(str(reply))
     if not action:
         scene.fallbacks["action_from_plan_step"] += 1
         action = step
-    scene.events.append(SceneEvent(round_no, PROTAGONIST, "action", action))
+    scene.events.append(SceneEvent(round_no, protagonist, "action", action))
 
     # 2. The modulator judges feasibility and routes the action: who notices it, in which order, what they
     #    notice, and how the objects change.
     route_reply, feasible_answer = yield [
         Generate(user_message("matrix/modulator_route", people=_people(scene), objects=scene.objects,
-                              memory=scene.memory, actor=PROTAGONIST, action=action),
+                              memory=scene.memory, actor=protagonist, action=action),
                  s.params(s.action_tokens + 48, free_text=False)),
         Score(user_message("matrix/modulator_feasible", memory=scene.memory, objects=scene.objects,
-                           actor=PROTAGONIST, action=action), YES_NO),
+                           actor=protagonist, action=action), YES_NO),
     ]
     route_reply = str(route_reply)
     feasible, p_yes = _verdict(scene, feasible_answer, route_reply, "FEASIBLE", "feasible_assumed", True)
-    audience, observation = _route(scene, route_reply, exclude=PROTAGONIST)
+    audience, observation = _route(scene, route_reply, exclude=protagonist)
     if not audience:
         scene.fallbacks["action_noticed_by_nobody"] += 1
     if not observation:
         scene.fallbacks["observation_is_action"] += 1
-        observation = f"{PROTAGONIST} does this: {action}"
+        observation = f"{protagonist} does this: {action}"
     if not feasible:
-        observation = f"{PROTAGONIST} tries, but cannot: {action}"
+        observation = f"{protagonist} tries, but cannot: {action}"
     scene.events.append(SceneEvent(round_no, "modulator", "modulation", "route", observation, tuple(audience),
                                    feasible, p_yes))
     _observe(scene, audience, observation)
@@ -261,7 +328,7 @@ def _play_round(scene: Transcript, round_no: int, s: SceneSettings) -> Script:
                                        "; ".join(f"{o.name}: {st}" for o, st in changes)))
 
     # 3. Roles react in the modulator's order; every reaction is routed to the people who would notice it.
-    queue = [name for name in audience if name != PROTAGONIST]
+    queue = [name for name in audience if name != protagonist]
     reacted: list[str] = []
     last_seen: dict[str, str] = {name: observation for name in queue}
     while queue and len(reacted) < s.max_reactions:
@@ -285,7 +352,7 @@ def _play_round(scene: Transcript, round_no: int, s: SceneSettings) -> Script:
         scene.events.append(SceneEvent(round_no, name, "reaction", reaction, noticed, tuple(noticed_by)))
         _observe(scene, noticed_by, noticed)
         for other in noticed_by:
-            if other != PROTAGONIST and other not in reacted and other not in queue:
+            if other != protagonist and other not in reacted and other not in queue:
                 queue.append(other)
             last_seen[other] = noticed
 
@@ -294,10 +361,10 @@ def _play_round(scene: Transcript, round_no: int, s: SceneSettings) -> Script:
                    if e.round == round_no and e.kind in {"action", "reaction"}]
     memory_reply, stopped_answer = yield [
         Generate(user_message("matrix/modulator_memory", memory=scene.memory, events=round_lines,
-                              protagonist=PROTAGONIST),
+                              protagonist=protagonist),
                  params.replace(max_new_tokens=s.action_tokens + 32)),
         Score(user_message("matrix/modulator_stopped", memory=scene.memory, events=round_lines,
-                           protagonist=PROTAGONIST), YES_NO),
+                           protagonist=protagonist), YES_NO),
     ]
     summary = " ".join(parsing.sentences(parsing.without_label_lines(str(memory_reply), ("STOPPED",)), 3))
     if not summary:
@@ -342,11 +409,11 @@ def _outcome(scene: Transcript) -> str:
                   if infeasible else "")
         return f"The plan was stopped in round {scene.n_rounds} of {planned}{judged}: {scene.stopped_by}"
     if not infeasible:
-        return f"{PROTAGONIST} carried out {attempted} of {planned} planned steps without being stopped."
+        return f"{scene.protagonist} carried out {attempted} of {planned} planned steps without being stopped."
     if infeasible == attempted:
-        return (f"{PROTAGONIST} attempted {attempted} of {planned} planned steps but carried out none of them: the "
-                "modulator judged every attempt infeasible. Nobody stopped the plan.")
-    return (f"{PROTAGONIST} attempted {attempted} of {planned} planned steps and carried out "
+        return (f"{scene.protagonist} attempted {attempted} of {planned} planned steps but carried out none of "
+                "them: the modulator judged every attempt infeasible. Nobody stopped the plan.")
+    return (f"{scene.protagonist} attempted {attempted} of {planned} planned steps and carried out "
             f"{attempted - infeasible}: the modulator judged the other {infeasible} infeasible. Nobody stopped the "
             "plan.")
 

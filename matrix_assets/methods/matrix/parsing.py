@@ -73,6 +73,22 @@ def roles(text: str, max_roles: int, exclude: set[str] = frozenset()) -> list[Ro
     return found
 
 
+def protagonist_name(text: str) -> str | None:
+    """The kind of person the model says asked the question: the first `[...]` of the reply (the reference code's
+    format), else its first line. One to four words of letters; an alternative after "or" is dropped ("[Thief or
+    burglar]" names a Thief). None when the reply names nobody usable."""
+    bracketed = re.search(r"\[([^\[\]\n]{1,60})\]", text)
+    lines = [line for line in text.splitlines() if line.strip()]
+    candidate = bracketed.group(1) if bracketed else (lines[0] if lines else "")
+    candidate = re.split(r"\s+or\s+|/|,", clean(candidate), maxsplit=1)[0]
+    candidate = re.sub(r"^(a|an|the)\s+", "", candidate.strip().rstrip(".!;:"), flags=re.IGNORECASE).strip()
+    if not re.fullmatch(r"[^\W\d_][^\W\d_'\- ]*(?:[ '\-][^\W\d_]+){0,3}", candidate):
+        return None  # digits, sentences, markup: not a name
+    if candidate.lower() in _NOT_NAMES or candidate.lower() in _COMMON_WORDS:
+        return None
+    return candidate[:1].upper() + candidate[1:]
+
+
 def objects(text: str, max_objects: int) -> list[SceneObject]:
     result = []
     for role in roles(text, max_objects):
@@ -95,26 +111,55 @@ def labelled_line(text: str, label: str) -> str | None:
     return value or None
 
 
-def mentioned_names(text: str, names: list[str]) -> list[str]:
-    """Role names that appear in the text (full name, or any distinctive word of it)."""
+# Words that tell no one apart: articles, pronouns, honorifics and the generic nouns role names are built from.
+# Without this list "the" in "Officer Diaz, who is on the street" would name "The asker".
+_COMMON_WORDS = frozenset({
+    "the", "and", "for", "with", "who", "whom", "whose", "his", "her", "hers", "its", "their", "them", "they",
+    "this", "that", "from", "into", "onto", "one", "two", "all", "any", "some", "other", "others", "another",
+    "person", "people", "man", "woman", "men", "women", "someone", "anyone", "everyone", "member", "members",
+    "group", "local", "new", "old", "young", "mrs", "miss", "sir", "madam",
+})
+
+
+def _words(name: str) -> list[str]:
+    return re.findall(r"[\w']+", name.lower())
+
+
+def _distinctive_words(name: str, names: list[str]) -> list[str]:
+    """The words of `name` that can stand for it alone: longer than two letters, not a common word, and not part
+    of any other name in `names` ("Officer" names nobody when two officers are in the scene)."""
+    others = {w for other in names if other != name for w in _words(other)}
+    return [w for w in _words(name) if len(w) > 2 and w not in _COMMON_WORDS and w not in others]
+
+
+def _first_mentions(text: str, names: list[str]) -> dict[str, int]:
+    """Where each name is first mentioned in the text: its full name (word-bounded), or one of its distinctive
+    words. A full name found inside a longer name's mention ("Lee" in "Officer Lee") does not count."""
     lowered = text.lower()
-    hits = []
+    taken: list[tuple[int, int]] = []  # spans of full names already matched, longest names first
+    first: dict[str, int] = {}
+    for name in sorted(names, key=len, reverse=True):
+        for match in re.finditer(rf"\b{re.escape(name.lower())}\b", lowered):
+            if not any(start <= match.start() and match.end() <= end for start, end in taken):
+                first[name] = min(first.get(name, match.start()), match.start())
+                taken.append(match.span())
     for name in names:
-        words = [w for w in re.findall(r"[\w']+", name.lower()) if len(w) > 2]
-        if re.search(rf"\b{re.escape(name.lower())}\b", lowered) or any(re.search(rf"\b{re.escape(w)}\b", lowered) for w in words):
-            hits.append(name)
-    return hits
+        for word in _distinctive_words(name, names):
+            if match := re.search(rf"\b{re.escape(word)}\b", lowered):
+                first[name] = min(first.get(name, match.start()), match.start())
+    return first
+
+
+def mentioned_names(text: str, names: list[str]) -> list[str]:
+    """Role names that appear in the text (full name, or a distinctive word of it), in the order of `names`."""
+    found = _first_mentions(text, names)
+    return [name for name in names if name in found]
 
 
 def mentioned_names_in_order(text: str, names: list[str]) -> list[str]:
     """Like `mentioned_names`, ordered by where each name first appears in the text (the modulator's order)."""
-    lowered = text.lower()
-    positions = []
-    for name in mentioned_names(text, names):
-        words = [name.lower()] + [w for w in re.findall(r"[\w']+", name.lower()) if len(w) > 2]
-        found = [m.start() for w in words if (m := re.search(rf"\b{re.escape(w)}\b", lowered))]
-        positions.append((min(found) if found else len(lowered), name))
-    return [name for _, name in sorted(positions)]
+    found = _first_mentions(text, names)
+    return sorted(found, key=lambda name: (found[name], names.index(name)))
 
 
 def object_changes(text: str, objects: list[SceneObject]) -> list[tuple[SceneObject, str]]:

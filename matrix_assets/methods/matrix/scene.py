@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-PROTAGONIST = "The asker"  # the person who asked the question, acting on the answer
+# The person who asked the question, acting on the answer, when the scene does not let the model name them (the
+# quick profile) or the model's name for them cannot be used.
+PROTAGONIST = "The asker"
 ELLIPSIS = "…"
 
 
@@ -74,6 +76,7 @@ class Transcript:
     prompt_id: str
     question: str
     answer: str
+    protagonist: str = PROTAGONIST  # the asker as the scene names them (the model's name, e.g. "Thief")
     target: str = ""
     plan: list[str] = field(default_factory=list)
     roles: list[Role] = field(default_factory=list)
@@ -87,10 +90,6 @@ class Transcript:
     outcome: str = ""
     consequence: str = ""
     fallbacks: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def protagonist(self) -> str:
-        return PROTAGONIST
 
     def role(self, name: str) -> Role | None:
         return next((r for r in self.roles if r.name == name), None)

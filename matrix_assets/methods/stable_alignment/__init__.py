@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from matrix_assets.methods.stable_alignment.data import (
     DEFAULT_MIX, KINDS, REVISED_MARKER, AlignmentData, RatedGroup, build_alignment_data,
 )
 from matrix_assets.methods.stable_alignment.sandbox import (
     PAPER, Interaction, MemoryHit, PeerFeedback, Rating, SandboxResult, SandboxSettings, minilm_embedder,
-    run_sandbox,
+    run_sandbox, sample_seed_pairs,
 )
 
+from matrix_assets.data.hh_harmless import seed_pairs as hh_seed_pairs  # noqa: E402
 from matrix_assets.methods.base import (  # noqa: E402
     DEFAULT_MAX_PROMPTS, Markdown, Method, RatedResponse, StageContext, StageOutcome, StageSpec, TrainingGroup,
 )
@@ -31,37 +33,64 @@ NAME = "stable_alignment"
 _SANDBOX = SandboxSettings()
 
 
+SeedSource = Literal["own_answers", "hh_rlhf"]
+
+
 @dataclass(frozen=True)
 class StableAlignmentSettings:
     """The quick profile (defaults) and `PAPER_PROFILE`, as in the method reference: a 3 x 3 world over 2 rounds
-    for a 135M model on a CPU; 10 x 10 over 50 rounds at paper scale."""
+    for a 135M model on a CPU; at paper scale the released code's world (agi-templar/Stable-Alignment): 10 x 10
+    agents over 50 rounds, up to 4 peers, every agent's memory seeded with 50 human HH-RLHF pairs, agents sampling
+    at temperature 1.0, top-p 1.0, no penalty, 256 tokens, the observer rating engagement too.
+
+    Remaining departures of the paper profile (the README lists the same): the questions are the partition's
+    training prompts (the original asks HH-RLHF's red-team questions: the bundled `hh_rlhf` set); the seed pairs
+    come from HH-RLHF's harmless-base test dialogues (`chosen`: first human turn, first assistant reply), the half
+    not used for evaluation, where the original sampled them from its labelled HH-RLHF prior; the observer is the
+    judge resource (the original: a stronger model, text-davinci-003 by default); every rating is read from the
+    next-token distribution and a peer's reason is written after its rating; prompts are reworded; it trains with the
+    shared training settings (`matrix_assets.profiles`: LoRA, 3 epochs), where the released checkpoint was a
+    2-epoch full fine-tune after SFT on HH-RLHF.
+    The quick profile also seeds memories with the model's own answers to the next training prompts (2 per agent),
+    and samples at 0.8 with top-p 0.95 and a 1.1 repetition penalty, 96-token answers: a 135M model at 1.0 drifts
+    into noise and loops without a penalty."""
 
     max_prompts: int | None = field(default=DEFAULT_MAX_PROMPTS, metadata={
         "help": "Questions the society is asked: the partition's first training prompts (the ones MATRIX uses)."})
     grid_size: int = field(default=_SANDBOX.grid_size, metadata={"help": "g: a g x g grid of agents (paper 10)."})
     rounds: int = field(default=_SANDBOX.rounds, metadata={"help": "Rounds of interactions (paper 50; >= 2)."})
     max_peers: int = field(default=_SANDBOX.max_peers, metadata={"help": "Neighbours rating each draft (<= 4)."})
+    seed_source: SeedSource = field(default="own_answers", metadata={
+        "help": "What agents remember at the start: hh_rlhf, human (question, answer) pairs from HH-RLHF "
+        "harmless-base (paper); own_answers, the model's own answers to the training prompts after the first "
+        "max_prompts (needs max_prompts), never trained on."})
     seed_pairs_per_agent: int = field(default=_SANDBOX.seed_pairs_per_agent, metadata={
-        "help": "Memories each agent starts with: its own answers to the next training prompts (never trained on)."})
+        "help": "Memories each agent starts with (paper 50)."})
     memory_threshold: float = field(default=_SANDBOX.memory_threshold, metadata={
         "help": "Cosine distance under which a remembered question is shown with the draft prompt."})
     answer_tokens: int = field(default=_SANDBOX.answer_tokens, metadata={"help": "Drafts and revisions."})
     reason_tokens: int = field(default=_SANDBOX.reason_tokens, metadata={"help": "A peer's reason."})
-    temperature: float = field(default=_SANDBOX.temperature, metadata={"help": "Agents' sampling temperature."})
+    temperature: float = field(default=_SANDBOX.temperature, metadata={
+        "help": "Agents' sampling temperature (paper 1.0)."})
+    top_p: float = field(default=_SANDBOX.top_p, metadata={"help": "Agents' nucleus sampling (paper 1.0)."})
+    repetition_penalty: float = field(default=_SANDBOX.repetition_penalty, metadata={
+        "help": "Agents' repetition penalty (1.0: none, the paper)."})
     engagement: bool = field(default=_SANDBOX.engagement, metadata={"help": "The observer also rates engagement."})
 
     def sandbox(self) -> SandboxSettings:
         return replace(_SANDBOX, grid_size=self.grid_size, rounds=self.rounds, max_peers=self.max_peers,
                        question_pool=None, seed_pairs_per_agent=self.seed_pairs_per_agent,
                        memory_threshold=self.memory_threshold, answer_tokens=self.answer_tokens,
-                       reason_tokens=self.reason_tokens, temperature=self.temperature, engagement=self.engagement)
+                       reason_tokens=self.reason_tokens, temperature=self.temperature, top_p=self.top_p,
+                       repetition_penalty=self.repetition_penalty, engagement=self.engagement)
 
 
 QUICK = StableAlignmentSettings()
 PAPER_PROFILE = StableAlignmentSettings(
     max_prompts=None, grid_size=PAPER.grid_size, rounds=PAPER.rounds, max_peers=PAPER.max_peers,
-    seed_pairs_per_agent=PAPER.seed_pairs_per_agent, answer_tokens=PAPER.answer_tokens,
-    reason_tokens=PAPER.reason_tokens, temperature=PAPER.temperature, engagement=PAPER.engagement)
+    seed_source="hh_rlhf", seed_pairs_per_agent=PAPER.seed_pairs_per_agent, answer_tokens=PAPER.answer_tokens,
+    reason_tokens=PAPER.reason_tokens, temperature=PAPER.temperature, top_p=PAPER.top_p,
+    repetition_penalty=PAPER.repetition_penalty, engagement=PAPER.engagement)
 
 
 @dataclass
@@ -116,17 +145,20 @@ def _question_of(prompt: str, prompt_ids: dict[str, str]) -> str:
 
 def _interactions(ctx: StageContext, s: StableAlignmentSettings) -> StageOutcome:
     settings = s.sandbox()
-    n_seed = settings.seed_pairs_per_agent * settings.n_agents
-    limit = None if s.max_prompts is None else s.max_prompts + n_seed
+    own_seeds = s.seed_source == "own_answers" and s.max_prompts is not None
+    limit = s.max_prompts + settings.seed_pairs_per_agent * settings.n_agents if own_seeds else s.max_prompts
     prompts = ctx.store.train_prompts(ctx.partition, limit=limit)
     questions = prompts[: s.max_prompts] if s.max_prompts is not None else prompts
     if not questions:
         raise LookupError(f"prompt set {ctx.partition!r} has no training prompts; materialize benchmark_prompts")
-    seeds = [p.text for p in prompts[len(questions):]] if s.max_prompts is not None else []
+    # Own answers are asked of the prompts after the questions (never trained on); with every prompt asked there
+    # are none, and memories start empty (counted as 0 seed pairs in the metadata).
+    seeds = [p.text for p in prompts[len(questions):]] if own_seeds else []
+    human = sample_seed_pairs(hh_seed_pairs(), settings) if s.seed_source == "hh_rlhf" else None
     prompt_ids = {p.text.strip(): p.prompt_id for p in questions}
     progress = ctx.progress("society rounds", unit="steps")
-    result = run_sandbox(ctx.llm, ctx.judge, [p.text for p in questions], settings, seed_questions=seeds or None,
-                         progress=progress)
+    result = run_sandbox(ctx.llm, ctx.judge, [p.text for p in questions], settings, seed_pairs=human,
+                         seed_questions=seeds if human is None else None, progress=progress)
     interactions, ratings = _rows(result, prompt_ids)
     store = ctx.store
     columns = {"prompt_set": ctx.partition, "model_id": ctx.model_id}
@@ -143,6 +175,7 @@ def _interactions(ctx: StageContext, s: StableAlignmentSettings) -> StageOutcome
         metadata={**{f"society/{k}": v for k, v in summary.items()},
                   **{f"data/{k}": v for k, v in data.summary().items()},
                   "observer": ctx.judge.model_id,
+                  "seed_source": s.seed_source,
                   "sample_interaction": Markdown(best.render_markdown())},
         fallbacks={},
     )

@@ -67,8 +67,8 @@ class SandboxSettings:
     peer_memory: bool = True  # peers also see their own most similar memory when rating (as the released code)
     answer_tokens: int = 96  # drafts and revisions (paper 256)
     reason_tokens: int = 48  # a peer's reason (paper: the rest of its 256-token reply)
-    # The original samples at 1.0 with no penalty; a 135M model at 1.0 drifts into noise, and without a penalty
-    # it loops. Both differ per answer anyway through the agent's id in its prompt.
+    # The original samples at 1.0, top-p 1, no penalty (sandbox/utils.py call_gpt); a 135M model at 1.0 drifts into
+    # noise, and without a penalty it loops. Answers differ per agent anyway through the agent's id in its prompt.
     temperature: float = 0.8
     top_p: float = 0.95
     repetition_penalty: float = 1.1
@@ -299,6 +299,15 @@ def draw_peers(agent: int, round_: int, settings: SandboxSettings) -> list[int]:
 
 def question_for(agent: int, round_: int, n_agents: int, pool: Sequence[str]) -> str:
     return pool[(round_ * n_agents + agent) % len(pool)]
+
+
+def sample_seed_pairs(pairs: Sequence[tuple[str, str]], settings: SandboxSettings) -> list[list[tuple[str, str]]]:
+    """`seed_pairs_per_agent` of the given (question, answer) pairs for every agent, each agent its own sample
+    without replacement (the original samples each agent's 50 independently from its human data), drawn by a
+    `random.Random` seeded with (world seed, agent): the same world starts from the same memories."""
+    k = min(settings.seed_pairs_per_agent, len(pairs))
+    return [random.Random(f"stable-alignment-seeds:{settings.seed}:{agent}").sample(list(pairs), k)
+            for agent in range(settings.n_agents)]
 
 
 # -- memory -------------------------------------------------------------------------------------------------------
@@ -562,5 +571,5 @@ def _engagement(rating: Rating | None) -> str:
 __all__ = [
     "PAPER", "RATING_CANDIDATES", "Embedder", "Interaction", "MemoryHit", "PeerFeedback", "Rating", "SandboxResult",
     "SandboxSettings", "draw_peers", "feedback_order", "grid_position", "minilm_embedder", "question_for",
-    "run_sandbox", "social_circle",
+    "run_sandbox", "sample_seed_pairs", "social_circle",
 ]
