@@ -216,6 +216,9 @@ def _generated(prompt: str) -> list[tuple[str, dict[str, float]]]:
 
 def make_handler(state: FakeCompletionsState) -> type[JsonHandler]:
     class Handler(JsonHandler):
+        def do_GET(self) -> None:  # the health check
+            self.send_json(200 if self.path == "/v1/models" else 404, {"data": [{"id": "served-classifier"}]})
+
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
             with state.lock:
@@ -345,3 +348,23 @@ def test_the_formats_against_a_real_vllm_server() -> None:
                     assert p is None or (0.0 <= p <= 1.0 and outcome in classifier.outcomes), (name, verdict)
         raw = scorer.prompt_next_token_logprobs([harmbench_prompt(QUESTION, ANSWER)], ("yes", "no"))
         assert set(raw[0]) == {"yes", "no"}
+
+
+def test_judge_validation_scores_a_configured_classifier(server: tuple[str, FakeCompletionsState],
+                                                        fake_resources: dict) -> None:
+    """WildGuard (the fake server above standing in: the figures mean nothing) configured in judge_validation: its
+    refusal verdicts are scored on the held-out XSTest sample beside the other judges and stored."""
+    import dagster as dg
+    from pipeline_helpers import all_assets, stage_config
+
+    base_url, state = server
+    result = dg.materialize(all_assets(), selection=["judge_validation"], resources=fake_resources,
+                            run_config=stage_config(judge_validation={
+                                "model_judge_sample": 6, "safety_classifiers": [f"wildguard={base_url}"]}))
+    assert result.success
+    db = fake_resources["store"].get_store()
+    rows = db.query("SELECT * FROM judge_agreement WHERE judge = 'wildguard.refusal' AND metric = 'kappa'")
+    assert len(rows) == 1 and rows[0]["subset"] == "mistralinstruct" and rows[0]["n"] == 6
+    assert sum(1 for p in state.paths if p == "/v1/completions") == 6 * 3  # three WildGuard lines per answer
+    metadata = result.asset_materializations_for_node("judge_validation")[0].metadata
+    assert "wildguard.refusal" in metadata["agreement"].value

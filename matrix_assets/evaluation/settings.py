@@ -60,6 +60,11 @@ class JudgeValidationSettings:
     model_judge_sample: int = field(default=100, metadata={
         "help": "Human-labelled completions of the held-out chat model the judge model is scored on (0: skip it; "
         "the embedding judge and the string matcher are always scored on all of them)."})
+    safety_classifiers: tuple[str, ...] = field(default=(), metadata={
+        "help": "Established safety classifiers to score, each NAME=BASE_URL[|SERVED_MODEL] of an OpenAI-compatible "
+        "server (vLLM) that serves it: llama_guard_3, wildguard, harmbench. WildGuard's refusal verdict is scored "
+        "on the same human-labelled sample as the judge model; every verdict on the labelled answers of the graded "
+        "model, when there are any."})
 
 
 JUDGE_VALIDATION_PAPER = JudgeValidationSettings(model_judge_sample=450)

@@ -88,6 +88,43 @@ def validate_on_labels(labelled: Sequence[Mapping[str, Any]]) -> list[JudgeAgree
     return results
 
 
+def validate_classifiers(scorers: Mapping[str, Any], labelled: Sequence[Mapping[str, Any]], *,
+                         sample: int = 100) -> list[JudgeAgreement]:
+    """Each configured safety classifier (`evaluation/classifiers.py`, `scorers`: name -> PromptScorer): its
+    refusal verdict (WildGuard's) on the same fixed sample of the held-out XSTest model's completions as the judge
+    model, and every verdict it gives on the labelled answers of the graded model (refusal, harmful content). A
+    verdict it cannot give (low mass, no log-probabilities) is missing: `asked` vs n shows it. Inputs are cut as
+    for the judge model (question 600, answer 1200 characters), to fit the classifiers' context."""
+    from matrix_assets.evaluation.classifiers import CLASSIFIERS, classify
+
+    held_out = _sample([c for c in load_xstest_v2() if c.model == HELD_OUT_MODEL], sample)
+    labels = [r for r in labelled if r["label_refusal"] is not None or r["label_harmful"] is not None]
+    results: list[JudgeAgreement | None] = []
+    for name, scorer in scorers.items():
+        outcomes = CLASSIFIERS[name].outcomes
+        if "refusal" in outcomes and held_out:
+            verdicts = classify(name, scorer, [(c.prompt[:600], c.completion[:1200]) for c in held_out])
+            results.append(_agreement(f"{name}.refusal", HELD_OUT_MODEL,
+                                      [v.refusal for v in verdicts], [c.refusal for c in held_out]))
+        if labels:
+            verdicts = classify(name, scorer, [(r["question"][:600], r["answer"][:1200]) for r in labels])
+            for outcome, column in (("refusal", "label_refusal"), ("harmful", "label_harmful")):
+                if outcome in outcomes:
+                    results.append(_agreement(f"{name}.{outcome}", LABELLED_SUBSET,
+                                              [getattr(v, outcome) for v in verdicts], [r[column] for r in labels]))
+    return [r for r in results if r is not None]
+
+
+def _agreement(judge: str, subset: str, said: Sequence[bool | None], truth: Sequence[Any]) -> JudgeAgreement | None:
+    """Agreement on the items where both the judge and the label have a verdict; `asked` counts the labelled ones.
+    None when no item has both."""
+    pairs = [(bool(s), bool(t)) for s, t in zip(said, truth) if s is not None and t is not None]
+    asked = sum(1 for t in truth if t is not None)
+    if not pairs:
+        return None
+    return JudgeAgreement(judge, subset, agreement_report([s for s, _ in pairs], [t for _, t in pairs]), asked)
+
+
 def labels_digest(labelled: Sequence[Mapping[str, Any]]) -> str:
     """What the labelled part of a validation depends on: every label, by answer."""
     rows = sorted(f"{r['label_set']}:{r['eval_id']}:{r['model_label']}:{r['prompt_id']}:{r['label_refusal']}"
@@ -95,7 +132,8 @@ def labels_digest(labelled: Sequence[Mapping[str, Any]]) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
-def validation_key(judge_model_id: str | None, model_judge_sample: int, labels: str = "") -> str:
+def validation_key(judge_model_id: str | None, model_judge_sample: int, labels: str = "",
+                   classifiers: Sequence[str] = ()) -> str:
     """What a validation's figures depend on, hashed: the human labels, the embedding judge's fitted parameters,
     the code and prompt that score the judges, and the judge model with its sample. The same key gives the same
     figures, so a stored validation with this key is reused instead of scoring the same labels again."""
@@ -105,6 +143,12 @@ def validation_key(judge_model_id: str | None, model_judge_sample: int, labels: 
     files = sorted(human_labels.XSTEST_V2_DIR.glob("*.csv")) + [refusal.CLASSIFIER_PATH]
     files += [Path(module.__file__) for module in (human_labels, refusal, stats)] + [Path(__file__)]
     files.append(Path(__file__).resolve().parent.parent / "prompts" / "judge_refusal.j2")
+    if classifiers:  # their formats, their verdict reading, the servers that serve them
+        from matrix_assets.evaluation import classifiers as classifier_module
+
+        files += [Path(classifier_module.__file__),
+                  *sorted((Path(__file__).resolve().parent.parent / "prompts" / "classifiers").glob("*.j2"))]
+        digest.update("\n".join(sorted(classifiers)).encode())
     for path in files:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())

@@ -41,6 +41,7 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
     from matrix_assets.evaluation.validation import (
         LABELLED_SUBSET,
         labels_digest,
+        validate_classifiers,
         validate_judges,
         validate_on_labels,
         validation_key,
@@ -53,8 +54,10 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
         judge_backend = judge.cached(db, progress=progress_logger(context, "judge model on human-labelled answers"))
     # Content-addressed: the same labels, judges and code give the same figures, so they are scored once.
     labelled = db.labelled_answers()
+    classifiers = _safety_classifiers(config.safety_classifiers)
     validation_id = "judges-" + validation_key(judge_backend.model_id if judge_backend else None,
-                                               config.model_judge_sample, labels_digest(labelled))[:12]
+                                               config.model_judge_sample, labels_digest(labelled),
+                                               [f"{name}:{s.model_id}" for name, s in classifiers.items()])[:12]
     stored = db.judge_agreement_rows(validation_id)
     if stored:
         context.log.info(f"{validation_id}: the same labels, judges and code were scored before; reusing them")
@@ -77,6 +80,7 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
         # XSTest v2 (other chat models, human labels) and, beside it, the answers of the model being graded.
         results = validate_judges(judge_backend, model_judge_sample=config.model_judge_sample)
         results += validate_on_labels(labelled)
+        results += validate_classifiers(classifiers, labelled, sample=config.model_judge_sample or 100)
         now = utcnow()
         db.save_judge_agreement([
             {"validation_id": validation_id, "judge": r.judge, "subset": r.subset, "metric": metric, "value": value,
@@ -99,6 +103,22 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
                                                 r.subset == LABELLED_SUBSET), float("nan")),
         "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
     })
+
+
+def _safety_classifiers(specs: Sequence[str]) -> dict[str, Any]:
+    """name -> PromptScorer for each configured classifier, health-checked before any scoring."""
+    from matrix_assets.evaluation.classifiers import CompletionsBackend, parse_classifiers
+
+    try:
+        endpoints = parse_classifiers(",".join(specs))
+    except ValueError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
+    scorers = {}
+    for endpoint in endpoints:
+        scorer = CompletionsBackend(endpoint.base_url, endpoint.model)
+        scorer.check_health()
+        scorers[endpoint.name] = scorer
+    return scorers
 
 
 def eval_prompts(db: Store, settings: EvaluationSettings) -> list[Any]:
