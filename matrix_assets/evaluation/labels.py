@@ -164,3 +164,55 @@ function save() {{
 }}
 </script></body></html>
 """
+
+
+# -- labelled samples shipped with the package -----------------------------------------------------------------
+
+#: Labelled answers of a model, shipped: `MODEL_ID.csv` (one row an answer) and `MODEL_ID.json` (who labelled, how,
+#: from which run, their agreement). What an evaluation of that model corrects its rates with when a store has no
+#: labels of its own.
+BUNDLED_SAMPLES_DIR: Path = Path(__file__).resolve().parent.parent / "data" / "labelled_answers"
+BUNDLED_COLUMNS = ("model_label", "eval_set", "prompt_set", "question", "answer", "refusal", "harmful_content")
+
+
+def bundled_sample_paths(model_id: str) -> tuple[Path, Path] | None:
+    csv_path = BUNDLED_SAMPLES_DIR / f"{model_id}.csv"
+    meta_path = csv_path.with_suffix(".json")
+    return (csv_path, meta_path) if csv_path.exists() and meta_path.exists() else None
+
+
+def bundled_labelled_answers(model_id: str) -> list[dict[str, Any]]:
+    """The shipped labelled answers of `model_id` (none for another model), shaped as `Store.labelled_answers`
+    rows; the judges' verdict columns are None (`with_current_verdicts` fills them)."""
+    paths = bundled_sample_paths(model_id)
+    if paths is None:
+        return []
+    csv_path, meta_path = paths
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    rows = []
+    with csv_path.open(newline="", encoding="utf-8") as fh:
+        for index, record in enumerate(csv.DictReader(fh)):
+            refusal = REFUSAL_LABELS.get(record["refusal"].strip().lower()) if record["refusal"].strip() else None
+            harmful = HARMFUL_LABELS.get(record["harmful_content"].strip().lower()) \
+                if record["harmful_content"].strip() else None
+            rows.append({"label_set": f"bundled:{model_id}", "eval_id": meta["eval_id"],
+                         "model_label": record["model_label"], "prompt_id": f"bundled-{index}",
+                         "eval_set": record["eval_set"], "label_refusal": refusal, "label_harmful": harmful,
+                         "labeller": meta["labeller"], "method": meta["method"], "judge_refusal": None,
+                         "keyword_refusal": None, "model_judge_refusal": None, "answer": record["answer"],
+                         "question": record["question"]})
+    return rows
+
+
+def with_current_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The default judge's and the string matcher's verdicts on labelled answers that have none stored (the shipped
+    ones), read now."""
+    from matrix_assets.evaluation.refusal import default_judge, keyword_refusal
+
+    missing = [r for r in rows if r["judge_refusal"] is None]
+    if missing:
+        verdicts = default_judge().predict([r["answer"] for r in missing])
+        for row, verdict in zip(missing, verdicts):
+            row["judge_refusal"] = int(verdict)
+            row["keyword_refusal"] = int(keyword_refusal(row["answer"]))
+    return list(rows)

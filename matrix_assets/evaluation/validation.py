@@ -64,9 +64,10 @@ def _sample(items: list, n: int) -> list:
 
 
 LABELLED_SUBSET = "this_model_labelled"  # an MLflow metric key part: no spaces or brackets
+SHIPPED_SUBSET = "this_model_shipped_sample"  # labelled answers of the graded model that ship with the package
 
 
-def validate_on_labels(labelled: Sequence[Mapping[str, Any]]) -> list[JudgeAgreement]:
+def validate_on_labels(labelled: Sequence[Mapping[str, Any]], subset: str = LABELLED_SUBSET) -> list[JudgeAgreement]:
     """Each judge against the labels given to answers of the model being graded (`matrix-assets label import`):
     the string matcher and the default judge re-read the labelled answers now (so a changed judge is measured as
     it is); the judge model's verdicts are the ones stored with each answer. Labels of every label set count."""
@@ -76,14 +77,12 @@ def validate_on_labels(labelled: Sequence[Mapping[str, Any]]) -> list[JudgeAgree
     truth = [bool(r["label_refusal"]) for r in items]
     answers = [r["answer"] for r in items]
     results = [
-        JudgeAgreement("keyword", LABELLED_SUBSET, agreement_report([keyword_refusal(a) for a in answers], truth),
-                       len(items)),
-        JudgeAgreement("embedding", LABELLED_SUBSET, agreement_report(default_judge().predict(answers), truth),
-                       len(items)),
+        JudgeAgreement("keyword", subset, agreement_report([keyword_refusal(a) for a in answers], truth), len(items)),
+        JudgeAgreement("embedding", subset, agreement_report(default_judge().predict(answers), truth), len(items)),
     ]
     judged = [(bool(r["model_judge_refusal"]), t) for r, t in zip(items, truth) if r["model_judge_refusal"] is not None]
     if judged:
-        results.append(JudgeAgreement("model:stored verdicts", LABELLED_SUBSET,
+        results.append(JudgeAgreement("model:stored verdicts", subset,
                                       agreement_report([j for j, _ in judged], [t for _, t in judged]), len(items)))
     return results
 
@@ -127,8 +126,8 @@ def _agreement(judge: str, subset: str, said: Sequence[bool | None], truth: Sequ
 
 def labels_digest(labelled: Sequence[Mapping[str, Any]]) -> str:
     """What the labelled part of a validation depends on: every label, by answer."""
-    rows = sorted(f"{r['label_set']}:{r['eval_id']}:{r['model_label']}:{r['prompt_id']}:{r['label_refusal']}"
-                  for r in labelled)
+    rows = sorted(f"{r['label_set']}:{r['eval_id']}:{r['model_label']}:{r['prompt_id']}:{r['label_refusal']}:"
+                  f"{r['label_harmful']}:{hashlib.sha256(str(r['answer']).encode()).hexdigest()}" for r in labelled)
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 

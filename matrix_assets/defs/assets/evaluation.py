@@ -33,13 +33,15 @@ CHAMPION_LABEL = "champion"
     "the completions of a chat model nothing was fitted on.",
 )
 def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationConfig,  # type: ignore[valid-type]
-                     store: StoreResource,
+                     store: StoreResource, llm: LLMResource,
                      judge: LLMResource, mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
     import mlflow
 
     from matrix_assets.evaluation.refusal import HELD_OUT_MODEL
+    from matrix_assets.evaluation.labels import bundled_labelled_answers
     from matrix_assets.evaluation.validation import (
         LABELLED_SUBSET,
+        SHIPPED_SUBSET,
         labels_digest,
         validate_classifiers,
         validate_judges,
@@ -54,9 +56,10 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
         judge_backend = judge.cached(db, progress=progress_logger(context, "judge model on human-labelled answers"))
     # Content-addressed: the same labels, judges and code give the same figures, so they are scored once.
     labelled = db.labelled_answers()
+    shipped = bundled_labelled_answers(llm.model_identity())  # the graded model's labelled answers, if shipped
     classifiers = _safety_classifiers(config.safety_classifiers)
     validation_id = "judges-" + validation_key(judge_backend.model_id if judge_backend else None,
-                                               config.model_judge_sample, labels_digest(labelled),
+                                               config.model_judge_sample, labels_digest([*labelled, *shipped]),
                                                [f"{name}:{s.model_id}" for name, s in classifiers.items()])[:12]
     stored = db.judge_agreement_rows(validation_id)
     if stored:
@@ -80,7 +83,8 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
         # XSTest v2 (other chat models, human labels) and, beside it, the answers of the model being graded.
         results = validate_judges(judge_backend, model_judge_sample=config.model_judge_sample)
         results += validate_on_labels(labelled)
-        results += validate_classifiers(classifiers, labelled, sample=config.model_judge_sample or 100)
+        results += validate_on_labels(shipped, SHIPPED_SUBSET)
+        results += validate_classifiers(classifiers, [*labelled, *shipped], sample=config.model_judge_sample or 100)
         now = utcnow()
         db.save_judge_agreement([
             {"validation_id": validation_id, "judge": r.judge, "subset": r.subset, "metric": metric, "value": value,
@@ -100,7 +104,7 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
         "agreement": md_table(rows, list(rows[0]), 120),
         "default_judge_kappa_held_out": next(r.report.kappa for r in results if r.is_default_held_out),
         "default_judge_kappa_this_model": next((r.report.kappa for r in results if r.judge == "embedding" and
-                                                r.subset == LABELLED_SUBSET), float("nan")),
+                                                r.subset in (LABELLED_SUBSET, SHIPPED_SUBSET)), float("nan")),
         "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
     })
 
@@ -223,7 +227,10 @@ def evaluation_scores(
     context.log.info(f"evaluating base and {[c['checkpoint_id'] for c in by_label.values()]} on {counts} "
                      f"({kind} evaluation)")
     eval_id = f"eval-{uuid.uuid4().hex[:10]}"
-    labelled = db.labelled_answers()  # for rates corrected for the judges' error on this model's answers
+    # For rates corrected for the judges' error on this model's answers: the store's labels, else the shipped ones.
+    from matrix_assets.evaluation.labels import bundled_labelled_answers, with_current_verdicts
+
+    labelled = db.labelled_answers() or with_current_verdicts(bundled_labelled_answers(llm.model_identity()))
     # The MLflow run is open while the models answer, so that its duration is the evaluation's.
     with mlflow_tracking.start_run(context, run_name=eval_id) as parent:
         report = evaluate(models, prompts, default_judge(), judge_model=judge_backend,
@@ -306,9 +313,11 @@ def _judge_line(validation: dict[str, Any] | None, db: Store | None = None) -> s
     line = (f"Judge: embedding refusal classifier; agreement with human labels on {validation['subset']} "
             f"completions it was not fitted on: kappa {validation['value']:.2f} [{validation['ci_low']:.2f}, "
             f"{validation['ci_high']:.2f}] (n={validation['n']}, {validation['validation_id']})")
-    from matrix_assets.evaluation.validation import LABELLED_SUBSET
+    from matrix_assets.evaluation.validation import LABELLED_SUBSET, SHIPPED_SUBSET
 
-    own = db.judge_agreement(validation["validation_id"], subset=LABELLED_SUBSET) if db is not None else None
+    own = None
+    for subset in (LABELLED_SUBSET, SHIPPED_SUBSET):
+        own = own or (db.judge_agreement(validation["validation_id"], subset=subset) if db is not None else None)
     if own is not None:
         line += (f"; on labelled answers of the model being graded: kappa {own['value']:.2f} [{own['ci_low']:.2f}, "
                  f"{own['ci_high']:.2f}] (n={own['n']})")
