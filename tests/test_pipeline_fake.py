@@ -87,7 +87,8 @@ def test_bad_prompt_file_fails_clearly(fake_resources: dict, tmp_path: Path) -> 
 def _fixed_texts() -> list[str]:
     """Every line of every prompt file and the control's refusal: no method other than the control may train on
     any of them."""
-    lines = {line.strip() for path in PACKAGE_DIR.glob("**/prompts/*") for line in path.read_text().splitlines()
+    lines = {line.strip() for path in PACKAGE_DIR.glob("**/prompts/**/*") if path.is_file()
+             for line in path.read_text().splitlines()
              if len(line.strip()) > 30 and "{{" not in line and "{%" not in line}
     return [render("refusal_template/refusal"), *sorted(lines)]
 

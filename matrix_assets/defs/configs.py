@@ -125,7 +125,8 @@ def profile_run_config(profile: str, *, partitioned: bool) -> dict[str, Any]:
             ops[f"{method}__checkpoint"] = {"config": training}
         ops["evaluation_scores"] = {"config": {k: _plain(v) for k, v in
                                                dataclasses.asdict(profiles.evaluation(profile)).items()}}
-        ops["judge_validation"] = {"config": dataclasses.asdict(profiles.judge_validation(profile))}
+        ops["judge_validation"] = {"config": {k: _plain(v) for k, v in
+                                              dataclasses.asdict(profiles.judge_validation(profile)).items()}}
     return {"ops": ops}
 
 
