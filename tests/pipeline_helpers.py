@@ -47,3 +47,22 @@ def train_and_evaluate(resources: dict, instance: dg.DagsterInstance, run_config
                        selection: Any = None, **kwargs: Any) -> dg.ExecuteInProcessResult:
     return dg.materialize(all_assets(), selection=selection or TRAIN_AND_EVALUATE, resources=resources,
                           instance=instance, run_config=run_config or {}, **kwargs)
+
+
+class StubStageContext:
+    """The smallest StageContext for running one method stage outside Dagster: a real store, fake models, partition
+    "s", model id "m", no logging or progress."""
+
+    def __init__(self, store: Any, llm: Any, judge: Any = None) -> None:
+        self.partition, self.llm, self.store = "s", llm, store
+        self.judge = llm if judge is None else judge
+
+    @property
+    def model_id(self) -> str:
+        return "m"
+
+    def log(self, message: str) -> None:
+        pass
+
+    def progress(self, what: str, unit: str = "generations"):  # noqa: ANN201
+        return lambda done, total: None

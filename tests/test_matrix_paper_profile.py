@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pipeline_helpers import StubStageContext
 
 from matrix_assets.llm.base import Completion, Conversation, GenerationParams
 from matrix_assets.llm.fake import FakeBackend
@@ -231,21 +232,6 @@ def test_the_papers_mix_is_equal_parts() -> None:
     assert benign_count(basis, profiles.training_set("paper").benign_ratio) == n  # helpful = harmful = simulation
 
 
-class _Context:
-    """The smallest StageContext over a real SQLite store."""
-
-    def __init__(self, store: Store, llm: FakeBackend) -> None:
-        self.partition, self.llm, self.judge, self.store = "s", llm, llm, store
-
-    @property
-    def model_id(self) -> str:
-        return "m"
-
-    def log(self, message: str) -> None:
-        pass
-
-    def progress(self, what: str, unit: str = "generations"):  # noqa: ANN201
-        return lambda done, total: None
 
 
 def test_the_paper_stages_write_one_simulation_sample_per_trained_revision(tmp_path: Path) -> None:
@@ -257,7 +243,7 @@ def test_the_paper_stages_write_one_simulation_sample_per_trained_revision(tmp_p
     store.upsert("prompts", [{"prompt_id": i.prompt_id, "prompt_set": "s", "position": n, "text": i.question,
                               "category": None, "split": "train"} for n, i in enumerate(items)])
     store.save_initial_responses("m", [(i.prompt_id, i.answer) for i in items])
-    ctx = _Context(store, FakeBackend(responder=_paper_director([]), scorer=_feasible_never_stopped))
+    ctx = StubStageContext(store, FakeBackend(responder=_paper_director([]), scorer=_feasible_never_stopped))
     method = registry()["matrix"]
     settings = replace(PAPER, max_rounds=1)
     outcomes = [stage.run(ctx, settings) for stage in method.stages]

@@ -14,12 +14,11 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from http_helpers import JsonHandler
+from http_helpers import JsonHandler, serving
 
 from matrix_assets.evaluation import classifiers as cls
 from matrix_assets.evaluation.classifiers import (
@@ -243,17 +242,8 @@ def make_handler(state: FakeCompletionsState) -> type[JsonHandler]:
 @pytest.fixture()
 def server() -> Iterator[tuple[str, FakeCompletionsState]]:
     state = FakeCompletionsState()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    host, port = httpd.server_address[:2]
-    try:
-        yield f"http://{host}:{port}/v1", state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=2)
+    with serving(make_handler(state)) as base_url:
+        yield base_url, state
 
 
 def _scorer(base_url: str) -> CompletionsBackend:

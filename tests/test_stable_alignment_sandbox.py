@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pipeline_helpers import StubStageContext
 
 from matrix_assets.llm.fake import FakeBackend
 from matrix_assets.methods.stable_alignment.data import (
@@ -379,21 +380,6 @@ def test_sampling_is_a_setting_of_the_method() -> None:
     assert (quick.temperature, quick.top_p, quick.repetition_penalty) == (0.8, 0.95, 1.1)
 
 
-class _Context:
-    """The smallest StageContext over a real SQLite store: agents and observer are fakes."""
-
-    def __init__(self, store: Store, llm: FakeBackend, judge: FakeBackend) -> None:
-        self.partition, self.llm, self.judge, self.store = "s", llm, judge, store
-
-    @property
-    def model_id(self) -> str:
-        return "m"
-
-    def log(self, message: str) -> None:
-        pass
-
-    def progress(self, what: str, unit: str = "generations"):  # noqa: ANN201
-        return lambda done, total: None
 
 
 class _Sampled(Recording):
@@ -434,7 +420,7 @@ def test_the_paper_profile_seeds_every_agent_with_50_human_hh_rlhf_pairs(
 
     monkeypatch.setattr("matrix_assets.methods.stable_alignment.run_sandbox", run_and_keep)
     (stage,) = METHOD.stages
-    outcome = stage.run(_Context(store, llm, observer), settings)
+    outcome = stage.run(StubStageContext(store, llm, observer), settings)
     (result,) = captured
     human = set(seed_pairs())
     assert [len(pairs) for pairs in result.seed_pairs] == [50] * 4 and not result.seed_generated
