@@ -179,8 +179,12 @@ def test_scenes_on_the_live_refill_session_equal_scenes_decoded_padded(eos_prone
     live = run_scenes(eos_prone_backend, inputs, settings, on_scene_done=lambda t: order.append(t.prompt_id))
     assert [t.render_markdown() for t in live] == [t.render_markdown() for t in padded]
     assert sorted(order) == [i.prompt_id for i in inputs]
-    verdicts = [e.p_yes for t in live for e in t.events if e.kind == "modulation"]
-    assert verdicts and all(p is not None for p in verdicts)  # read from the distribution, never assumed
+    assert any(e.kind == "modulation" for t in live for e in t.events)
+    for scene in live:
+        # The random tiny model puts little mass on yes/no: a verdict under MIN_CANDIDATE_MASS is read from the
+        # reply's text instead, and counted, never silently assumed.
+        from_text = sum(1 for e in scene.events if e.kind == "modulation" and e.p_yes is None)
+        assert scene.fallbacks.get("feasible_from_text", 0) == from_text
 
 
 def test_prefix_cache_reuses_shared_prompt_heads_without_changing_answers(eos_prone_backend) -> None:  # noqa: ANN001
