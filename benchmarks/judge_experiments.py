@@ -772,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=Path("/tmp/judge_experiments_cache"))
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "judge_experiments.md")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="refit every (candidate, setting) instead of reusing cached results")
     p.add_argument("--no-lm", action="store_true", help="skip the SmolLM2 candidates (their features take ~30-50 min to extract once)")
     p.add_argument("--extract-only", action="store_true", help="compute and cache all features, fit nothing")
     p.add_argument("--export", type=Path, default=None, help="fit --export-candidate and write its parameters (JSON)")
@@ -807,9 +808,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = [s for s in SETTINGS if not args.quick or s[2] == "mistralinstruct, no sibling"]
     rows: list[Row] = []
     probs: dict[str, np.ndarray] = {}
+    import pickle
+
     for c in cands:
         for held, fit_models, label in settings:
-            row, prob = run_setting(data, c, held, fit_models, label)
+            # Each (candidate, setting) result is cached too, so an interrupted run resumes (--fresh: refit all).
+            members = tuple(BY_NAME[n] for n in c.grid) if c.kind == "mean" else ()
+            key = hashlib.sha256(repr((c, members, held, fit_models, N_OUTER_FOLDS, SEED, THRESHOLDS)).encode()).hexdigest()[:16]
+            done = args.cache / f"result_{c.name}_{key}.pkl"
+            if done.exists() and not args.fresh:
+                row, prob = pickle.loads(done.read_bytes())
+            else:
+                row, prob = run_setting(data, c, held, fit_models, label)
+                done.write_bytes(pickle.dumps((row, prob)))
             rows.append(row)
             probs[f"{c.name}|{label}"] = prob[data.models == held]
             log(f"{c.name:18s} {label:34s} kappa {row.report.kappa:.3f} "
