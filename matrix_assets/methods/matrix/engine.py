@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from matrix_assets.llm.base import ChatBackend, Conversation, GenerationParams, choice_probabilities
 from matrix_assets.llm.scripts import Answer, Generate, Score, Script, drive
 from matrix_assets.methods.matrix import parsing
-from matrix_assets.methods.matrix.scene import PROTAGONIST, Role, SceneEvent, SceneInput, Transcript, shorten
+from matrix_assets.methods.matrix.scene import Role, SceneEvent, SceneInput, Transcript, shorten
 from matrix_assets.templates import read_text, user_message
 
 YES_NO = ("yes", "no")
