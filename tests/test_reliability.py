@@ -674,3 +674,52 @@ def test_unreachable_mlflow_fails_fast_before_any_work(
     assert db.count("checkpoints") == 1  # only the seeded one: no training
     assert not (matrix_home / "checkpoints").exists()
     assert db.count("generations") == 0 and db.count("eval_answers") == 0  # no evaluation answers generated
+
+
+def test_checkpoint_only_run_refuses_a_training_set_that_failed_its_blocking_check(
+        matrix_home: Path, tiny_model_dir: str) -> None:
+    """Lineage through Dagster: a later checkpoint-only run trains on the dataset of the training set's latest
+    materialization, and refuses it when that materialization failed `train_eval_disjoint`."""
+    resources = _training_resources(matrix_home, tiny_model_dir, f"sqlite:///{matrix_home / 'mlflow.db'}")
+    instance, db = _instance(), resources["store"].get_store()
+    training_set, checkpoint = dg.AssetKey(["refusal_template", "training_set"]), dg.AssetKey(["refusal_template",
+                                                                                               "checkpoint"])
+    build = {"prompt_sets": [PARTITION], "benign_ratio": 0.0}
+    train = {"max_steps": 1, "batch_size": 2}
+    responses = dg.AssetKey(["refusal_template", "responses"])
+    assert _materialize([dg.AssetKey("benchmark_prompts"), responses], resources, instance, partition_key=PARTITION,
+                        run_config=stage_config(refusal_template__responses={"max_prompts": 3})).success
+    # An evaluation split that repeats a training prompt word for word.
+    leaked = db.query("SELECT text FROM prompts WHERE prompt_set = :s AND split = 'train' ORDER BY position",
+                      s=PARTITION)[0]["text"]
+    db.upsert("prompt_sets", [{"name": "leak", "source": "test", "file_sha256": "x", "role": "harmful",
+                               "n_prompts": 1, "n_train": 0, "n_eval": 1, "train_fraction": 0.0,
+                               "loaded_at": "2024-01-01T00:00:00"}])
+    db.upsert("prompts", [{"prompt_id": "leak-0", "prompt_set": "leak", "position": 0, "text": leaked,
+                           "category": None, "split": "eval"}])
+
+    built = _materialize([training_set, checkpoint], resources, instance, raise_on_error=False, run_config=stage_config(
+        refusal_template__training_set=build, refusal_template__checkpoint=train))
+    check = next(c for c in built.get_asset_check_evaluations() if c.check_name == "train_eval_disjoint")
+    assert not check.passed
+    assert not built.is_node_success("refusal_template__checkpoint")  # skipped in the run that built it
+    failed_dataset = db.query("SELECT dataset_id FROM sft_datasets")[0]["dataset_id"]
+
+    later = _materialize([checkpoint], resources, instance, raise_on_error=False,
+                         run_config=stage_config(refusal_template__checkpoint=train))
+    message = _error_text(later, "refusal_template__checkpoint")
+    assert "refusing to train" in message and failed_dataset in message and "train_eval_disjoint" in message
+    assert db.count("checkpoints") == 0
+
+    # Without the leak the rebuilt training set passes, and a checkpoint-only run trains on exactly its dataset.
+    db.upsert("prompts", [{"prompt_id": "leak-0", "prompt_set": "leak", "position": 0, "text": leaked,
+                           "category": None, "split": "excluded"}])
+    rebuilt = _materialize([training_set], resources, instance,
+                           run_config=stage_config(refusal_template__training_set=build))
+    dataset_id = rebuilt.asset_materializations_for_node("refusal_template__training_set")[0].metadata[
+        "dataset_id"].value
+    trained = _materialize([checkpoint], resources, instance, run_config=stage_config(refusal_template__checkpoint=train))
+    (row,) = db.query("SELECT dataset_id FROM checkpoints")
+    assert row["dataset_id"] == dataset_id
+    assert trained.asset_materializations_for_node("refusal_template__checkpoint")[0].metadata[
+        "dataset_id"].value == dataset_id

@@ -279,3 +279,31 @@ def test_growing_cache_layers_refuse_an_update_of_another_batch_size() -> None:
     layer.values[0, 0, 0, 0] = 7.0
     keys, values = layer.update(torch.ones(2, 1, 1, 8), torch.ones(2, 1, 1, 8))
     assert values[0, 0, 0, 0] == 7.0 and keys.shape == values.shape == (2, 1, 5, 8)
+
+
+def test_a_token_budget_widens_batches_of_short_prompts_without_changing_the_text(
+        tiny_model_dir: str, monkeypatch) -> None:  # noqa: ANN001
+    import matrix_assets.llm.transformers_backend as module
+
+    params = GenerationParams(max_new_tokens=6)
+    narrow = TransformersBackend(tiny_model_dir, batch_size=2)
+    wide = TransformersBackend(tiny_model_dir, batch_size=2, batch_tokens=10_000)
+    encoded = [wide.encode(c) for c in CONVERSATIONS]
+    assert narrow.rows_for(encoded, params) == 2
+    assert wide.rows_for(encoded, params) == len(CONVERSATIONS)  # every row fits the budget
+    per_row = sum(len(e) for e in encoded) / len(encoded) + params.max_new_tokens
+    tight = TransformersBackend(tiny_model_dir, batch_size=1, batch_tokens=int(2 * per_row) + 1)
+    assert tight.rows_for(encoded, params) == 2
+    assert TransformersBackend(tiny_model_dir, batch_size=2, batch_tokens=1).rows_for(encoded, params) == 2
+
+    widths = []
+    real = module.TransformersBackend.generate_refill
+
+    def spy(self, batch, params, on_result=None):  # noqa: ANN001, ANN202
+        widths.append(self.rows_for(batch, params))
+        return real(self, batch, params, on_result)
+
+    monkeypatch.setattr(module.TransformersBackend, "generate_refill", spy)
+    assert [c.text for c in wide.generate(CONVERSATIONS, params)] == \
+        [c.text for c in narrow.generate(CONVERSATIONS, params)]
+    assert widths == [len(CONVERSATIONS), 2]

@@ -56,7 +56,9 @@ class StoreResource(dg.ConfigurableResource):
 class LLMResource(dg.ConfigurableResource):
     """A generation backend. Subclasses are swapped per deployment (local model, remote server, fake)."""
 
-    batch_size: int = Field(default=16, description="Conversations decoded at once (local; 16 measured ~1.6x the tokens/s of 8 on a 2-core CPU) or per cache chunk.")
+    batch_size: int = Field(default=32, ge=1, description="Conversations decoded at once (local CPU) or per cache chunk. "
+                            "32: on a 2-core CPU the best for scene-length prompts, 1.14x the tokens/s of 16, where 64 "
+                            "gained nothing for 1.5x the memory (benchmarks/results/batch_sizes.md).")
 
     @abstractmethod
     def backend(self, adapter_path: str | None = None) -> ChatBackend:
@@ -97,7 +99,13 @@ class LocalTransformersLLM(LLMResource):
     torch_threads: int | None = Field(default=None, description="torch intra-op threads (None: torch default).")
     device: str = Field(default="auto", description="auto: the first CUDA GPU when torch sees one (bf16, SDPA), "
                         "else the CPU (fp32); or cpu, cuda, cuda:1.")
-    gpu_batch_size: int = Field(default=256, description="Rows decoded together on a GPU (batch_size is the CPU's).")
+    gpu_batch_size: int = Field(default=256, ge=1, description="Rows decoded together on a GPU (batch_size is the CPU's).")
+    batch_tokens: int = Field(
+        default=6400, ge=0,
+        description="CPU: a known list of prompts (evaluation answers, initial and benign answers) is decoded in "
+        "batches wider than batch_size while the rows' tokens (mean prompt + max new tokens each) fit this budget: "
+        "short evaluation prompts then run ~60 at a time, 1.16x the tokens/s of 32 (benchmarks/results/"
+        "batch_sizes.md); 0 keeps batch_size.")
     decoding: str = Field(
         default="refill",
         description="refill (default): a row leaves the batch the moment it ends and the next queued request "
@@ -114,7 +122,7 @@ class LocalTransformersLLM(LLMResource):
     )
 
     def _key(self, adapter_path: str | None) -> tuple:
-        return ("transformers", self.model, adapter_path, self.batch_size, self.gpu_batch_size, self.device,
+        return ("transformers", self.model, adapter_path, self.batch_size, self.batch_tokens, self.gpu_batch_size, self.device,
                 self.torch_threads, self.decoding, self.prepack_weights)
 
     def release(self, adapter_path: str | None = None) -> None:
@@ -126,7 +134,8 @@ class LocalTransformersLLM(LLMResource):
         return _shared(
             self._key(adapter_path),
             lambda: TransformersBackend(
-                self.model, adapter_path=adapter_path, batch_size=self.batch_size, gpu_batch_size=self.gpu_batch_size,
+                self.model, adapter_path=adapter_path, batch_size=self.batch_size, batch_tokens=self.batch_tokens or None,
+                gpu_batch_size=self.gpu_batch_size,
                 device=self.device, torch_threads=self.torch_threads, decoding=self.decoding,
                 prepack_weights=self.prepack_weights,
             ),
@@ -409,16 +418,21 @@ def _env_flag(name: str, default: bool) -> bool:
 def llm_from_env(prefix: str = "MATRIX_") -> LLMResource:
     """The deployment's backend from {prefix}LLM_BACKEND = transformers (default) | openai | fake,
     {prefix}MODEL, {prefix}OPENAI_BASE_URL, {prefix}OPENAI_API_KEY_ENV, {prefix}LOCAL_MODEL, {prefix}BATCH_SIZE,
-    {prefix}DECODING (refill | static | padded | continuous, local backend), {prefix}PREPACK_WEIGHTS (1 | 0, local
-    backend), {prefix}DEVICE (auto | cpu | cuda[:N], local backend), {prefix}GPU_BATCH_SIZE (local backend on a GPU)."""
+    {prefix}BATCH_TOKENS, {prefix}DECODING (refill | static | padded | continuous, local backend),
+    {prefix}PREPACK_WEIGHTS (1 | 0, local backend), {prefix}DEVICE (auto | cpu | cuda[:N], local backend),
+    {prefix}GPU_BATCH_SIZE (local backend on a GPU). Unset variables keep the resources' field defaults."""
     env = os.environ.get
     kind = env(f"{prefix}LLM_BACKEND", "transformers")
-    batch_size = int(env(f"{prefix}BATCH_SIZE", "16"))
+    local = LocalTransformersLLM.model_fields
+    batch_size = int(env(f"{prefix}BATCH_SIZE", local["batch_size"].default))
     if kind == "transformers":
         return LocalTransformersLLM(
-            model=env(f"{prefix}MODEL", DEFAULT_MODEL), batch_size=batch_size, decoding=env(f"{prefix}DECODING", "refill"),
-            prepack_weights=_env_flag(f"{prefix}PREPACK_WEIGHTS", True), device=env(f"{prefix}DEVICE", "auto"),
-            gpu_batch_size=int(env(f"{prefix}GPU_BATCH_SIZE", "256")),
+            model=env(f"{prefix}MODEL", local["model"].default), batch_size=batch_size,
+            batch_tokens=int(env(f"{prefix}BATCH_TOKENS", local["batch_tokens"].default)),
+            decoding=env(f"{prefix}DECODING", local["decoding"].default),
+            prepack_weights=_env_flag(f"{prefix}PREPACK_WEIGHTS", local["prepack_weights"].default),
+            device=env(f"{prefix}DEVICE", local["device"].default),
+            gpu_batch_size=int(env(f"{prefix}GPU_BATCH_SIZE", local["gpu_batch_size"].default)),
         )
     if kind == "openai":
         key_env = env(f"{prefix}OPENAI_API_KEY_ENV", "OPENAI_API_KEY")

@@ -98,6 +98,7 @@ class TransformersBackend(ChatBackend):
         *,
         adapter_path: str | None = None,
         batch_size: int = 8,
+        batch_tokens: int | None = None,
         gpu_batch_size: int = 256,
         device: str = "auto",
         max_input_tokens: int = 1536,
@@ -117,6 +118,7 @@ class TransformersBackend(ChatBackend):
         self.device = resolve_device(device)
         on_gpu = self.device != "cpu"
         self.batch_size = max(1, gpu_batch_size if on_gpu else batch_size)
+        self.batch_tokens = None if on_gpu else batch_tokens
         self.max_input_tokens = max_input_tokens
         path = resolve_model_path(model)
         try:
@@ -373,10 +375,20 @@ class TransformersBackend(ChatBackend):
 
         with self._lock, torch.inference_mode():
             generate_with_refill(
-                self.model, batch, params, batch_size=self.batch_size, eos_token_ids=self.eos_token_ids(),
+                self.model, batch, params, batch_size=self.rows_for(batch, params), eos_token_ids=self.eos_token_ids(),
                 pad_token_id=self.tokenizer.pad_token_id, on_row_done=row_done, prefix_cache=self.prefix_cache,
             )
         return [r for r in results if r is not None]
+
+    def rows_for(self, batch: Sequence[list[int]], params: GenerationParams) -> int:
+        """Rows decoded at once for a known list of prompts: `batch_size`, raised (CPU) while the rows' tokens, a
+        prompt's mean length plus `max_new_tokens` each, fit `batch_tokens`. Short prompts then run in wider
+        batches, where the CPU gains from them, and long ones keep `batch_size`, where it does not
+        (`benchmarks/results/batch_sizes.md`); the text does not depend on it."""
+        if not self.batch_tokens or not batch:
+            return self.batch_size
+        per_row = sum(len(p) for p in batch) / len(batch) + params.max_new_tokens
+        return max(self.batch_size, min(len(batch), int(self.batch_tokens // per_row)))
 
     def _completion(self, prompt: list[int], tokens: list[int], params: GenerationParams) -> Completion:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -594,7 +594,7 @@ class Store:
     def latest_per_method(self, table: str, methods: Sequence[str] | None, order: Sequence[str]
                           ) -> list[dict[str, Any]]:
         """The newest row of `sft_datasets` or `checkpoints` for each method, in the given method order.
-        Checkpoints are ordered by when `finetuned_checkpoint` last produced them (a reused one counts as new)."""
+        Checkpoints are ordered by when a `METHOD/checkpoint` materialization last produced them (a reused one counts as new)."""
         column = {"sft_datasets": ("created_at", "dataset_id"), "checkpoints": ("built_at", "checkpoint_id")}
         if table not in column:
             raise ValueError(f"no per-method rows in {table!r}")
@@ -616,6 +616,10 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(sa.text("UPDATE checkpoints SET built_at = :t, dagster_run_id = :r WHERE checkpoint_id = :c"),
                          {"t": utcnow(), "r": dagster_run_id, "c": checkpoint_id})
+
+    def training_set(self, dataset_id: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM sft_datasets WHERE dataset_id = :d", d=dataset_id)
+        return rows[0] if rows else None
 
     def checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM checkpoints WHERE checkpoint_id = :c", c=checkpoint_id)

@@ -139,8 +139,12 @@ def training_set_asset(method: Method) -> dg.AssetsDefinition:
         preview = [{"kind": g.kind, "prompt": g.prompt, "response": g.responses[0].text,
                     "rating": g.responses[0].rating} for g in [*dataset.groups[:2], *dataset.groups[-1:]]]
         return dg.MaterializeResult(
+            # The dataset id is this materialization's data version: the checkpoint reads which dataset to train
+            # on from here (not from "the latest row"), and the UI marks checkpoints stale when it changes.
+            data_version=dg.DataVersion(dataset.dataset_id),
             metadata={
                 "dataset_id": dataset.dataset_id, "path": dg.MetadataValue.path(str(path)),
+                DISJOINT_PASSED: not overlap,
                 "prompt_sets": ", ".join(settings.prompt_sets), "n_groups": len(dataset.groups),
                 "n_examples": dataset.n_examples, "n_aligned": dataset.n_aligned, "n_benign": dataset.n_benign,
                 "n_excluded": dataset.n_excluded,
@@ -192,7 +196,8 @@ def checkpoint_asset(method: Method) -> dg.AssetsDefinition:
         deps=[dg.AssetKey([method.name, "training_set"])],
         group_name=method.name,
         kinds={"pytorch", "mlflow"},
-        description=f"{method.title}: a LoRA adapter trained ({method.trainer}) on the method's latest training set; "
+        description=f"{method.title}: a LoRA adapter trained ({method.trainer}) on the dataset of the latest "
+        f"{method.name}/training_set materialization (refused if it failed its blocking check); "
         "logged to its own MLflow run and registered as a loadable model version.",
         pool=MODEL_POOL,
         automation_condition=NIGHTLY,
@@ -210,13 +215,37 @@ def checkpoint_asset(method: Method) -> dg.AssetsDefinition:
         except ValueError as exc:
             raise dg.Failure(f"bad training configuration: {exc}", allow_retries=False) from exc
         mlflow_tracking.check()  # an unreachable tracking store fails here, not after training
-        datasets = db.latest_per_method("sft_datasets", [method.name], [method.name])
-        if not datasets:
-            raise dg.Failure(f"no training set for {method.name} yet; materialize {method.name}/training_set first", allow_retries=False)
-        return dg.MaterializeResult(metadata=train_checkpoint(context, db, llm, mlflow_tracking, method,
-                                                              datasets[0], settings))
+        dataset = upstream_training_set(context, db, method)
+        metadata = train_checkpoint(context, db, llm, mlflow_tracking, method, dataset, settings)
+        return dg.MaterializeResult(metadata={**metadata, "dataset_id": dataset["dataset_id"]})
 
     return _checkpoint
+
+
+DISJOINT_PASSED = "train_eval_disjoint_passed"
+
+
+def upstream_training_set(context: dg.AssetExecutionContext, db: Store, method: Method) -> dict[str, Any]:
+    """The dataset of the latest `METHOD/training_set` materialization in this Dagster instance, whichever run made
+    it; refused when that materialization failed its blocking `train_eval_disjoint` check (a checkpoint-only or
+    nightly run must not train on it any more than the run that built it could)."""
+    key = dg.AssetKey([method.name, "training_set"])
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(f"no materialization of {key.to_user_string()} in this Dagster instance; materialize it "
+                         "first", allow_retries=False)
+    metadata = event.asset_materialization.metadata
+    dataset_id = metadata["dataset_id"].value if "dataset_id" in metadata else None
+    if DISJOINT_PASSED in metadata and not metadata[DISJOINT_PASSED].value:
+        raise dg.Failure(f"refusing to train on {dataset_id}: its {key.to_user_string()} materialization (run "
+                         f"{event.run_id}) failed the blocking train_eval_disjoint check; rebuild the training set "
+                         "without evaluation prompts", allow_retries=False)
+    dataset = db.training_set(str(dataset_id)) if dataset_id else None
+    if dataset is None:
+        raise dg.Failure(f"{key.to_user_string()} (run {event.run_id}) names dataset {dataset_id!r}, which this "
+                         "store does not hold; re-materialize the training set", allow_retries=False)
+    context.log.info(f"training on {dataset_id}, built by run {event.run_id}")
+    return dataset
 
 
 def train_checkpoint(context: dg.AssetExecutionContext, db: Store, llm: LLMResource, tracking: MLflowResource,
