@@ -15,6 +15,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_models_after_each_module():  # noqa: ANN202
+    """Models built by one test module are freed when it ends: the suite's peak memory is then one module's."""
+    yield
+    from matrix_assets.defs.resources import release_models
+
+    release_models()
+
+
 @pytest.fixture
 def matrix_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every path the pipeline writes to, moved under tmp_path."""

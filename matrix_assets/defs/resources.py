@@ -33,6 +33,19 @@ def _shared(key: tuple, build):  # noqa: ANN001, ANN202 - tiny process-wide memo
         return _SHARED[key]
 
 
+def release_models() -> int:
+    """Free every model this process keeps (stores stay): for a long-lived process between jobs, and for the test
+    suite between modules, which would otherwise hold every backend any test built."""
+    import gc
+
+    with _SHARED_LOCK:
+        keys = [key for key in _SHARED if key[0] not in ("store", "adapter-loaded")]  # those hold no weights
+        for key in keys:
+            del _SHARED[key]
+    gc.collect()
+    return len(keys)
+
+
 def _release(key: tuple) -> bool:
     """Forget a shared object and collect it now (a model's weights are hundreds of MB)."""
     import gc
