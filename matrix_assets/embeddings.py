@@ -44,14 +44,3 @@ def embed(texts: Sequence[str], batch_size: int = BATCH_SIZE) -> Any:
                 return encoder().encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                                         convert_to_numpy=True, show_progress_bar=False)
         return np.stack([_MEMO[t] for t in texts])
-
-
-def nearest_similarity(queries: Any, corpus: Any) -> Any:
-    """For each query row, the highest cosine similarity to any corpus row (-1 when the corpus is empty)."""
-    import numpy as np
-
-    if len(queries) == 0:
-        return np.zeros((0,), dtype=np.float32)
-    if len(corpus) == 0:
-        return np.full((len(queries),), -1.0, dtype=np.float32)
-    return (queries @ corpus.T).max(axis=1)

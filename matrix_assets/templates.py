@@ -51,12 +51,6 @@ def system_and_user(template: str, user_text: str, /, **variables: Any) -> list[
     return [{"role": "system", "content": render(template, **variables)}, {"role": "user", "content": user_text}]
 
 
-def template_names() -> list[str]:
-    names = [p.stem for p in PROMPTS_DIR.glob("*.j2")]
-    names += [f"{method}/{p.stem}" for method, d in _method_prompt_dirs().items() for p in d.glob("*.j2")]
-    return sorted(names)
-
-
 def read_text(name: str) -> str:
     """A non-template prompt file (a list of principles, a roster): `"FILE"` or `"METHOD/FILE"`."""
     method, _, filename = name.rpartition("/")

@@ -288,7 +288,7 @@ class ClassifierEndpoint:
 
 
 def parse_classifiers(spec: str) -> list[ClassifierEndpoint]:
-    """`NAME=BASE_URL[|SERVED_MODEL]`, comma-separated (e.g. the MATRIX_SAFETY_CLASSIFIERS setting):
+    """`NAME=BASE_URL[|SERVED_MODEL]`, comma-separated (the `safety_classifiers` setting of judge_validation):
     `llama_guard_3=http://gpu:8001/v1,wildguard=http://gpu:8002/v1|wildguard`. Empty: none configured."""
     endpoints = []
     for part in (p.strip() for p in spec.split(",")):

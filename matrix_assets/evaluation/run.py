@@ -93,7 +93,6 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "harmful_compliance_model_judge": ("harmful", "model_judge_refusal", False),
     "over_refusal_model_judge": ("safe", "model_judge_refusal", True),
 }
-VALIDATED = ("harmful_compliance", "over_refusal", "helpfulness_refusal")  # what the champion rule may use
 # The column of `Store.labelled_answers` that holds each verdict.
 LABELLED_VERDICT_COLUMN = {"refusal": "judge_refusal", "keyword_refusal": "keyword_refusal",
                            "model_judge_refusal": "model_judge_refusal"}

@@ -30,10 +30,3 @@ def registry() -> dict[str, Method]:
 
 def method_names() -> list[str]:
     return list(registry())
-
-
-def get_method(name: str) -> Method:
-    methods = registry()
-    if name not in methods:
-        raise KeyError(f"unknown method {name!r}; choose from {', '.join(methods)}")
-    return methods[name]

@@ -189,7 +189,7 @@ def train_lora(
     train.validate()
     objective.validate()
     if not examples:
-        raise ValueError("no training examples: materialize revised_answers for at least one prompt set first")
+        raise ValueError("no training examples: materialize a method's training_set for at least one prompt set first")
     stable = isinstance(objective, StableAlignmentObjective)
     if stable and not all(hasattr(e, "responses") for e in examples):
         raise TypeError("the Stable Alignment objective trains on rated groups (RatedGroup), not SFT examples")
