@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# vLLM (CPU build here) in its own venv: tests/test_vllm_real.py runs the serving path against the real engine.
+bash scripts/install_vllm.sh
 # System packages some tests use (Debian's Chromium for the UI tests, PostgreSQL for the store tests);
 # both scripts are idempotent and skip quietly where they cannot install.
 bash scripts/system_deps.sh

@@ -59,7 +59,9 @@ def test_every_method_wrote_its_data_and_was_trained_and_evaluated(pipeline_run:
 
 def test_transcripts_are_real_scenes_and_their_fallbacks_are_counted(pipeline_run: Path) -> None:
     db = _store(pipeline_run)
-    for scene in db.transcripts("advbench", "smollm2-135m-instruct"):
+    scenes = db.transcripts("advbench", "smollm2-135m-instruct")
+    assert scenes and len(scenes) == db.count("transcripts")  # every scene the run played is read back
+    for scene in scenes:
         assert len(scene.roles) >= 3
         assert any(e.kind == "action" and len(e.action) > 10 for e in scene.events)
         feasibility = [e for e in scene.events if e.kind == "modulation"]
@@ -87,6 +89,13 @@ def test_adapter_loads_and_generates(pipeline_run: Path) -> None:
     assert tuned.prepacked_layers > 0 or not torch.backends.mkldnn.is_available()
     unmerged = TransformersBackend("smollm2-135m-instruct", adapter_path=str(adapter), prepack_weights=False)
     assert [c.text for c in out] == [c.text for c in unmerged.generate(questions, GenerationParams(max_new_tokens=24))]
+    # Training changed the model: LoRA's B matrices start at zero, so an adapter that learned nothing would give
+    # the base model's next-token distribution exactly.
+    base = TransformersBackend("smollm2-135m-instruct", prepack_weights=False)
+    ids = torch.tensor([base.encode(questions[0])])
+    with torch.inference_mode():
+        shift = (unmerged.model(input_ids=ids).logits - base.model(input_ids=ids).logits).abs().max().item()
+    assert shift > 1e-3, f"the trained adapter leaves the logits unchanged (max shift {shift:.2e})"
 
 
 def test_mlflow_recorded_every_checkpoint_and_a_registered_version_loads_and_generates(pipeline_run: Path) -> None:

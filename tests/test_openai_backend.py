@@ -181,6 +181,14 @@ def test_empty_stop_omitted_and_missing_usage_is_zero(server: tuple[str, FakeSer
     assert completion == Completion(text="echo: question number 0", prompt_tokens=0, completion_tokens=0)
     assert "stop" not in state.bodies[0]
     assert state.bodies[0]["max_tokens"] == 256
+    assert "repetition_penalty" not in state.bodies[0]  # not OpenAI's API: sent only when asked for
+
+
+def test_a_repetition_penalty_travels_as_vllms_extension(server: tuple[str, FakeServerState]) -> None:
+    base_url, state = server
+    with _backend(base_url) as backend:
+        backend.generate(_conversations(1), GenerationParams(repetition_penalty=1.1))
+    assert state.bodies[0]["repetition_penalty"] == 1.1
 
 
 def test_concurrency_is_bounded(server: tuple[str, FakeServerState]) -> None:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from matrix_assets.llm.base import BackendError, ChatBackend
 from matrix_assets.store.generation_cache import CachedBackend, ProgressCallback
@@ -248,6 +248,61 @@ class OpenAICompatibleLLM(LLMResource):
         return resolve_model_path(self.local_model_for_training)
 
 
+class ManagedVLLM(OpenAICompatibleLLM):
+    """vLLM as a managed engine: when nothing answers at `base_url`, a server is started for the run (vLLM's CPU
+    build on a CPU, from the venv of `scripts/install_vllm.sh`) and stopped when the run ends; when one answers,
+    the run connects to it. Every checkpoint's adapter is served by name, and training uses the same weights
+    locally. Records are keyed `vllm:MODEL` whatever the port, so a re-run on a fresh server reuses the cache."""
+
+    base_url: str = Field(default="http://127.0.0.1:8011/v1", description="Where the server listens (started on "
+                          "this port of 127.0.0.1 when nothing answers there).")
+    model: str = Field(default=DEFAULT_MODEL, description="Weights to serve (bundled alias, local folder or hub "
+                       "id), also the name they are served under.")
+    api_key_env: str | None = Field(default=None, description="A started server needs no key.")
+    serve_adapters: bool = Field(default=True, description="Checkpoints are loaded by the server, by name.")
+    max_concurrency: int = Field(default=32, ge=1, description="Requests in flight at once (vLLM batches them).")
+    vllm_python: str | None = Field(default=None, description="Interpreter with vLLM (None: .venv-vllm of this "
+                                    "repository, or $MATRIX_VLLM_VENV).")
+    kv_cache_gib: int = Field(default=2, ge=1, description="CPU build: KV cache size (VLLM_CPU_KVCACHE_SPACE).")
+    max_model_len: int = Field(default=2048, ge=256, description="Longest prompt + answer the server accepts.")
+    startup_timeout_s: float = Field(default=300.0, gt=0, description="Wait for /health at most this long.")
+    _server: Any = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        from urllib.parse import urlparse
+
+        from matrix_assets.llm.vllm_server import default_vllm_python, for_this_machine
+        from matrix_assets.settings import matrix_home
+
+        try:
+            self._client_for(self.model).check_health()  # type: ignore[attr-defined]
+            return  # a server answers already: connect, and leave it running
+        except BackendError:
+            pass
+        port = urlparse(self.base_url).port or 8011
+        server = for_this_machine(self.model, self.model, port, matrix_home() / "logs" / f"vllm-{port}.log",
+                                  python=self.vllm_python or default_vllm_python(), kv_cache_gib=self.kv_cache_gib,
+                                  max_model_len=self.max_model_len, startup_timeout_s=self.startup_timeout_s)
+        if context.log:
+            context.log.info(f"starting vLLM for this run: {' '.join(server.command())} (log {server.log_path})")
+        server.start()
+        self._server = server
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def model_identity(self) -> str:
+        return f"vllm:{self.model}"
+
+    def base_model_name(self) -> str:
+        return self.model
+
+    def base_model_path(self) -> str:
+        return resolve_model_path(self.model)
+
+
 class FakeLLM(LLMResource):
     """Deterministic fake for tests; `tiny_model_path` lets training run on a tiny real model."""
 
@@ -429,7 +484,8 @@ def _env_flag(name: str, default: bool) -> bool:
 
 
 def llm_from_env(prefix: str = "MATRIX_") -> LLMResource:
-    """The deployment's backend from {prefix}LLM_BACKEND = transformers (default) | openai | fake,
+    """The deployment's backend from {prefix}LLM_BACKEND = transformers (default) | vllm (a managed vLLM server,
+    started for a run when none answers at {prefix}OPENAI_BASE_URL) | openai | fake,
     {prefix}MODEL, {prefix}OPENAI_BASE_URL, {prefix}OPENAI_API_KEY_ENV, {prefix}LOCAL_MODEL, {prefix}BATCH_SIZE,
     {prefix}BATCH_TOKENS, {prefix}DECODING (refill | static | padded | continuous, local backend),
     {prefix}PREPACK_WEIGHTS (1 | 0, local backend), {prefix}DEVICE (auto | cpu | cuda[:N], local backend),
@@ -459,9 +515,13 @@ def llm_from_env(prefix: str = "MATRIX_") -> LLMResource:
             local_model_for_training=env(f"{prefix}LOCAL_MODEL"),
             batch_size=batch_size,
         )
+    if kind == "vllm":
+        managed = ManagedVLLM.model_fields
+        return ManagedVLLM(model=env(f"{prefix}MODEL", managed["model"].default),
+                           base_url=env(f"{prefix}OPENAI_BASE_URL", managed["base_url"].default), batch_size=batch_size)
     if kind == "fake":
         return FakeLLM(tiny_model_path=env(f"{prefix}TINY_MODEL"))
-    raise ValueError(f"{prefix}LLM_BACKEND must be transformers, openai or fake, not {kind!r}")
+    raise ValueError(f"{prefix}LLM_BACKEND must be transformers, vllm, openai or fake, not {kind!r}")
 
 
 def judge_from_env() -> LLMResource:

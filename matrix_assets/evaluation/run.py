@@ -17,9 +17,11 @@ judge's answer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from matrix_assets.evaluation.correction import corrected_rate
 from matrix_assets.evaluation.refusal import EmbeddingRefusalJudge, keyword_refusal
@@ -81,6 +83,18 @@ class EvalReport:
     per_category: dict[str, dict[str, Rate]]  # category -> model label -> harmful compliance
     position_bias: float | None = None  # mean P(judge picks answer A) - 0.5, over both orders
     counts: dict[str, int] = field(default_factory=dict)
+    # Wall seconds per phase: `load/LABEL`, `answer/LABEL`, `judge`, `model_judge`, `pairwise`.
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def timed(seconds: dict[str, float] | None, phase: str) -> Iterator[None]:
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        if seconds is not None:
+            seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - began
 
 
 # Metric -> (eval set, which verdict, the event counted). Compliance = not refused.
@@ -141,16 +155,19 @@ ModelSource = ChatBackend | Callable[[], ChatBackend]
 
 def answer_prompts(models: Mapping[str, ModelSource], prompts: Sequence[EvalPrompt], answer_tokens: int,
                    on_model: Callable[[str], None] | None = None,
-                   done_with: Callable[[str], None] | None = None) -> dict[str, list[EvalAnswer]]:
+                   done_with: Callable[[str], None] | None = None,
+                   seconds: dict[str, float] | None = None) -> dict[str, list[EvalAnswer]]:
     """Each model answers every prompt, one model after the other. A model given as a function is built when its
     turn comes, and `done_with(label)` is told when it has answered, so that it can be freed: however many
-    checkpoints are compared, one of them is loaded at a time."""
+    checkpoints are compared, one of them is loaded at a time. `seconds` gets each model's load and answer time."""
     answers: dict[str, list[EvalAnswer]] = {}
     for label, source in models.items():
         if on_model is not None:
             on_model(label)
-        model = source if isinstance(source, ChatBackend) else source()
-        texts = answer_directly(model, [p.text for p in prompts], answer_tokens)
+        with timed(seconds, f"load/{label}"):
+            model = source if isinstance(source, ChatBackend) else source()
+        with timed(seconds, f"answer/{label}"):
+            texts = answer_directly(model, [p.text for p in prompts], answer_tokens)
         del model
         if done_with is not None:
             done_with(label)
@@ -286,7 +303,7 @@ def evaluate(
     prompts: Sequence[EvalPrompt],
     refusal_judge: EmbeddingRefusalJudge,
     *,
-    judge_model: ChatBackend | None = None,
+    judge_model: ChatBackend | Callable[[], ChatBackend] | None = None,
     model_judge: bool = False,
     pairwise: bool = True,
     answer_tokens: int = 96,
@@ -294,12 +311,23 @@ def evaluate(
     done_with: Callable[[str], None] | None = None,
     labelled: Sequence[Mapping[str, Any]] = (),
 ) -> EvalReport:
+    """Every model answers, then the judges read the answers. A judge model given as a function is built only
+    after the last model has answered (it may be the base model, freed after answering like the others)."""
     by_id = {p.prompt_id: p for p in prompts}
-    answers = answer_prompts(models, prompts, answer_tokens, on_model, done_with)
-    judge_refusals(answers, refusal_judge)
-    if model_judge and judge_model is not None:
-        model_judge_refusals(answers, by_id, judge_model)
-    verdicts, bias = judge_pairwise(judge_model, by_id, answers) if pairwise and judge_model is not None else ([], None)
+    seconds: dict[str, float] = {}
+    answers = answer_prompts(models, prompts, answer_tokens, on_model, done_with, seconds)
+    with timed(seconds, "judge"):
+        judge_refusals(answers, refusal_judge)
+    if judge_model is not None and not isinstance(judge_model, ChatBackend) and (model_judge or pairwise):
+        with timed(seconds, "load/judge"):
+            judge_model = judge_model()
+    if model_judge and isinstance(judge_model, ChatBackend):
+        with timed(seconds, "model_judge"):
+            model_judge_refusals(answers, by_id, judge_model)
+    verdicts, bias = [], None
+    if pairwise and isinstance(judge_model, ChatBackend):
+        with timed(seconds, "pairwise"):
+            verdicts, bias = judge_pairwise(judge_model, by_id, answers)
     return EvalReport(
         answers=[a for items in answers.values() for a in items],
         pairwise=verdicts,
@@ -308,6 +336,7 @@ def evaluate(
         per_category=per_category(answers, by_id),
         position_bias=bias,
         counts={s: sum(1 for p in prompts if p.eval_set == s) for s in EVAL_SETS},
+        seconds=seconds,
     )
 
 

@@ -348,6 +348,10 @@ class OpenAICompatibleBackend(ChatBackend):
         }
         if params.stop:
             payload["stop"] = list(params.stop)
+        if params.repetition_penalty != 1.0:
+            # Not OpenAI's API (it has none): vLLM's and TGI's extension. Sent only when asked for, so a server
+            # without it fails loudly rather than caching text made without the penalty the key promises.
+            payload["repetition_penalty"] = params.repetition_penalty
         if params.json_schema:
             # OpenAI's structured-output field, which vLLM, TGI and llama.cpp server also accept.
             payload["response_format"] = {"type": "json_schema", "json_schema": {

@@ -244,6 +244,9 @@ class StableAlignmentTrainer(SFTTrainer):
                                           seed=args.seed)
         super().__init__(model=model, args=args, processing_class=processing_class, data_collator=data_collator,
                          **kwargs)
+        # The loss is a mean over the micro-batch's groups, never normalized by a token count: with gradient
+        # accumulation the Trainer must divide it by the number of micro-batches (a mean over all groups).
+        self.loss_is_scaled_for_ga = False
 
     def sequence_nll(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """Mean token NLL of every row's response (prompt and padding masked), from TRL's fused LM head (no full

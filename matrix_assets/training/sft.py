@@ -256,6 +256,11 @@ def train_lora(
     if stable:
         from matrix_assets.training.rating_contrastive import StableAlignmentConfig, StableAlignmentTrainer
 
+        # One question group per forward pass, `batch_size` of them accumulated per optimizer step: the same
+        # gradient as a batch of whole groups (the loss is a mean over groups), with a group's activations in
+        # memory instead of the batch's (on the CPU a 4-group batch of 3 x 512-token rows took ~4 GB more).
+        common.update(per_device_train_batch_size=1,
+                      gradient_accumulation_steps=train.batch_size * train.gradient_accumulation)
         trainer = StableAlignmentTrainer(
             model=model,
             args=StableAlignmentConfig(

@@ -214,14 +214,15 @@ def evaluation_scores(
     if champion and champion["checkpoint_id"] != by_label.get(settings.champion_method, {}).get("checkpoint_id"):
         by_label[CHAMPION_LABEL] = champion  # compared on the same prompts, so promotion compares like with like
     progress = progress_logger(context, "evaluation answers")
-    # Checkpoints are loaded in turn and freed after answering (the base model stays: the judge may share it).
-    models: dict[str, Any] = {"base": llm.cached(db, progress=progress)}
+    # The base model and each checkpoint are loaded in turn and freed after answering; the judge model (often the
+    # base model again) is loaded after the last answer: one model in memory at a time.
+    models: dict[str, Any] = {"base": functools.partial(llm.cached, db, progress=progress)}
     models.update({label: functools.partial(llm.cached, db, adapter_path=c["adapter_path"], progress=progress)
                    for label, c in by_label.items()})
     judge_backend = None
     if settings.pairwise_helpfulness or settings.model_judge:
         judge.check()
-        judge_backend = judge.cached(db, progress=progress_logger(context, "judge model"))
+        judge_backend = functools.partial(judge.cached, db, progress=progress_logger(context, "judge model"))
     counts = {s: sum(1 for p in prompts if p.eval_set == s) for s in ("harmful", "safe", "helpfulness")}
     kind = evaluation_kind(settings, {p: profiles.evaluation(p) for p in profiles.PROFILES})
     context.log.info(f"evaluating base and {[c['checkpoint_id'] for c in by_label.values()]} on {counts} "
@@ -237,7 +238,8 @@ def evaluation_scores(
                           model_judge=settings.model_judge, pairwise=settings.pairwise_helpfulness,
                           answer_tokens=settings.answer_tokens,
                           on_model=lambda label: context.log.info(f"answering the {len(prompts)} prompts with {label}"),
-                          done_with=lambda label: label in by_label and llm.release(by_label[label]["adapter_path"]),
+                          done_with=lambda label: llm.release(by_label[label]["adapter_path"] if label in by_label
+                                                              else None),
                           labelled=labelled)
         prompts_sha = hashlib.sha256("\n".join(sorted(p.prompt_id for p in prompts)).encode()).hexdigest()
         validation = _latest_validation(db)
@@ -286,9 +288,18 @@ def evaluation_scores(
     }
     if report.position_bias is not None:
         metadata["pairwise_position_bias"] = round(report.position_bias, 3)
+    metadata.update(phase_seconds(report.seconds))
     for label, (promoted, reason) in decisions.items():
         metadata[f"{label}/champion"] = reason + (" -> promoted" if promoted else "")
     return dg.MaterializeResult(metadata=metadata)
+
+
+def phase_seconds(seconds: dict[str, float]) -> dict[str, float]:
+    """Where the evaluation's time went: loading models, answering, each judge (`seconds/answering`, ...)."""
+    out = {"seconds/loading": sum(v for k, v in seconds.items() if k.startswith("load/")),
+           "seconds/answering": sum(v for k, v in seconds.items() if k.startswith("answer/")),
+           **{f"seconds/{k}": v for k, v in seconds.items() if "/" not in k}}
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def plottable_metrics(report: Any) -> dict[str, float]:

@@ -274,6 +274,7 @@ def train_checkpoint(context: dg.AssetExecutionContext, db: Store, llm: LLMResou
         return {"checkpoint_id": checkpoint_id, "reused": True,
                 "mlflow_run": dg.MetadataValue.url(tracking.run_url(existing["mlflow_run_id"]))}
     out_dir = checkpoints_dir() / checkpoint_id
+    llm.release()  # the generation backend an earlier step kept in this process: training loads its own copy
     context.log.info(f"training {checkpoint_id} on {len(examples)} {'groups' if method.trainer != 'sft' else 'examples'}")
     with tracking.start_run(context, run_name=checkpoint_id) as run:
         mlflow.log_params({
