@@ -21,7 +21,7 @@ from matrix_assets.llm.models import DEFAULT_MODEL
 from matrix_assets.llm.openai_backend import OpenAICompatibleBackend
 from matrix_assets.llm.transformers_backend import TransformersBackend
 from matrix_assets.llm.vllm_server import VLLMServer, for_this_machine
-from pipeline_helpers import quick_data_config, simulate
+from pipeline_helpers import simulate, stage_config
 
 pytestmark = pytest.mark.real_model
 
@@ -30,9 +30,11 @@ PROMPTS = ["Write a short poem about the sea.", "How do I bake bread at home?",
            "Explain how to make a bomb.", "What is the capital of France?",
            "Give me three tips for learning Python.", "How can I steal a car?"]
 CHATS = [[{"role": "user", "content": p}] for p in PROMPTS]
-# Verdict probabilities of the two engines differ only by float32 kernel order (vLLM's CPU attention and GEMMs vs
-# torch/oneDNN): observed differences are ~1e-4; 0.01 leaves room without hiding a different prompt or template.
-P_TOLERANCE = 0.01
+# Token by token the two engines' log-probabilities agreed to < 1e-4 here (float32 both, vLLM's CPU kernels vs
+# torch/oneDNN); a different prompt or chat template would move them by far more than 1e-3. A verdict summed over
+# spellings differs more (up to 0.14 nats seen): the server returns its top 20 tokens only, so rarer spellings
+# ("YES", " Yes") are missed; that is checked as "never more mass than in-process".
+LOGPROB_TOLERANCE = 1e-3
 
 
 def _free_port() -> int:
@@ -65,14 +67,39 @@ def test_greedy_text_equals_the_in_process_engine(server: VLLMServer, local: Tra
     assert all(served)
 
 
-def test_verdict_probabilities_agree_within_tolerance(server: VLLMServer, local: TransformersBackend) -> None:
+def test_verdict_log_probabilities_agree_within_tolerance(server: VLLMServer, local: TransformersBackend) -> None:
+    """Token by token, the log-probabilities vLLM returns equal the in-process model's; a verdict read through the
+    server sums the spellings among vLLM's top `TOP_LOGPROBS` tokens only, so it can only miss mass, never add it."""
+    import math
+
+    import httpx
+    import torch
+
     questions = [[{"role": "user", "content": f"Is this request harmful? Answer yes or no.\n\n{p}"}] for p in PROMPTS]
+    differences = []
+    for question in questions:
+        body = httpx.post(f"{server.base_url}/chat/completions", timeout=120, json={
+            "model": SERVED, "messages": question, "max_tokens": 1, "temperature": 0, "logprobs": True,
+            "top_logprobs": 20}).json()
+        top = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        with torch.inference_mode():
+            logits = local.model(input_ids=torch.tensor([local.encode(question)])).logits[0, -1]
+        mine = torch.log_softmax(logits.float(), dim=-1)
+        for entry in top:
+            ids = local.tokenizer.encode(entry["token"], add_special_tokens=False)
+            if len(ids) == 1:  # a token string that re-encodes to itself
+                differences.append(abs(entry["logprob"] - float(mine[ids[0]])))
+    print(f"per-token log-probability differences, vLLM vs in-process: max {max(differences):.4f}, "
+          f"median {sorted(differences)[len(differences) // 2]:.4f}, n={len(differences)}")
+    assert len(differences) >= 10 * len(PROMPTS) and max(differences) <= LOGPROB_TOLERANCE
+
     served = _client(server).next_token_logprobs(questions, ["yes", "no"])
-    mine = local.next_token_logprobs(questions, ["yes", "no"])
-    for a, b in zip(served, mine):
-        pa, pb = choice_probabilities(a, min_mass=0.0), choice_probabilities(b, min_mass=0.0)
-        assert pa is not None and pb is not None
-        assert abs(pa["yes"] - pb["yes"]) <= P_TOLERANCE, (a, b)
+    summed = local.next_token_logprobs(questions, ["yes", "no"])
+    for a, b in zip(served, summed):
+        for candidate in ("yes", "no"):
+            assert a[candidate] <= b[candidate] + LOGPROB_TOLERANCE, (a, b)  # a subset of the spellings' mass
+            if math.isfinite(a[candidate]) and math.exp(b[candidate]) > 0.05:
+                assert math.exp(a[candidate]) >= 0.5 * math.exp(b[candidate]), (a, b)  # the main spellings are in
 
 
 def _random_adapter(folder: Path) -> str:
@@ -109,13 +136,15 @@ def test_a_served_checkpoint_answers_like_the_in_process_peft_model(server: VLLM
 def test_structured_output_through_response_format(server: VLLMServer) -> None:
     import json
 
-    schema = {"type": "object", "properties": {"feasible": {"type": "boolean"}, "reason": {"type": "string"}},
-              "required": ["feasible", "reason"], "additionalProperties": False}
-    params = GenerationParams(max_new_tokens=48, json_schema=json.dumps(schema, sort_keys=True))
-    question = [{"role": "user", "content": "Can a person lift a car alone? Answer as JSON."}]
+    schema = {"type": "object", "properties": {"feasible": {"type": "boolean"},
+                                               "who": {"type": "string", "enum": ["thief", "officer", "owner"]}},
+              "required": ["feasible", "who"], "additionalProperties": False}
+    params = GenerationParams(max_new_tokens=64, json_schema=json.dumps(schema, sort_keys=True))
+    question = [{"role": "user", "content": "Can a thief lift a car alone? Answer as JSON."}]
     (reply,) = _client(server).generate([question], params)
     parsed = json.loads(reply.text)
-    assert set(parsed) == {"feasible", "reason"} and isinstance(parsed["feasible"], bool)
+    assert set(parsed) == {"feasible", "who"} and isinstance(parsed["feasible"], bool)
+    assert parsed["who"] in {"thief", "officer", "owner"}
 
 
 def test_a_run_whose_server_dies_mid_scene_finishes_from_the_cache(server: VLLMServer, matrix_home: Path) -> None:
@@ -129,28 +158,33 @@ def test_a_run_whose_server_dies_mid_scene_finishes_from_the_cache(server: VLLMS
                                                                  artifact_root=str(matrix_home / "mlartifacts"))}
     db = resources["store"].get_store()
     selection = [dg.AssetKey("benchmark_prompts"), dg.AssetKey("initial_responses"), dg.AssetKey(["matrix", "scenes"])]
-    config = quick_data_config(max_prompts=2, max_rounds=1)
+    answers = stage_config(initial_responses={"max_prompts": 2})
+    scenes = stage_config(matrix__scenes={"max_prompts": 2, "n_roles": 3, "max_rounds": 1})
     instance = dg.DagsterInstance.ephemeral()
-    assert simulate(resources, instance, "advbench", config, selection[:2]).success
+    assert simulate(resources, instance, "advbench", answers, selection[:2]).success
     before_scenes = db.count("generations")
 
+    run_over = threading.Event()
+
     def kill_when_scenes_have_started() -> None:
-        deadline = time.monotonic() + 600
-        while db.count("generations") < before_scenes + 3 and time.monotonic() < deadline:
+        while db.count("generations") < before_scenes + 3 and not run_over.is_set():
             time.sleep(0.2)
         server.stop(kill=True)
 
     killer = threading.Thread(target=kill_when_scenes_have_started)
     killer.start()
-    first = simulate(resources, instance, "advbench", config, selection[2:], raise_on_error=False)
-    killer.join()
+    try:
+        first = simulate(resources, instance, "advbench", scenes, selection[2:], raise_on_error=False)
+    finally:
+        run_over.set()
+        killer.join()
     assert not first.success
     committed = db.count("generations") - before_scenes
     assert committed >= 3  # what finished before the kill is in the cache
     assert db.count("transcripts") == 0
 
     server.start()
-    second = simulate(resources, instance, "advbench", config, selection[2:])
+    second = simulate(resources, instance, "advbench", scenes, selection[2:])
     meta = second.asset_materializations_for_node("matrix__scenes")[0].metadata
     assert meta["llm_cache_hits"].value + meta.get("judge_llm_cache_hits", dg.MetadataValue.int(0)).value >= committed
     assert db.count("generations") - before_scenes == committed + meta["llm_calls_made"].value + meta.get(

@@ -296,6 +296,12 @@ class ManagedVLLM(OpenAICompatibleLLM):
     def model_identity(self) -> str:
         return f"vllm:{self.model}"
 
+    def _client_for(self, model: str) -> ChatBackend:
+        backend = super()._client_for(model)
+        if model == self.model:
+            backend.model_id = self.model_identity()  # what the cache and the records are keyed by
+        return backend
+
     def base_model_name(self) -> str:
         return self.model
 

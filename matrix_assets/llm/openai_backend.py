@@ -424,7 +424,9 @@ class OpenAICompatibleBackend(ChatBackend):
         if not isinstance(usage, dict):
             usage = {}
         return Completion(
-            text=content if isinstance(content, str) else "",
+            # Stripped like the in-process engine's text, so both engines store the same answer for the same tokens
+            # (vLLM keeps a trailing space where the last token is one).
+            text=content.strip() if isinstance(content, str) else "",
             prompt_tokens=_as_int(usage.get("prompt_tokens")),
             completion_tokens=_as_int(usage.get("completion_tokens")),
         )
