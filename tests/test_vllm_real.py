@@ -154,8 +154,8 @@ def test_seeded_sampling_under_load_is_reproducible_and_keeps_the_engine_alive(s
     chats = [[{"role": "user", "content": f"{i}. {long}"}] for i in range(24)]
     params = GenerationParams(max_new_tokens=16, temperature=0.8, top_p=0.95, seed=7)
     first = [c.text for c in _client(server).generate(chats, params)]
-    again = [c.text for c in _client(server).generate(chats[:4], params)]
-    assert server.healthy() and all(first) and again == first[:4]
+    again = [c.text for c in _client(server).generate(chats, params)]
+    assert server.healthy() and all(first) and again == first
 
 
 def test_a_run_whose_server_dies_mid_scene_finishes_from_the_cache(server: VLLMServer, matrix_home: Path) -> None:
