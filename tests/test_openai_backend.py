@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +11,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from http_helpers import JsonHandler
+from http_helpers import JsonHandler, free_port
 
 from matrix_assets.llm.base import BackendError, Completion, GenerationParams
 from matrix_assets.llm.openai_backend import OpenAICompatibleBackend
@@ -284,12 +283,6 @@ def test_hang_times_out_with_backend_error(server: tuple[str, FakeServerState]) 
     assert base_url in str(excinfo.value)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_check_health(server: tuple[str, FakeServerState]) -> None:
     base_url, state = server
     with _backend(base_url) as backend:
@@ -298,7 +291,7 @@ def test_check_health(server: tuple[str, FakeServerState]) -> None:
 
 
 def test_check_health_unreachable_fails_fast() -> None:
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     with _backend(url, timeout_s=30.0) as backend:
         started = time.monotonic()
         with pytest.raises(BackendError, match="unreachable") as excinfo:
@@ -308,7 +301,7 @@ def test_check_health_unreachable_fails_fast() -> None:
 
 
 def test_unreachable_generate_raises_after_retries() -> None:
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     with _backend(url, max_retries=2) as backend:
         with pytest.raises(BackendError) as excinfo:
             backend.generate(_conversations(2), GenerationParams())

@@ -21,7 +21,6 @@ import importlib.util
 import json
 import multiprocessing
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 
 import dagster as dg
 import pytest
-from http_helpers import JsonHandler
+from http_helpers import JsonHandler, free_port
 from pipeline_helpers import all_assets, stage_config
 
 from matrix_assets.defs.assets.common import GENERATION_RETRY
@@ -57,12 +56,6 @@ ATTEMPTS = GENERATION_RETRY.max_retries + 1  # a model-loading stage that keeps 
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _instance(*partitions: str) -> dg.DagsterInstance:
@@ -577,7 +570,7 @@ def test_missing_bundled_gguf_names_the_package(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_model_server_unreachable_fails_at_start(matrix_home: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     resources = _resources(matrix_home, llm=OpenAICompatibleLLM(base_url=url, model="m", api_key_env=None))
     store, instance = resources["store"], _instance()
     result = _materialize(SIMULATION[:2], resources, instance, partition_key=PARTITION, raise_on_error=False)
@@ -632,13 +625,13 @@ def test_lora_rank_zero_fails_before_training_and_tracking(matrix_home: Path, ti
 
 
 def test_mlflow_check_names_an_unreachable_uri_quickly(tmp_path: Path) -> None:
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(TrackingUnavailableError, match=f"MLflow tracking server at {uri} unreachable"):
         MLflowResource(tracking_uri=uri, artifact_root=str(tmp_path / "artifacts")).check()
     assert time.monotonic() - started < 6
     with pytest.raises(TrackingUnavailableError, match=r"http://alice:\*\*\*@127\.0\.0\.1") as excinfo:
-        MLflowResource(tracking_uri=f"http://alice:hunter2@127.0.0.1:{_free_port()}",
+        MLflowResource(tracking_uri=f"http://alice:hunter2@127.0.0.1:{free_port()}",
                        artifact_root=str(tmp_path / "artifacts")).check()
     assert "hunter2" not in str(excinfo.value)
     blocker = tmp_path / "a_file"
@@ -655,7 +648,7 @@ def test_unreachable_mlflow_fails_fast_before_any_work(
     # Keep MLflow's own client from retrying for minutes if the asset does reach it (unwired check).
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     resources = _training_resources(matrix_home, tiny_model_dir, uri)
     db = resources["store"].get_store()
     _seed_training_inputs(db)

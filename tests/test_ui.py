@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from http_helpers import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -69,12 +70,6 @@ def _bin(name: str) -> str:
     if not found:
         pytest.skip(f"{name} is not installed")
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- state: two checkpoints trained the real way, before any server starts -------------------------------------
@@ -232,10 +227,10 @@ def ui(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Iterato
     })
     # Both servers on ports other than the defaults (3000, 5000), as on a busy machine; the one MLflow URL setting
     # tells Dagster's materializations where MLflow serves, as scripts/ui.sh does.
-    dagster_port = _free_port()
-    mlflow_port = _free_port()
+    dagster_port = free_port()
+    mlflow_port = free_port()
     while mlflow_port == dagster_port:
-        mlflow_port = _free_port()
+        mlflow_port = free_port()
     dagster_env = dict(
         env, DAGSTER_HOME=str(dagster_home), MATRIX_HOME=str(home), MATRIX_DAGSTER_STORAGE=str(home / "dagster"),
         MATRIX_LLM_BACKEND="fake", MATRIX_TINY_MODEL=tiny_model_dir,

@@ -8,7 +8,6 @@ nothing lost."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from matrix_assets.llm.models import DEFAULT_MODEL
 from matrix_assets.llm.openai_backend import OpenAICompatibleBackend
 from matrix_assets.llm.transformers_backend import TransformersBackend
 from matrix_assets.llm.vllm_server import VLLMServer, for_this_machine
+from http_helpers import free_port
 from pipeline_helpers import simulate, stage_config
 
 pytestmark = pytest.mark.real_model
@@ -37,15 +37,9 @@ CHATS = [[{"role": "user", "content": p}] for p in PROMPTS]
 LOGPROB_TOLERANCE = 1e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> VLLMServer:
-    server = for_this_machine(DEFAULT_MODEL, SERVED, _free_port(), tmp_path_factory.mktemp("vllm") / "server.log")
+    server = for_this_machine(DEFAULT_MODEL, SERVED, free_port(), tmp_path_factory.mktemp("vllm") / "server.log")
     server.start()
     yield server
     server.stop()

@@ -227,7 +227,7 @@ class OpenAICompatibleLLM(LLMResource):
     def _client_for(self, model: str) -> ChatBackend:
         from matrix_assets.llm.openai_backend import OpenAICompatibleBackend
 
-        return _shared(
+        backend = _shared(
             ("openai", self.base_url, model, self.api_key_env, self.api_key, self.max_concurrency,
              self.timeout_s, self.max_retries),
             lambda: OpenAICompatibleBackend(
@@ -235,6 +235,11 @@ class OpenAICompatibleLLM(LLMResource):
                 max_concurrency=self.max_concurrency, timeout_s=self.timeout_s, max_retries=self.max_retries,
             ),
         )
+        # The base model's records are keyed by the resource's identity: a subclass may key them by the weights
+        # rather than the URL (ManagedVLLM), and the cache must agree with the records.
+        if model == self.model:
+            backend.model_id = self.model_identity()
+        return backend
 
     def check(self) -> None:
         self.backend().check_health()  # type: ignore[attr-defined]
@@ -295,12 +300,6 @@ class ManagedVLLM(OpenAICompatibleLLM):
 
     def model_identity(self) -> str:
         return f"vllm:{self.model}"
-
-    def _client_for(self, model: str) -> ChatBackend:
-        backend = super()._client_for(model)
-        if model == self.model:
-            backend.model_id = self.model_identity()  # what the cache and the records are keyed by
-        return backend
 
     def base_model_name(self) -> str:
         return self.model

@@ -153,6 +153,11 @@ def corrected_metrics(answers: Mapping[str, list[EvalAnswer]], labelled: Sequenc
 ModelSource = ChatBackend | Callable[[], ChatBackend]
 
 
+def built(source: ModelSource) -> ChatBackend:
+    """A model given as a backend, or built now from its function."""
+    return source if isinstance(source, ChatBackend) else source()
+
+
 def answer_prompts(models: Mapping[str, ModelSource], prompts: Sequence[EvalPrompt], answer_tokens: int,
                    on_model: Callable[[str], None] | None = None,
                    done_with: Callable[[str], None] | None = None,
@@ -165,7 +170,7 @@ def answer_prompts(models: Mapping[str, ModelSource], prompts: Sequence[EvalProm
         if on_model is not None:
             on_model(label)
         with timed(seconds, f"load/{label}"):
-            model = source if isinstance(source, ChatBackend) else source()
+            model = built(source)
         with timed(seconds, f"answer/{label}"):
             texts = answer_directly(model, [p.text for p in prompts], answer_tokens)
         del model
@@ -303,7 +308,7 @@ def evaluate(
     prompts: Sequence[EvalPrompt],
     refusal_judge: EmbeddingRefusalJudge,
     *,
-    judge_model: ChatBackend | Callable[[], ChatBackend] | None = None,
+    judge_model: ModelSource | None = None,
     model_judge: bool = False,
     pairwise: bool = True,
     answer_tokens: int = 96,
@@ -318,16 +323,17 @@ def evaluate(
     answers = answer_prompts(models, prompts, answer_tokens, on_model, done_with, seconds)
     with timed(seconds, "judge"):
         judge_refusals(answers, refusal_judge)
-    if judge_model is not None and not isinstance(judge_model, ChatBackend) and (model_judge or pairwise):
+    judge: ChatBackend | None = None
+    if judge_model is not None and (model_judge or pairwise):
         with timed(seconds, "load/judge"):
-            judge_model = judge_model()
-    if model_judge and isinstance(judge_model, ChatBackend):
+            judge = built(judge_model)
+    if model_judge and judge is not None:
         with timed(seconds, "model_judge"):
-            model_judge_refusals(answers, by_id, judge_model)
+            model_judge_refusals(answers, by_id, judge)
     verdicts, bias = [], None
-    if pairwise and isinstance(judge_model, ChatBackend):
+    if pairwise and judge is not None:
         with timed(seconds, "pairwise"):
-            verdicts, bias = judge_pairwise(judge_model, by_id, answers)
+            verdicts, bias = judge_pairwise(judge, by_id, answers)
     return EvalReport(
         answers=[a for items in answers.values() for a in items],
         pairwise=verdicts,
