@@ -450,6 +450,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--roles", type=int, default=3, help="roles per scene, SceneSettings.n_roles (default 3)")
     parser.add_argument("--steps", type=int, default=3, help="plan steps per scene (default 3, as the quick run)")
     parser.add_argument("--rounds", type=int, default=2, help="modulated rounds per scene, max_rounds (default 2)")
+    parser.add_argument("--plan-tokens", type=int, default=SceneSettings.plan_tokens,
+                        help=f"max tokens of a plan or roles call, SceneSettings.plan_tokens (default {SceneSettings.plan_tokens})")
+    parser.add_argument("--action-tokens", type=int, default=SceneSettings.action_tokens,
+                        help=f"max tokens of an action, SceneSettings.action_tokens (default {SceneSettings.action_tokens})")
     parser.add_argument("--answer-tokens", type=int, default=128,
                         help="max tokens of the unmeasured initial answers (default 128, the quick profile's)")
     parser.add_argument("--decoding", choices=("refill", "padded", "continuous"), default="refill",
@@ -467,8 +471,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "simulation.md",
                         help="Markdown file the table is written to (default benchmarks/results/simulation.md)")
     args = parser.parse_args(argv)
-    if args.scenes < 1 or args.batch_size < 1 or args.roles < 1 or args.rounds < 1 or args.steps < 1:
-        parser.error("--scenes, --batch-size, --roles, --steps and --rounds must be >= 1")
+    if min(args.scenes, args.batch_size, args.roles, args.rounds, args.steps, args.plan_tokens, args.action_tokens) < 1:
+        parser.error("--scenes, --batch-size, --roles, --steps, --rounds, --plan-tokens and --action-tokens must be >= 1")
     if args.threads < 0:
         parser.error("--threads must be >= 0 (0: torch's default)")
     if args.seq_scenes is None:
@@ -496,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = SceneSettings(
         n_roles=args.roles, min_roles=min(3, args.roles), plan_steps=max(args.steps, args.rounds),
-        max_rounds=args.rounds, max_reactions=max(1, args.roles),
+        max_rounds=args.rounds, max_reactions=max(1, args.roles), plan_tokens=args.plan_tokens,
+        action_tokens=args.action_tokens,
     )
     rss: list[tuple[str, float]] = [("start (imports)", max_rss_mib())]
 

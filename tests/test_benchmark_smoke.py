@@ -19,7 +19,8 @@ def test_simulation_benchmark_writes_every_measurement(tmp_path: Path) -> None:
     out = tmp_path / "simulation.md"
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_simulation.py"), "--scenes", "1", "--roles", "1",
-         "--steps", "1", "--rounds", "1", "--answer-tokens", "16", "--out", str(out)],
+         "--steps", "1", "--rounds", "1", "--answer-tokens", "16", "--plan-tokens", "48", "--action-tokens", "16",
+         "--out", str(out)],
         capture_output=True, text=True, cwd=tmp_path, timeout=540,
     )
     assert run.returncode == 0, run.stderr[-3000:]

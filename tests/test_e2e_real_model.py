@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.real_model, pytest.mark.timeout(1800)]
 
 RUN = ["run", "--prompt-set", "advbench", "--max-prompts", "2", "--eval-prompts", "2", "--roles", "3", "--steps", "2",
        "--rounds", "1", "--max-steps", "2", "--set", "stable_alignment.grid_size=2",
-       "--set", "stable_alignment.seed_pairs_per_agent=1", "--set", "judge_validation.model_judge_sample=16"]
+       "--set", "stable_alignment.seed_pairs_per_agent=1", "--set", "stable_alignment.answer_tokens=32",
+       "--set", "stable_alignment.reason_tokens=16", "--set", "judge_validation.model_judge_sample=16"]
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,8 @@ def test_a_run_whose_server_dies_mid_scene_finishes_from_the_cache(server: VLLMS
     db = resources["store"].get_store()
     selection = [dg.AssetKey("benchmark_prompts"), dg.AssetKey("initial_responses"), dg.AssetKey(["matrix", "scenes"])]
     answers = stage_config(initial_responses={"max_prompts": 2})
-    scenes = stage_config(matrix__scenes={"max_prompts": 2, "n_roles": 3, "max_rounds": 1})
+    scenes = stage_config(matrix__scenes={"max_prompts": 2, "n_roles": 3, "max_rounds": 1, "plan_tokens": 64,
+                                          "action_tokens": 24})
     instance = dg.DagsterInstance.ephemeral()
     assert simulate(resources, instance, "advbench", answers, selection[:2]).success
     before_scenes = db.count("generations")
