@@ -41,6 +41,10 @@ class TrainingSettings:
     max_steps: int = field(default=_TRAIN.max_steps, metadata={"help": "> 0 overrides epochs."})
     learning_rate: float = field(default=_TRAIN.learning_rate, metadata={"help": "Peak learning rate (cosine)."})
     batch_size: int = field(default=_TRAIN.batch_size, metadata={"help": "Examples (or rated groups) per step."})
+    micro_batch_size: int = field(default=_TRAIN.micro_batch_size, metadata={
+        "help": "Examples (or rated groups) per forward pass, accumulated up to batch_size: the same gradient, the "
+        "activations of a micro-batch (a 4 x 512-token batch holds ~3 GB more on the CPU). Must divide batch_size; "
+        "raise it on a GPU with memory to spare."})
     max_length: int = field(default=_TRAIN.max_length, metadata={"help": "Tokens per example, prompt included."})
     precision: str = field(default=_TRAIN.precision, metadata={
         "help": "auto (bf16 on a GPU that has it, fp32 on the CPU), fp32 or bf16."})
@@ -58,7 +62,8 @@ class TrainingSettings:
 
     def train(self) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, max_steps=self.max_steps, learning_rate=self.learning_rate,
-                             batch_size=self.batch_size, max_length=self.max_length, precision=self.precision,
+                             batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
+                             max_length=self.max_length, precision=self.precision,
                              quantization=self.quantization)
 
 

@@ -128,6 +128,7 @@ TRAINING_PAPER: list[tuple[str, Any, str]] = [
     ("learning_rate", 2e-5, f"{MATRIX_CODE} README: --learning_rate 2e-5 (cosine)"),
     ("max_length", 1024, f"{MATRIX_CODE} README: --model_max_length 1024"),
     ("batch_size", 8, f"{MATRIX_CODE} README: per-device batch 1 x gradient accumulation 8"),
+    ("micro_batch_size", 1, f"{MATRIX_CODE} README: per-device batch 1"),
 ]
 
 TRAINING_SET_PAPER: list[tuple[str, Any, str]] = [

@@ -110,3 +110,60 @@ def test_groups_accumulated_one_per_forward_give_the_whole_batchs_gradient(tiny_
     # the smallest tensors, while the logged losses agreed to 1e-6); a scale error would be a factor of 3.
     for name, value in whole.items():
         assert float((accumulated[name] - value).norm() / value.norm()) < 1e-2, name
+
+
+SFT_EXAMPLES = [SFTExample("Say hi.", "Hi there, how can I help you today?"), SFTExample("Say bye.", "Goodbye!"),
+                SFTExample("Name a colour.", "Blue, like the sky on a clear summer afternoon.")]
+
+
+def _one_sft_sgd_step(tiny_model_dir: str, out: Path, per_device: int, accumulation: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from matrix_assets.training.sft import to_conversational
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = SFTConfig(
+        output_dir=str(out), max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+        per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation, max_length=64,
+        use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+        activation_checkpointing=False, bf16=False)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(to_conversational(SFT_EXAMPLES)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                               task_type="CAUSAL_LM"))
+    trainer.train()
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+
+
+def test_sft_micro_batches_accumulated_give_the_whole_batchs_gradient(tiny_model_dir: str, tmp_path: Path) -> None:
+    """SFT rows of different lengths, one per forward pass and accumulated: TRL normalises the loss over the
+    tokens of the whole accumulated batch, so the plain-SGD step equals the whole batch's (a per-micro-batch mean
+    would weight the short answer's tokens up, by up to 3x here)."""
+    whole = _one_sft_sgd_step(tiny_model_dir, tmp_path / "whole", per_device=3, accumulation=1)
+    accumulated = _one_sft_sgd_step(tiny_model_dir, tmp_path / "accumulated", per_device=1, accumulation=3)
+    assert any(p.abs().max() > 1e-6 for p in whole.values())
+    for name, value in whole.items():
+        assert float((accumulated[name] - value).norm() / value.norm()) < 1e-2, name
+
+
+@pytest.mark.parametrize("objective", ["sft", "stable_alignment"])
+def test_train_lora_accumulates_micro_batches_up_to_the_batch(tiny_model_dir: str, tmp_path: Path,
+                                                              objective: str) -> None:
+    """`micro_batch_size` changes what one forward pass holds, not the step: the same steps, and the first step's
+    loss (logged before any update) is the whole batch's."""
+    examples, kwargs = (SFT_EXAMPLES, {}) if objective == "sft" else (GROUPS, {"objective": StableAlignmentObjective()})
+    results = [train_lora(tiny_model_dir, examples, tmp_path / str(micro), **kwargs,
+                          train=TrainSettings(max_steps=1, batch_size=3, micro_batch_size=micro, max_length=64))
+               for micro in (3, 1)]
+    assert [r.steps for r in results] == [1, 1]
+    assert results[1].losses[0][1] == pytest.approx(results[0].losses[0][1], rel=1e-3)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        train_lora(tiny_model_dir, examples, tmp_path / "bad", **kwargs,
+                   train=TrainSettings(max_steps=1, batch_size=3, micro_batch_size=2))

@@ -55,13 +55,17 @@ class LoraSettings:
 class TrainSettings:
     """Paper: 3 epochs, cosine schedule, max length 1024, lr 2e-5 (for 7B-30B models). A 135M model with a
     few hundred examples barely moves at 2e-5, so the default learning rate here is the usual LoRA 2e-4.
-    With the Stable Alignment objective, `batch_size` counts question groups (each up to `group_size` sequences)."""
+    With the Stable Alignment objective, `batch_size` counts question groups (each up to `group_size` sequences).
+    A forward pass holds `micro_batch_size` of them and their gradients are accumulated up to `batch_size`: the
+    step's gradient is the whole batch's (the loss is normalised over the accumulated batch), its activations are a
+    micro-batch's."""
 
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"
     batch_size: int = 4
+    micro_batch_size: int = 1
     gradient_accumulation: int = 1
     max_length: int = 512
     seed: int = 0
@@ -69,6 +73,8 @@ class TrainSettings:
     quantization: str = "none"  # none | 4bit (QLoRA: NF4 base weights, needs a CUDA GPU and bitsandbytes)
 
     def validate(self) -> None:
+        if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size must divide batch_size ({self.batch_size}), got {self.micro_batch_size}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.quantization not in QUANTIZATIONS:
@@ -231,8 +237,8 @@ def train_lora(
         max_steps=train.max_steps,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
-        per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation,
+        per_device_train_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.batch_size // train.micro_batch_size * train.gradient_accumulation,
         max_length=train.max_length,
         seed=train.seed,
         bf16=bf16,
@@ -256,11 +262,6 @@ def train_lora(
     if stable:
         from matrix_assets.training.rating_contrastive import StableAlignmentConfig, StableAlignmentTrainer
 
-        # One question group per forward pass, `batch_size` of them accumulated per optimizer step: the same
-        # gradient as a batch of whole groups (the loss is a mean over groups), with a group's activations in
-        # memory instead of the batch's (on the CPU a 4-group batch of 3 x 512-token rows took ~4 GB more).
-        common.update(per_device_train_batch_size=1,
-                      gradient_accumulation_steps=train.batch_size * train.gradient_accumulation)
         trainer = StableAlignmentTrainer(
             model=model,
             args=StableAlignmentConfig(
