@@ -11,4 +11,12 @@ bash scripts/install_vllm.sh
 bash scripts/system_deps.sh
 bash scripts/pg_local.sh install
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two pytest-xdist workers, a test module each at a time (module fixtures such as the real-model run and the vLLM
+# server stay whole): most tests wait on subprocesses, servers and browsers, so two of them share two cores well
+# (14 min instead of 22 on the 2-core machine). One OpenMP thread per process, so that two workers' torch threads
+# never spin for the same core (OMP_NUM_THREADS from the environment wins). MATRIX_TEST_WORKERS=0: one process.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+workers="${MATRIX_TEST_WORKERS:-2}"
+parallel=()
+[ "$workers" != "0" ] && parallel=(-n "$workers" --dist loadfile)
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "${parallel[@]}" "$@"

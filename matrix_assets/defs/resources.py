@@ -17,6 +17,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from matrix_assets.llm.base import BackendError, ChatBackend
+from matrix_assets.llm.memory import release_memory
 from matrix_assets.store.generation_cache import CachedBackend, ProgressCallback
 from matrix_assets.llm.models import DEFAULT_MODEL, check_model_available, resolve_model_path
 from matrix_assets.settings import default_artifact_root, default_mlflow_uri, mlflow_ui_url
@@ -36,24 +37,20 @@ def _shared(key: tuple, build):  # noqa: ANN001, ANN202 - tiny process-wide memo
 def release_models() -> int:
     """Free every model this process keeps (stores stay): for a long-lived process between jobs, and for the test
     suite between modules, which would otherwise hold every backend any test built."""
-    import gc
-
     with _SHARED_LOCK:
         keys = [key for key in _SHARED if key[0] not in ("store", "adapter-loaded")]  # those hold no weights
         for key in keys:
             del _SHARED[key]
-    gc.collect()
+    release_memory()
     return len(keys)
 
 
 def _release(key: tuple) -> bool:
-    """Forget a shared object and collect it now (a model's weights are hundreds of MB)."""
-    import gc
-
+    """Forget a shared object and give its memory back now (a model's weights are hundreds of MB)."""
     with _SHARED_LOCK:
         found = _SHARED.pop(key, None) is not None
     if found:
-        gc.collect()
+        release_memory()
     return found
 
 

@@ -28,6 +28,7 @@ from matrix_assets.defs.assets.common import (
 from matrix_assets.defs.configs import TrainingConfig, TrainingSetConfig, settings_from, stage_config
 from matrix_assets.defs.partitions import prompt_sets_partitions
 from matrix_assets.defs.resources import LLMResource, MLflowResource, StoreResource
+from matrix_assets.llm.memory import release_memory
 from matrix_assets.methods import registry
 from matrix_assets.methods.base import Method, StageSpec, answer_directly
 from matrix_assets.methods.mixing import TrainingSet, benign_basis, benign_count, build_training_set
@@ -300,6 +301,7 @@ def train_checkpoint(context: dg.AssetExecutionContext, db: Store, llm: LLMResou
         else:
             result = train_lora(base_model, examples, out_dir, lora=lora, train=train, on_log=on_log,
                                 objective=objective)
+            release_memory()  # the trained model and its optimizer, before the next step loads another
         plot = plot_loss_curve([s for s, _ in result.losses], [v for _, v in result.losses], out_dir / "loss.png")
         mlflow.log_metrics({"train_loss": result.train_loss or float("nan"), "train_seconds": result.seconds,
                             "train_steps": result.steps})
