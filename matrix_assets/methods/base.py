@@ -15,12 +15,12 @@ group with an `excluded` reason, so what was left out is counted, never silently
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from matrix_assets.llm.base import ChatBackend, GenerationParams
+from matrix_assets.records import RatedResponse, TrainingGroup  # noqa: F401 - part of a method's interface
 from matrix_assets.templates import user_message
 
 Trainer = Literal["sft", "stable_alignment"]
@@ -40,27 +40,6 @@ class InitialResponse:
     prompt: str
     response: str
     category: str | None = None
-
-
-@dataclass(frozen=True)
-class RatedResponse:
-    text: str
-    rating: float | None = None  # on the method's own scale (Stable Alignment: 1-7); None for plain SFT
-
-
-@dataclass(frozen=True)
-class TrainingGroup:
-    """One training prompt and the responses a method derived for it."""
-
-    prompt_id: str
-    prompt: str  # the user's message the model is trained to answer
-    kind: str  # where the responses come from, e.g. "matrix_revision", "imitation", "fixed_refusal"
-    responses: tuple[RatedResponse, ...]
-    excluded: str | None = None  # why the prompt is left out of the training data (None: it is trained on)
-
-    @property
-    def group_id(self) -> str:
-        return hashlib.sha256(f"{self.prompt_id}\x1f{self.kind}\x1f{self.prompt}".encode()).hexdigest()[:24]
 
 
 @dataclass

@@ -27,7 +27,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from matrix_assets.methods.base import InitialResponse, PromptRecord, RatedResponse, TrainingGroup
+from matrix_assets.methods.base import InitialResponse, PromptRecord
+from matrix_assets.records import RatedResponse, TrainingGroup
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 SCHEMA_VERSION = 3  # bump with every change of a table's shape in sql/schema.sql

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from matrix_assets.methods.base import RatedResponse, TrainingGroup
+from matrix_assets.records import RatedResponse, TrainingGroup
 from matrix_assets.training.sft import (
     LoraSettings, Objective, SFTExample, SFTObjective, StableAlignmentObjective, TrainResult, TrainSettings, train_lora,
 )

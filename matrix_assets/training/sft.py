@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from matrix_assets.methods.stable_alignment.data import RatedGroup
+    from matrix_assets.records import RatedGroup
 
 logger = logging.getLogger(__name__)
 

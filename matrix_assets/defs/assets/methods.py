@@ -358,7 +358,7 @@ def train_through_pipes(context: dg.AssetExecutionContext, base_model: str, exam
 
 def _examples(method: Method, rows: list[dict]) -> tuple[list[Any], Any]:
     """The stored examples as the trainer wants them: SFT pairs, or rated groups with the method's objective."""
-    from matrix_assets.methods.base import RatedResponse, TrainingGroup
+    from matrix_assets.records import RatedResponse, TrainingGroup
     from matrix_assets.training.sft import SFTExample, SFTObjective
 
     if method.trainer == "sft":

@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from matrix_assets.methods.base import RatedResponse
+from matrix_assets.records import RatedGroup, RatedResponse
 from matrix_assets.methods.stable_alignment.sandbox import Interaction
 from matrix_assets.templates import render
 
@@ -41,26 +41,6 @@ KINDS: tuple[str, ...] = ("imitation", "self_critic", "realignment")
 DEFAULT_MIX: tuple[int, int, int] = (5, 1, 1)
 REVISED_MARKER = " Here is the revised response: "
 REALIGNMENT_MIN_AFTER = 4.0  # a realignment example needs the revision rated above this (and above the draft)
-
-
-@dataclass(frozen=True)
-class RatedGroup:
-    """One training group: a prompt (the user message) and its rated responses (`methods.base.RatedResponse`,
-    every rating set, 1-7)."""
-
-    group_id: str
-    kind: str  # one of KINDS
-    prompt: str
-    responses: tuple[RatedResponse, ...]
-
-    def to_dict(self) -> dict:
-        return {"group_id": self.group_id, "kind": self.kind, "prompt": self.prompt,
-                "responses": [{"text": r.text, "rating": r.rating} for r in self.responses]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RatedGroup:
-        return cls(data["group_id"], data["kind"], data["prompt"],
-                   tuple(RatedResponse(r["text"], float(r["rating"])) for r in data["responses"]))
 
 
 @dataclass
