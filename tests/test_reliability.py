@@ -430,7 +430,8 @@ def test_garbage_output_in_every_stage_through_training_and_evaluation(matrix_ho
             refusal_template__training_set={"prompt_sets": [PARTITION], "benign_ratio": 0.5},
             refusal_template__checkpoint={"max_steps": 1, "batch_size": 2},
             evaluation_scores={"methods": ["refusal_template"], "harmful_sets": [PARTITION], "max_harmful_per_set": 3,
-                               "max_safe_per_set": 2, "max_helpfulness_per_set": 2, "model_judge": True}))
+                               "max_safe_per_set": 2, "max_helpfulness_per_set": 2, "model_judge": True,
+                               "pairwise_helpfulness": True}))
     # matrix has nothing usable to train on: its training set fails at once, with the reason, and is never built
     # from fixed text; everything that does not depend on it runs.
     assert "matrix: no training data" in _error_text(trained, "matrix__training_set")

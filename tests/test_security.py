@@ -176,7 +176,7 @@ def test_api_key_comes_from_env_reaches_server_and_is_never_recorded(
             run_config=stage_config(
                 judge_validation={"model_judge_sample": 4},
                 evaluation_scores={"harmful_sets": ["safe_rlhf"], "max_harmful_per_set": 1, "max_safe_per_set": 1,
-                                   "max_helpfulness_per_set": 1, "model_judge": True}),
+                                   "max_helpfulness_per_set": 1, "model_judge": True, "pairwise_helpfulness": True}),
         ))
         assert results[-1].success, _step_failures(results[-1])
         assert db.query("SELECT 1 FROM judge_agreement WHERE judge LIKE '%remote-model%'")
@@ -190,7 +190,7 @@ def test_api_key_comes_from_env_reaches_server_and_is_never_recorded(
             resources={"store": store, "llm": FakeLLM(), "judge": from_env_var, "mlflow_tracking": tracking},
             run_config=stage_config(evaluation_scores={
                 "harmful_sets": ["safe_rlhf"], "max_harmful_per_set": 1, "max_safe_per_set": 1,
-                "max_helpfulness_per_set": 2}),
+                "max_helpfulness_per_set": 2, "pairwise_helpfulness": True}),
         ))
         assert not results[-1].success
 

@@ -177,36 +177,9 @@ def plot_base_vs_tuned(
 
     Default ``figsize`` is ``(max(6, 1.8 * n_metrics + 2), 4.5)`` inches.
     """
-    import numpy as np
-
-    metrics = list(summary)
-    labels = _labels_in_order(summary)
     if figsize is None:
-        figsize = (max(6.0, 1.8 * len(metrics) + 2.0), 4.5)
-    fig, ax = _new_figure(figsize)
-    ax.set_title(title)
-
-    if not metrics or not labels:
-        _no_data(ax)
-        return _save(fig, path, dpi)
-
-    x = np.arange(len(metrics), dtype=float)
-    _draw_bars(ax, summary, labels, horizontal=False, pct=pct)
-    ax.set_xticks(x, metrics)
-    if _unit_interval(summary):
-        ax.set_ylim(0.0, 1.1)
-        if pct:
-            from matplotlib.ticker import PercentFormatter
-
-            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    else:
-        ax.margins(y=0.15)
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    _legend(fig, len(labels))
-    return _save(fig, path, dpi)
+        figsize = (max(6.0, 1.8 * len(summary) + 2.0), 4.5)
+    return _grouped_bars(summary, path, title, ylabel, horizontal=False, pct=pct, figsize=figsize, dpi=dpi)
 
 
 def plot_per_category(
@@ -227,33 +200,43 @@ def plot_per_category(
     labels the x axis. Default ``figsize`` is
     ``(8, max(3, 0.35 * n_categories * n_labels + 1.5))`` inches.
     """
+    if figsize is None:
+        figsize = (8.0, max(3.0, 0.35 * len(rows) * max(1, len(_labels_in_order(rows))) + 1.5))
+    return _grouped_bars(rows, path, title, metric_label, horizontal=True, pct=pct, figsize=figsize, dpi=dpi)
+
+
+def _grouped_bars(groups: Mapping[str, Mapping[str, Estimate]], path: str | os.PathLike[str], title: str,
+                  value_label: str, *, horizontal: bool, pct: bool, figsize: tuple[float, float], dpi: int) -> Path:
+    """One group of bars per key of `groups` (metrics side by side, or categories top to bottom), one bar per
+    model label; the value axis fixed to [0, 1.1] (1.15 lying down) when every number is a share."""
     import numpy as np
 
-    categories = list(rows)
-    labels = _labels_in_order(rows)
-    if figsize is None:
-        figsize = (8.0, max(3.0, 0.35 * len(categories) * max(1, len(labels)) + 1.5))
+    names, labels = list(groups), _labels_in_order(groups)
     fig, ax = _new_figure(figsize)
     ax.set_title(title)
-
-    if not categories or not labels:
+    if not names or not labels:
         _no_data(ax)
         return _save(fig, path, dpi)
 
-    y = np.arange(len(categories), dtype=float)
-    _draw_bars(ax, rows, labels, horizontal=True, pct=pct)
-    ax.set_yticks(y, categories)
-    ax.invert_yaxis()  # first category on top
-    if _unit_interval(rows):
-        ax.set_xlim(0.0, 1.15)
+    positions = np.arange(len(names), dtype=float)
+    _draw_bars(ax, groups, labels, horizontal=horizontal, pct=pct)
+    value_axis = ax.xaxis if horizontal else ax.yaxis
+    if horizontal:
+        ax.set_yticks(positions, names)
+        ax.invert_yaxis()  # first category on top
+    else:
+        ax.set_xticks(positions, names)
+    if _unit_interval(groups):
+        (ax.set_xlim if horizontal else ax.set_ylim)(0.0, 1.15 if horizontal else 1.1)
         if pct:
             from matplotlib.ticker import PercentFormatter
 
-            ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+            value_axis.set_major_formatter(PercentFormatter(xmax=1.0))
     else:
-        ax.margins(x=0.15)
-    ax.set_xlabel(metric_label)
-    ax.grid(axis="x", alpha=0.3)
+        ax.margins(**{"x" if horizontal else "y": 0.15})
+    if value_label:
+        (ax.set_xlabel if horizontal else ax.set_ylabel)(value_label)
+    ax.grid(axis="x" if horizontal else "y", alpha=0.3)
     ax.set_axisbelow(True)
     _legend(fig, len(labels))
     return _save(fig, path, dpi)

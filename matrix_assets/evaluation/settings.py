@@ -27,8 +27,11 @@ class EvaluationSettings:
     model_judge: bool = field(default=False, metadata={
         "help": "Also ask the judge model for a refusal verdict (next-token yes/no) on every answer, beside the "
         "default embedding judge; its agreement with human labels is in judge_validation."})
-    pairwise_helpfulness: bool = field(default=True, metadata={
-        "help": "Judge tuned vs base answers to helpfulness prompts pairwise with the judge model, both orders."})
+    pairwise_helpfulness: bool = field(default=False, metadata={
+        "help": "Judge tuned vs base answers to helpfulness prompts pairwise with the judge model, both orders "
+        "(paper: on). Off in the quick profile: its judge, the bundled 135M model, gave no verdict on any of the "
+        "420 comparisons of the main job (too little mass on A or B) in 128 s, and scores kappa 0.0 as a refusal "
+        "judge in judge_validation."})
     champion_method: str = field(default="matrix", metadata={
         "help": "Whose checkpoints may move the `champion` alias."})
     over_refusal_margin: float = field(default=0.05, metadata={
@@ -39,7 +42,8 @@ class EvaluationSettings:
 # The MATRIX paper's harmless evaluation: HH (Anthropic's harmless-base, first human turns), Safe-RLHF, AdvBench
 # and HarmfulQA (its Section 5.1); here their held-out splits, judged by the validated judges, not by GPT-4.
 PAPER = EvaluationSettings(harmful_sets=("hh_harmless", "safe_rlhf", "advbench", "harmfulqa"),
-                           max_harmful_per_set=None, max_safe_per_set=None, model_judge=True, answer_tokens=256)
+                           max_harmful_per_set=None, max_safe_per_set=None, model_judge=True, answer_tokens=256,
+                           pairwise_helpfulness=True)
 
 # What decides which prompts an evaluation answers: equal to a profile's, it is that profile's headline table.
 PROMPT_SELECTION = ("harmful_sets", "safe_sets", "helpfulness_sets", "max_harmful_per_set", "max_safe_per_set",

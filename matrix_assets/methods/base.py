@@ -146,9 +146,44 @@ def single_response_groups(kind: str, rows: Sequence[tuple[str, str, str]]) -> l
     return [TrainingGroup(pid, prompt, kind, (RatedResponse(text),)) for pid, prompt, text in rows]
 
 
+def initial_responses(ctx: StageContext, limit: int | None) -> list[InitialResponse]:
+    """The model's direct answers to the partition's training prompts, which a method's first stage starts from."""
+    rows = ctx.store.initial_responses(ctx.partition, ctx.model_id, limit=limit)
+    if not rows:
+        raise LookupError(f"no initial responses for {ctx.partition!r} with model {ctx.model_id!r}; "
+                          "materialize initial_responses first")
+    return rows
+
+
+def save_single_responses(ctx: StageContext, method: str, kind: str, rows: Sequence[tuple[str, str, str]],
+                          **metadata: Any) -> StageOutcome:
+    """Store (prompt_id, prompt, response) rows as a method's training groups of one response each."""
+    groups = single_response_groups(kind, rows)
+    ctx.store.save_training_groups(method, ctx.model_id, ctx.partition, groups)
+    return StageOutcome(n_items=len(groups), metadata={"n_examples": len(groups), **metadata})
+
+
+@dataclass
+class CritiqueRecord:
+    """A critique as the `critiques` table keeps it (MATRIX names the harmed parties; CAI names none)."""
+
+    prompt_id: str
+    text: str
+    harmed_parties: list[str]
+    used_fallback: bool
+
+
 # Training prompts per prompt set in the quick run (the paper profile uses them all). 9: Stable Alignment's 3 x 3
 # society then meets each of its questions again in round 2, so an agent's memory can shape its next draft.
 DEFAULT_MAX_PROMPTS = 9
+
+
+@dataclass(frozen=True)
+class PromptLimitSettings:
+    """Settings of a method whose one knob is how many training prompts of a set it uses."""
+
+    max_prompts: int | None = field(default=DEFAULT_MAX_PROMPTS, metadata={
+        "help": "Training prompts per prompt set (None: all)."})
 
 
 @dataclass(frozen=True)

@@ -70,16 +70,8 @@ class CachedBackend(ChatBackend):
     ) -> list[Completion]:
         progress = progress or self.progress
         keys = [cache_key(self.model_id, params, conv) for conv in conversations]
-        found = self.store.get_generations(keys)
+        found, pending = self._lookup(keys, conversations)
         results: dict[str, Completion] = {k: _cached_completion(r) for k, r in found.items()}
-        self.stats.requested += len(conversations)
-        self.stats.hits += sum(1 for k in keys if k in found)
-        # Identical conversations in one request are generated once.
-        missing: dict[str, Conversation] = {}
-        for key, conv in zip(keys, conversations):
-            if key not in results:
-                missing.setdefault(key, conv)
-        pending = list(missing.items())
         # Longest prompts first keeps batches of similar length together (less padding) and makes the
         # slowest chunk the first one, so progress estimates only get better.
         pending.sort(key=lambda kv: -sum(len(m["content"]) for m in kv[1]))
@@ -114,15 +106,8 @@ class CachedBackend(ChatBackend):
         """Verdict distributions through the cache, like generations: a re-run asks the model for none it has
         answered, and each chunk is committed as soon as it is scored."""
         keys = [logprobs_cache_key(self.model_id, candidates, assistant_prefix, c) for c in conversations]
-        found = self.store.get_generations(keys)
+        found, pending = self._lookup(keys, conversations)
         results = {k: json.loads(r["completion"]) for k, r in found.items()}
-        self.stats.requested += len(conversations)
-        self.stats.hits += sum(1 for k in keys if k in found)
-        missing: dict[str, Conversation] = {}
-        for key, conv in zip(keys, conversations):
-            if key not in results:
-                missing.setdefault(key, conv)
-        pending = list(missing.items())
         params_json = json.dumps({"next_token_logprobs": list(candidates), "assistant_prefix": assistant_prefix},
                                  sort_keys=True)
         if self.progress and pending:
@@ -224,6 +209,19 @@ class CachedBackend(ChatBackend):
             yield commit
         finally:
             self.stats.seconds += time.perf_counter() - began
+
+    def _lookup(self, keys: Sequence[str], conversations: Sequence[Conversation]
+                ) -> tuple[dict[str, dict], list[tuple[str, Conversation]]]:
+        """Stored rows by key, and the (key, conversation) pairs still to ask the model for: identical
+        conversations in one request are asked once."""
+        found = self.store.get_generations(list(keys))
+        self.stats.requested += len(conversations)
+        self.stats.hits += sum(1 for k in keys if k in found)
+        missing: dict[str, Conversation] = {}
+        for key, conv in zip(keys, conversations):
+            if key not in found:
+                missing.setdefault(key, conv)
+        return found, list(missing.items())
 
     def _persist(
         self,

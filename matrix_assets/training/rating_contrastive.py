@@ -32,6 +32,8 @@ from typing import Any, Literal
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from matrix_assets.training.sft import check_rating_loss
+
 IGNORE_INDEX = -100
 LossVariant = Literal["mean", "max"]
 
@@ -113,14 +115,7 @@ class StableAlignmentConfig(SFTConfig):
         self.dataset_kwargs = kwargs
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: the collator reads the group columns")
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if self.rating_scale <= 0:
-            raise ValueError(f"rating_scale must be positive, got {self.rating_scale}")
-        if self.rating_weight < 0:
-            raise ValueError(f"rating_weight must be >= 0, got {self.rating_weight}")
-        if self.loss_variant not in ("mean", "max"):
-            raise ValueError(f"loss_variant must be 'mean' or 'max', got {self.loss_variant!r}")
+        check_rating_loss(self)
 
 
 def groups_to_rows(groups: Sequence[Any]) -> list[dict]:

@@ -9,12 +9,14 @@ from dataclasses import dataclass, field, replace
 from matrix_assets.llm.base import GenerationParams
 from matrix_assets.methods.base import (
     DEFAULT_MAX_PROMPTS,
+    CritiqueRecord,
     Method,
     RatedResponse,
     StageContext,
     StageOutcome,
     StageSpec,
     TrainingGroup,
+    initial_responses,
 )
 from matrix_assets.methods.cai.critique_revise import cai_critiques, cai_revisions
 
@@ -45,21 +47,11 @@ PAPER = replace(QUICK, max_prompts=None, critique_tokens=512, revision_tokens=51
                 repetition_penalty=1.0)
 
 
-@dataclass
-class _CritiqueRow:
-    prompt_id: str
-    text: str
-    harmed_parties: list[str]
-    used_fallback: bool
-
-
 def _revisions(ctx: StageContext, s: CaiSettings) -> StageOutcome:
-    rows = ctx.store.initial_responses(ctx.partition, ctx.model_id, limit=s.max_prompts)
-    if not rows:
-        raise LookupError(f"no initial responses for {ctx.partition!r}; materialize initial_responses first")
+    rows = initial_responses(ctx, s.max_prompts)
     critiques = cai_critiques(ctx.llm, rows, s.params(s.critique_tokens))
     revisions = cai_revisions(ctx.llm, rows, critiques, s.params(s.revision_tokens))
-    ctx.store.save_records("critiques", [_CritiqueRow(c.prompt_id, c.text, [], c.used_fallback) for c in critiques],
+    ctx.store.save_records("critiques", [CritiqueRecord(c.prompt_id, c.text, [], c.used_fallback) for c in critiques],
                            method=NAME, model_id=ctx.model_id)
     groups = [TrainingGroup(r.prompt_id, r.prompt, "cai_revision", (RatedResponse(text),) if text else (),
                             None if text else "empty_revision") for r, text in zip(rows, revisions)]

@@ -4,36 +4,26 @@ one of fine-tuning."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from matrix_assets.methods.base import (
-    DEFAULT_MAX_PROMPTS,
     Method,
+    PromptLimitSettings,
     StageContext,
     StageOutcome,
     StageSpec,
-    single_response_groups,
+    initial_responses,
+    save_single_responses,
 )
 
 NAME = "initial_sft"
-
-
-@dataclass(frozen=True)
-class InitialSftSettings:
-    max_prompts: int | None = DEFAULT_MAX_PROMPTS
-
-
-QUICK = InitialSftSettings()
+QUICK = PromptLimitSettings()
 PAPER = replace(QUICK, max_prompts=None)
 
 
-def _responses(ctx: StageContext, s: InitialSftSettings) -> StageOutcome:
-    rows = ctx.store.initial_responses(ctx.partition, ctx.model_id, limit=s.max_prompts)
-    if not rows:
-        raise LookupError(f"no initial responses for {ctx.partition!r}; materialize initial_responses first")
-    groups = single_response_groups("initial_answer", [(r.prompt_id, r.prompt, r.response) for r in rows])
-    ctx.store.save_training_groups(NAME, ctx.model_id, ctx.partition, groups)
-    return StageOutcome(n_items=len(groups), metadata={"n_examples": len(groups)})
+def _responses(ctx: StageContext, s: PromptLimitSettings) -> StageOutcome:
+    rows = initial_responses(ctx, s.max_prompts)
+    return save_single_responses(ctx, NAME, "initial_answer", [(r.prompt_id, r.prompt, r.response) for r in rows])
 
 
 METHOD = Method(

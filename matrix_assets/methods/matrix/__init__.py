@@ -11,11 +11,11 @@ sampled revisions is this project's addition; 1 reproduces the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Protocol
 
 from matrix_assets.methods.base import (
     DEFAULT_MAX_PROMPTS,
-    InitialResponse,
+    CritiqueRecord,
     Markdown,
     Method,
     MethodStore,
@@ -24,6 +24,7 @@ from matrix_assets.methods.base import (
     StageOutcome,
     StageSpec,
     TrainingGroup,
+    initial_responses,
 )
 from matrix_assets.methods.matrix.engine import SceneSettings, fallback_totals, run_scenes, scenes_relying_on
 from matrix_assets.methods.matrix.revision import RevisionInput, RevisionSettings, critique_scenes, revise
@@ -125,20 +126,9 @@ class MatrixStore(MethodStore, Protocol):
     def transcripts(self, prompt_set: str, model_id: str, limit: int | None = None) -> list[Transcript]: ...
 
 
-@dataclass
-class _CritiqueRow:
-    prompt_id: str
-    text: str
-    harmed_parties: list[str]
-    used_fallback: bool
-
-
 def _scenes(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
     store: MatrixStore = ctx.store  # type: ignore[assignment]
-    rows: list[InitialResponse] = store.initial_responses(ctx.partition, ctx.model_id, limit=s.max_prompts)
-    if not rows:
-        raise LookupError(f"no initial responses for {ctx.partition!r} with model {ctx.model_id!r}; "
-                          "materialize initial_responses first")
+    rows = initial_responses(ctx, s.max_prompts)
     progress = ctx.progress("scene simulation", unit="scenes")
     scenes: list[Transcript] = []
     for start in range(0, len(rows), s.scenes_per_batch):
@@ -175,7 +165,7 @@ def _critiques(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
     if not scenes:
         raise LookupError(f"no scenes for {ctx.partition!r}; materialize matrix/scenes first")
     critiques = critique_scenes(ctx.llm, scenes, s.revision())
-    store.save_records("critiques", [_CritiqueRow(c.prompt_id, c.text, c.harmed_parties, c.used_fallback)
+    store.save_records("critiques", [CritiqueRecord(c.prompt_id, c.text, c.harmed_parties, c.used_fallback)
                                      for c in critiques], method=NAME, model_id=ctx.model_id)
     sample = [{"prompt": t.question, "critique": c.text, "harmed": ", ".join(c.harmed_parties)}
               for t, c in list(zip(scenes, critiques))[:3]]
@@ -191,7 +181,7 @@ def _critiques(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
 def _revisions(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
     store: MatrixStore = ctx.store  # type: ignore[assignment]
     scenes = {t.prompt_id: t for t in store.transcripts(ctx.partition, ctx.model_id, limit=s.max_prompts)}
-    critiques = {c.prompt_id: c for c in store.load_records("critiques", _CritiqueRow, prompt_set=ctx.partition,
+    critiques = {c.prompt_id: c for c in store.load_records("critiques", CritiqueRecord, prompt_set=ctx.partition,
                                                               method=NAME, model_id=ctx.model_id)}
     items = [RevisionInput(pid, t.question, t.answer, critiques[pid].text, critiques[pid].harmed_parties,
                            t.consequence) for pid, t in scenes.items() if pid in critiques]

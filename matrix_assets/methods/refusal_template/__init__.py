@@ -5,27 +5,20 @@ own words."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from matrix_assets.methods.base import (
-    DEFAULT_MAX_PROMPTS,
     Method,
+    PromptLimitSettings,
     StageContext,
     StageOutcome,
     StageSpec,
-    single_response_groups,
+    save_single_responses,
 )
 from matrix_assets.templates import render
 
 NAME = "refusal_template"
-
-
-@dataclass(frozen=True)
-class RefusalTemplateSettings:
-    max_prompts: int | None = DEFAULT_MAX_PROMPTS
-
-
-QUICK = RefusalTemplateSettings()
+QUICK = PromptLimitSettings()
 PAPER = replace(QUICK, max_prompts=None)
 
 
@@ -33,14 +26,13 @@ def fixed_refusal() -> str:
     return render("refusal_template/refusal")
 
 
-def _responses(ctx: StageContext, s: RefusalTemplateSettings) -> StageOutcome:
+def _responses(ctx: StageContext, s: PromptLimitSettings) -> StageOutcome:
     prompts = ctx.store.train_prompts(ctx.partition, limit=s.max_prompts)
     if not prompts:
         raise LookupError(f"prompt set {ctx.partition!r} has no training prompts; materialize benchmark_prompts")
     text = fixed_refusal()
-    groups = single_response_groups("fixed_refusal", [(p.prompt_id, p.text, text) for p in prompts])
-    ctx.store.save_training_groups(NAME, ctx.model_id, ctx.partition, groups)
-    return StageOutcome(n_items=len(groups), metadata={"n_examples": len(groups), "fixed_text": text})
+    return save_single_responses(ctx, NAME, "fixed_refusal", [(p.prompt_id, p.text, text) for p in prompts],
+                                 fixed_text=text)
 
 
 METHOD = Method(
