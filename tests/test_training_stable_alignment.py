@@ -70,26 +70,35 @@ def test_a_single_unrated_response_trains_as_sft_but_an_unrated_one_among_severa
         groups_to_rows([mixed])
 
 
-def _one_sgd_step(tiny_model_dir: str, out: Path, per_device: int, accumulation: int) -> dict:
+def _one_sgd_step(tiny_model_dir: str, out: Path, per_device: int, accumulation: int,
+                  objective: str = "stable_alignment") -> dict:
+    """One plain-SGD step (an update proportional to the gradient, so a scale error shows) of the objective's
+    trainer on a tiny adapter; returns the adapter's B matrices."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
 
     from matrix_assets.training.rating_contrastive import (
         StableAlignmentConfig, StableAlignmentTrainer, groups_to_rows,
     )
+    from matrix_assets.training.sft import to_conversational
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    args = StableAlignmentConfig(
-        output_dir=str(out), max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
-        per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation, max_length=128,
-        use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
-        margin=1.0, rating_weight=0.5, group_size=3)
-    trainer = StableAlignmentTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(groups_to_rows(GROUPS)), processing_class=tokenizer,
+    common = dict(output_dir=str(out), max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+                  per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation, use_cpu=True,
+                  report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True)
+    if objective == "stable_alignment":
+        trainer_class, rows = StableAlignmentTrainer, groups_to_rows(GROUPS)
+        args = StableAlignmentConfig(**common, max_length=128, margin=1.0, rating_weight=0.5, group_size=3)
+    else:
+        trainer_class, rows = SFTTrainer, to_conversational(SFT_EXAMPLES)
+        args = SFTConfig(**common, max_length=64, activation_checkpointing=False, bf16=False)
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                task_type="CAUSAL_LM"))
     trainer.train()
@@ -98,11 +107,9 @@ def _one_sgd_step(tiny_model_dir: str, out: Path, per_device: int, accumulation:
 
 def test_groups_accumulated_one_per_forward_give_the_whole_batchs_gradient(tiny_model_dir: str,
                                                                           tmp_path: Path) -> None:
-    """`train_lora` feeds Stable Alignment one group per forward pass and accumulates `batch_size` of them (the
-    memory of one group): with plain SGD (an update proportional to the gradient, so a scale error shows) the step
-    equals the one on a batch holding all the groups."""
-    import torch
-
+    """`train_lora` feeds Stable Alignment `micro_batch_size` groups per forward pass (default 1) and accumulates
+    `batch_size` of them (the memory of one group): with plain SGD (an update proportional to the gradient, so a
+    scale error shows) the step equals the one on a batch holding all the groups."""
     whole = _one_sgd_step(tiny_model_dir, tmp_path / "whole", per_device=3, accumulation=1)
     accumulated = _one_sgd_step(tiny_model_dir, tmp_path / "accumulated", per_device=1, accumulation=3)
     assert any(p.abs().max() > 1e-6 for p in whole.values())  # the step moved the adapter
@@ -116,38 +123,13 @@ SFT_EXAMPLES = [SFTExample("Say hi.", "Hi there, how can I help you today?"), SF
                 SFTExample("Name a colour.", "Blue, like the sky on a clear summer afternoon.")]
 
 
-def _one_sft_sgd_step(tiny_model_dir: str, out: Path, per_device: int, accumulation: int) -> dict:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    from matrix_assets.training.sft import to_conversational
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    args = SFTConfig(
-        output_dir=str(out), max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
-        per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation, max_length=64,
-        use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
-        activation_checkpointing=False, bf16=False)
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(to_conversational(SFT_EXAMPLES)),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                               task_type="CAUSAL_LM"))
-    trainer.train()
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
-
-
 def test_sft_micro_batches_accumulated_give_the_whole_batchs_gradient(tiny_model_dir: str, tmp_path: Path) -> None:
     """SFT rows of different lengths, one per forward pass and accumulated: TRL normalises the loss over the
     tokens of the whole accumulated batch, so the plain-SGD step equals the whole batch's (a per-micro-batch mean
     would weight the short answer's tokens up, by up to 3x here)."""
-    whole = _one_sft_sgd_step(tiny_model_dir, tmp_path / "whole", per_device=3, accumulation=1)
-    accumulated = _one_sft_sgd_step(tiny_model_dir, tmp_path / "accumulated", per_device=1, accumulation=3)
+    whole = _one_sgd_step(tiny_model_dir, tmp_path / "whole", per_device=3, accumulation=1, objective="sft")
+    accumulated = _one_sgd_step(tiny_model_dir, tmp_path / "accumulated", per_device=1, accumulation=3,
+                                objective="sft")
     assert any(p.abs().max() > 1e-6 for p in whole.values())
     for name, value in whole.items():
         assert float((accumulated[name] - value).norm() / value.norm()) < 1e-2, name
