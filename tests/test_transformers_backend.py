@@ -6,7 +6,7 @@ import pytest
 
 from matrix_assets.llm.base import Completion, GenerationParams
 from matrix_assets.store.generation_cache import CachedBackend
-from matrix_assets.llm.refill import PrefixCache, supports_refill
+from matrix_assets.llm.refill import PrefixCache, prefill_groups, supports_refill
 from matrix_assets.llm.prepack import prepack_linear_layers
 from matrix_assets.llm.transformers_backend import TransformersBackend
 from matrix_assets.store.db import Store
@@ -307,3 +307,44 @@ def test_a_token_budget_widens_batches_of_short_prompts_without_changing_the_tex
     assert [c.text for c in wide.generate(CONVERSATIONS, params)] == \
         [c.text for c in narrow.generate(CONVERSATIONS, params)]
     assert widths == [len(CONVERSATIONS), 2]
+
+
+def test_prefill_shares_a_pass_between_cache_misses_and_hits_of_different_lengths(eos_prone_backend) -> None:  # noqa: ANN001
+    """Newly admitted prompts share a forward pass whether their head is cached (at different lengths) or not:
+    each row's last logits equal those of its prompt run alone, and the KV it stores is its own prompt's."""
+    import torch
+
+    from matrix_assets.llm.refill import TokenJob, _prefill
+
+    model, pad = eos_prone_backend.model, eos_prone_backend.tokenizer.pad_token_id
+    head = list(range(40, 80))  # 40 tokens: the cache keeps 32 and 16 token blocks of it
+    prompts = [head[:20] + [7, 8, 9], list(range(200, 220)), head + [5, 6], head[:33] + [1, 2, 3, 4, 5, 6, 7]]
+    cache = PrefixCache(max_tokens=4096, block=16)
+    params = GenerationParams(max_new_tokens=4)
+    with torch.inference_mode():
+        _prefill(model, [TokenJob(0, head + [1], params)], pad, cache)
+        hits_before = cache.hits
+        passes = []
+        hook = model.register_forward_pre_hook(lambda module, args: passes.append(1))
+        _, mask, logits = _prefill(model, [TokenJob(i, p, params) for i, p in enumerate(prompts)], pad, cache)
+        hook.remove()
+        alone = [model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts]
+        own = model(input_ids=torch.tensor([prompts[1]]), use_cache=True).past_key_values
+    assert cache.hits - hits_before == 3 and cache.reused_tokens == 16 + 32 + 32
+    assert len(passes) == 1  # rests of 7, 20, 10 and 8 tokens: padding to 20 is cheaper than a second pass
+    assert mask.sum(-1).tolist() == [len(p) for p in prompts]  # rows in job order
+    for row, expected in enumerate(alone):
+        assert torch.allclose(logits[row], expected, atol=1e-4), row
+    # The miss sat behind 32 columns of other rows' heads and a gap: what was stored is its own 16-token block.
+    found = cache.lookup(prompts[1] + [0])
+    assert found is not None and found[0] == 16
+    assert torch.allclose(found[1][0][0], own.layers[0].keys[:, :, :16], atol=1e-5)
+
+
+def test_prefill_groups_pad_where_it_is_cheaper_than_another_pass() -> None:
+    assert prefill_groups([5, 6, 200, 7], overhead=32) == [[0, 1, 3], [2]]  # 200 would pad three short rows
+    assert prefill_groups([9, 9, 9], overhead=32) == [[0, 1, 2]]
+    assert prefill_groups([30, 10], overhead=32) == [[1, 0]]  # padding 10 -> 30 costs 20 < one more pass
+    assert prefill_groups([60, 10], overhead=32) == [[1], [0]]
+    assert prefill_groups([3, 1, 2], overhead=0) == [[1], [2], [0]]
+    assert prefill_groups([]) == []

@@ -279,44 +279,87 @@ class PrefixCache:
             self.index = {k: v for k, v in self.index.items() if v[0] in self.entries}
 
 
+# What one more forward pass costs, in prompt tokens of prefill: on the project's CPU a pass over a single token
+# takes about as long as prefilling ~40 tokens (stack overhead, small-matrix kernels); used to decide when
+# padding prompts to a common width is cheaper than running them apart.
+PASS_OVERHEAD_TOKENS = 32
+
+
+def prefill_groups(rest_lengths: Sequence[int], overhead: int = PASS_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Partition prompts into forward passes at least cost: a pass costs `overhead` plus rows x its longest
+    rest (every row is padded to it). Optimal over groups of consecutive lengths once sorted (a short prompt
+    never pads to a long one it could have skipped): dynamic programming, O(n^2) for a batch's n prompts."""
+    order = sorted(range(len(rest_lengths)), key=lambda i: rest_lengths[i])
+    best = [0.0] + [float("inf")] * len(order)
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end):
+            cost = best[start] + overhead + (end - start) * rest_lengths[order[end - 1]]
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
 def _prefill(
     model: torch.nn.Module, jobs: list[TokenJob], pad_token_id: int, prefix_cache: PrefixCache | None
-) -> list[tuple[list[TokenJob], DynamicCache, torch.Tensor, torch.Tensor]]:
-    """Run the prompts of newly admitted jobs; returns (jobs, their cache, mask, last logits) per forward pass.
+) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    """Run the prompts of newly admitted jobs; returns their cache, mask and last logits, rows in job order.
 
-    Jobs whose prompt starts with a cached prefix are prefilled one by one from that prefix; the others
-    together, left-padded. Every prompt's KV then goes into the prefix cache."""
-    hits, misses = [], []
-    for job in jobs:
-        found = prefix_cache.lookup(job.prompt) if prefix_cache is not None else None
-        (hits if found else misses).append((job, found))
-    passes = []
-    for job, (length, layers) in hits:
+    A job whose prompt starts with a cached prefix only runs the rest. Jobs share forward passes as
+    `prefill_groups` finds cheapest; in a pass every row is its cached KV (left-padded to the group's longest
+    cached head), then a gap, then its remaining tokens, right-aligned: the mask hides the padding and the gap
+    and the position ids count only real tokens, so each row sees what it would alone. The rows come back in
+    job order whatever the passes were, so sampled rows draw the same random numbers whether or not their
+    prompts were cached. Every prompt's KV then goes into the prefix cache."""
+    found = [prefix_cache.lookup(job.prompt) if prefix_cache is not None else None for job in jobs]
+    cached = [hit[0] if hit else 0 for hit in found]
+    order: list[int] = []
+    passes: list[tuple[list[DynamicLayer], torch.Tensor, torch.Tensor]] = []
+    for members in prefill_groups([len(job.prompt) - n for job, n in zip(jobs, cached)]):
+        head = max(cached[i] for i in members)
+        ids, rest_mask = left_padded([jobs[i].prompt[cached[i]:] for i in members], pad_token_id)
+        head_mask = torch.zeros((len(members), head), dtype=torch.long)
+        for row, i in enumerate(members):
+            head_mask[row, head - cached[i] :] = 1
+        mask = torch.cat([head_mask, rest_mask], dim=1)
+        positions = (rest_mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor([cached[i] for i in members]).unsqueeze(1)
         cache = growing_cache()
-        for index, (keys, values) in enumerate(layers):
-            cache.update(keys, values, index)
-        suffix = torch.tensor([job.prompt[length:]], dtype=torch.long)
-        mask = torch.ones((1, len(job.prompt)), dtype=torch.long)
-        positions = torch.arange(length, len(job.prompt)).unsqueeze(0)
-        out = model(input_ids=suffix, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
-        passes.append(([job], cache, mask, out.logits[:, -1, :]))
-    if misses:
-        group = [job for job, _ in misses]
-        ids, mask = left_padded([job.prompt for job in group], pad_token_id)
-        cache = growing_cache()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hits = [hit for i in members if (hit := found[i])]
+        for index, (reference, _) in enumerate(hits[0][1] if hits else ()):
+            empty = reference.new_zeros((1, reference.shape[1], 0, reference.shape[3]))
+            layer = [hit[1][index] if (hit := found[i]) else (empty, empty) for i in members]
+            cache.update(torch.cat([_left_pad(k, head, 2) for k, _ in layer]),
+                         torch.cat([_left_pad(v, head, 2) for _, v in layer]), index)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
-        passes.append((group, cache, mask, out.logits[:, -1, :]))
+        order += members
+        passes.append((_layers(cache), mask, out.logits[:, -1, :]))
+    cache, mask, logits = _in_job_order(passes, order)
     if prefix_cache is not None:
-        for group, cache, _, _ in passes:
-            layers = _layers(cache)
-            for r, job in enumerate(group):
-                n = len(job.prompt)
-                prefix_cache.store(job.prompt, [(layer.keys[r : r + 1, :, -n:], layer.values[r : r + 1, :, -n:])
-                                                for layer in layers])
-    return passes
+        for row, job in enumerate(jobs):
+            real = mask[row].nonzero().squeeze(1)  # the prompt's own positions, in order
+            prefix_cache.store(job.prompt, [(layer.keys[row : row + 1].index_select(2, real),
+                                             layer.values[row : row + 1].index_select(2, real))
+                                            for layer in _layers(cache)])
+    return cache, mask, logits
+
+
+def _in_job_order(passes: list[tuple[list[DynamicLayer], torch.Tensor, torch.Tensor]], order: list[int]
+                  ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    """The passes' rows stacked (left-padded to the widest) and put back in job order (`order[k]`: the job of
+    stacked row k)."""
+    rows = torch.tensor(sorted(range(len(order)), key=order.__getitem__), dtype=torch.long)
+    width = max(mask.shape[1] for _, mask, _ in passes)
+    cache = growing_cache()
+    for index in range(len(passes[0][0])):
+        cache.update(torch.cat([_left_pad(layers[index].keys, width, 2) for layers, _, _ in passes])[rows],
+                     torch.cat([_left_pad(layers[index].values, width, 2) for layers, _, _ in passes])[rows], index)
+    mask = torch.cat([_left_pad(mask, width, 1) for _, mask, _ in passes])[rows]
+    return cache, mask, torch.cat([logits for _, _, logits in passes])[rows]
 
 
 def decode_live(
@@ -346,11 +389,10 @@ def decode_live(
                 seed = next(j.params.seed for j in jobs if j.params.temperature > 0)
                 generator = torch.Generator().manual_seed(seed)
             fresh = len(batch)
-            for group, cache, mask, logits in _prefill(model, jobs, pad_token_id, prefix_cache):
-                batch.join(group, cache, mask)
-                rows = slice(len(batch) - len(group), len(batch))
-                batch.pending = torch.cat([batch.pending, _sample(logits, batch, rows, generator)])
+            cache, mask, logits = _prefill(model, jobs, pad_token_id, prefix_cache)
+            batch.join(jobs, cache, mask)
             rows = slice(fresh, len(batch))
+            batch.pending = torch.cat([batch.pending, _sample(logits, batch, rows, generator)])
         elif batch.rows:
             fresh = 0
             rows = slice(0, len(batch))
