@@ -61,9 +61,11 @@ def evaluation_kind(settings: EvaluationSettings, profiles: dict[str, Evaluation
 
 @dataclass(frozen=True)
 class JudgeValidationSettings:
-    model_judge_sample: int = field(default=100, metadata={
+    model_judge_sample: int = field(default=0, metadata={
         "help": "Human-labelled completions of the held-out chat model the judge model is scored on (0: skip it; "
-        "the embedding judge and the string matcher are always scored on all of them)."})
+        "the embedding judge and the string matcher are always scored on all of them). Quick: 0, as its "
+        "evaluation asks the judge model nothing (model_judge and pairwise_helpfulness off); the bundled 135M "
+        "model scored kappa 0.0 on 100 of them in 35 s. Paper: 450."})
     safety_classifiers: tuple[str, ...] = field(default=(), metadata={
         "help": "Established safety classifiers to score, each NAME=BASE_URL[|SERVED_MODEL] of an OpenAI-compatible "
         "server (vLLM) that serves it: llama_guard_3, wildguard, harmbench. WildGuard's refusal verdict is scored "
