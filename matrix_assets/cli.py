@@ -318,6 +318,18 @@ def evaluation_table(db: Any, run: dict[str, Any]) -> str:
     return "\n".join(head) + "\n\n" + _table(table) + ("\n\n" + _table(diff) if len(diff) > 1 else "")
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    from matrix_assets.defs.configs import settings_reference, with_settings_reference
+
+    if args.readme is None:
+        print(settings_reference(), end="")
+        return 0
+    path = Path(args.readme)
+    path.write_text(with_settings_reference(path.read_text(encoding="utf-8")), encoding="utf-8")
+    print(f"settings reference written into {path}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     _prepare_environment()
     from matrix_assets.store import Store
@@ -563,6 +575,14 @@ def parser() -> argparse.ArgumentParser:
         "method and the latest base-vs-tuned table, from the store (MATRIX_DATABASE_URL or .matrix/matrix.db).",
     )
     status.set_defaults(func=cmd_status)
+
+    settings = sub.add_parser(
+        "settings", help="every setting of every asset: quick default, paper value, range, description",
+        description="Prints the Launchpad's settings of each asset as Markdown tables, generated from the settings "
+        "dataclasses (their one source); --readme FILE rewrites the reference block of that README instead.",
+    )
+    settings.add_argument("--readme", default=None, help="a README whose settings reference block to regenerate")
+    settings.set_defaults(func=cmd_settings)
 
     add = sub.add_parser(
         "add", help="add a prompt file (CSV / JSONL / JSON / TXT) as a new prompt set",

@@ -34,18 +34,22 @@ _TRAIN = TrainSettings()
 class TrainingSettings:
     """LoRA and optimiser settings of a checkpoint (the paper's adapter: r 8, alpha 16, dropout 0.05)."""
 
-    lora_r: int = field(default=_LORA.r, metadata={"help": "LoRA rank (paper: 8)."})
-    lora_alpha: int = field(default=_LORA.alpha, metadata={"help": "LoRA alpha (paper: 16)."})
-    lora_dropout: float = field(default=_LORA.dropout, metadata={"help": "LoRA dropout (paper: 0.05)."})
-    epochs: float = field(default=_TRAIN.epochs, metadata={"help": "Epochs over the training set."})
-    max_steps: int = field(default=_TRAIN.max_steps, metadata={"help": "> 0 overrides epochs."})
-    learning_rate: float = field(default=_TRAIN.learning_rate, metadata={"help": "Peak learning rate (cosine)."})
-    batch_size: int = field(default=_TRAIN.batch_size, metadata={"help": "Examples (or rated groups) per step."})
+    lora_r: int = field(default=_LORA.r, metadata={"help": "LoRA rank (paper: 8).", "ge": 1})
+    lora_alpha: int = field(default=_LORA.alpha, metadata={"help": "LoRA alpha (paper: 16).", "ge": 1})
+    lora_dropout: float = field(default=_LORA.dropout, metadata={
+        "help": "LoRA dropout (paper: 0.05).", "ge": 0.0, "lt": 1.0})
+    epochs: float = field(default=_TRAIN.epochs, metadata={"help": "Epochs over the training set.", "gt": 0.0})
+    max_steps: int = field(default=_TRAIN.max_steps, metadata={"help": "> 0 overrides epochs.", "ge": -1})
+    learning_rate: float = field(default=_TRAIN.learning_rate, metadata={
+        "help": "Peak learning rate (cosine).", "gt": 0.0})
+    batch_size: int = field(default=_TRAIN.batch_size, metadata={
+        "help": "Examples (or rated groups) per step.", "ge": 1})
     micro_batch_size: int = field(default=_TRAIN.micro_batch_size, metadata={
         "help": "Examples (or rated groups) per forward pass, accumulated up to batch_size: the same gradient, the "
         "activations of a micro-batch (a 4 x 512-token batch holds ~3 GB more on the CPU). Must divide batch_size; "
-        "raise it on a GPU with memory to spare."})
-    max_length: int = field(default=_TRAIN.max_length, metadata={"help": "Tokens per example, prompt included."})
+        "raise it on a GPU with memory to spare.", "ge": 1})
+    max_length: int = field(default=_TRAIN.max_length, metadata={
+        "help": "Tokens per example, prompt included.", "ge": 16})
     precision: str = field(default=_TRAIN.precision, metadata={
         "help": "auto (bf16 on a GPU that has it, fp32 on the CPU), fp32 or bf16."})
     quantization: str = field(default=_TRAIN.quantization, metadata={
@@ -75,9 +79,10 @@ class TrainingSetSettings:
         "help": "Benign prompts (training split) answered by the model itself and mixed in, so that fine-tuning "
         "does not teach the model to refuse everything."})
     benign_ratio: float = field(default=0.5, metadata={
-        "help": "Benign examples per aligned answer to a training prompt (simulation samples earn none); paper 1."})
+        "help": "Benign examples per aligned answer to a training prompt (simulation samples earn none); paper 1.",
+        "ge": 0.0})
     answer_tokens: int = field(default=SHARED_PROFILES["quick"].answer_tokens, metadata={
-        "help": "Tokens of each benign self-answer."})
+        "help": "Tokens of each benign self-answer.", "ge": 1})
 
 
 _TRAINING = {

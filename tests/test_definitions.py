@@ -134,3 +134,60 @@ def test_the_local_backend_is_configured_from_the_environment(monkeypatch) -> No
     monkeypatch.setenv("MATRIX_PREPACK_WEIGHTS", "maybe")
     with pytest.raises(ValueError, match="MATRIX_PREPACK_WEIGHTS must be"):
         llm_from_env()
+
+
+def _launchpad_config_classes() -> list:
+    from matrix_assets.defs import configs
+    from matrix_assets.methods import registry
+
+    return [configs.InitialResponsesConfig, configs.TrainingConfig, configs.EvaluationConfig,
+            configs.JudgeValidationConfig, configs.TrainingSetConfig,
+            *(configs.stage_config(m.name, s.name) for m in registry().values() for s in m.stages)]
+
+
+def test_every_launchpad_field_explains_itself_and_every_number_has_bounds() -> None:
+    """The config classes generated from the settings dataclasses: each field shows a description in the
+    Launchpad (not its bare name), and each number the range it may take."""
+    import typing
+
+    missing = []
+    for config in _launchpad_config_classes():
+        for name, info in config.model_fields.items():
+            if not info.description or info.description.lower() == name.replace("_", " "):
+                missing.append(f"{config.__name__}.{name}: no description")
+            types = set(typing.get_args(info.annotation)) | {info.annotation}
+            if types & {int, float} and not any(hasattr(m, b) for m in info.metadata for b in ("ge", "gt", "le", "lt")):
+                missing.append(f"{config.__name__}.{name}: a number without bounds")
+    assert not missing, "\n".join(missing)
+
+
+def test_a_value_outside_its_bounds_stops_the_step_before_it_computes() -> None:
+    import pydantic
+    import pytest
+
+    from matrix_assets.defs.configs import TrainingConfig, stage_config
+
+    scenes = stage_config("matrix", "scenes")
+    assert scenes(n_roles=1, top_p=1.0).n_roles == 1
+    for bad in ({"n_roles": 0}, {"top_p": 1.5}, {"top_p": 0.0}, {"max_prompts": 0}):
+        with pytest.raises(pydantic.ValidationError):
+            scenes(**bad)
+    assert scenes(max_prompts=None).max_prompts is None  # None: every prompt
+    with pytest.raises(pydantic.ValidationError):
+        TrainingConfig(learning_rate=0.0)
+
+
+def test_the_readme_settings_reference_is_what_the_code_declares() -> None:
+    """The README's settings block is generated from the settings dataclasses: a default, a paper value, a range or
+    a description changed in the code and not regenerated (`matrix-assets settings --readme README.md`) fails."""
+    from pathlib import Path
+
+    from matrix_assets.defs.configs import README_BEGIN, README_END, settings_reference, with_settings_reference
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index(README_BEGIN) + len(README_BEGIN):readme.index(README_END)]
+    assert block.strip() == settings_reference().strip(), "run: matrix-assets settings --readme README.md"
+    assert "| `n_roles` | 3 | 5 | ≥ 1 |" in block and "| `learning_rate` | 0.002 | 2e-05 | > 0.0 |" in block
+    assert with_settings_reference(readme) == readme
+    stale = readme.replace("| `n_roles` | 3 | 5 |", "| `n_roles` | 4 | 5 |")
+    assert with_settings_reference(stale) == readme  # regenerating repairs an edited row

@@ -431,6 +431,18 @@ def _parse_json(name: str, text: str, line_offset: int = 0) -> Any:
         ) from None
 
 
+def _question_lists(data: Any) -> list[tuple[tuple[str, ...], list[Any]]] | None:
+    """The lists of questions of a nested JSON file with their keys, the first key the category:
+    {category: [questions]} or {topic: {subtopic: [questions]}} (CategoricalHarmfulQA's shape); None for any other."""
+    if not isinstance(data, dict) or not data:
+        return None
+    if all(isinstance(questions, list) for questions in data.values()):
+        return [((category,), questions) for category, questions in data.items()]
+    if all(isinstance(sub, dict) and all(isinstance(qs, list) for qs in sub.values()) for sub in data.values()):
+        return [((topic, subtopic), qs) for topic, sub in data.items() for subtopic, qs in sub.items()]
+    return None
+
+
 def _read_json(name: str, text: str, columns: _Columns) -> Iterator[_RawRecord | None]:
     data = _parse_json(name, text)
     if isinstance(data, list):
@@ -447,34 +459,18 @@ def _read_json(name: str, text: str, columns: _Columns) -> Iterator[_RawRecord |
         raise PromptFileError(
             f"{name}: a JSON list must hold only strings or only objects, not a mix"
         )
-    if isinstance(data, dict) and data and all(
-        isinstance(sub, dict) and all(isinstance(qs, list) for qs in sub.values())
-        for sub in data.values()
-    ):
-        columns.reject_fields(
-            name, "the nested {topic: {subtopic: [questions]}} shape has no fields"
-        )
-        for topic, subtopics in data.items():
-            for subtopic, questions in subtopics.items():
-                for index, question in enumerate(questions, start=1):
-                    where = f"{topic} / {subtopic} / item {index}"
-                    if not isinstance(question, str):
-                        raise PromptFileError(
-                            f"{name}: {where}: question must be a string, "
-                            f"got {type(question).__name__}"
-                        )
-                    yield _RawRecord(where=where, text=question, category=topic)
-        return
-    if isinstance(data, dict) and data and all(isinstance(qs, list) for qs in data.values()):
-        columns.reject_fields(name, "the nested {category: [questions]} shape has no fields")
-        for category, questions in data.items():
+    groups = _question_lists(data)
+    if groups is not None:
+        columns.reject_fields(name, "a nested {category: [questions]} or {topic: {subtopic: [questions]}} shape "
+                              "has no fields")
+        for keys, questions in groups:
             for index, question in enumerate(questions, start=1):
-                where = f"{category} / item {index}"
+                where = " / ".join([*keys, f"item {index}"])
                 if not isinstance(question, str):
                     raise PromptFileError(
                         f"{name}: {where}: question must be a string, got {type(question).__name__}"
                     )
-                yield _RawRecord(where=where, text=question, category=category)
+                yield _RawRecord(where=where, text=question, category=keys[0])
         return
     raise PromptFileError(
         f"{name}: unsupported JSON shape (top level is {type(data).__name__}); expected a list "

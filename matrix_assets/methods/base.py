@@ -183,18 +183,29 @@ class PromptLimitSettings:
     """Settings of a method whose one knob is how many training prompts of a set it uses."""
 
     max_prompts: int | None = field(default=DEFAULT_MAX_PROMPTS, metadata={
-        "help": "Training prompts per prompt set (None: all)."})
+        "help": "Training prompts per prompt set (None: all).", "ge": 1})
 
 
 @dataclass(frozen=True)
 class SharedSettings:
     """Settings of the stages every method shares (the model's direct answers)."""
 
-    max_prompts: int | None = DEFAULT_MAX_PROMPTS
-    answer_tokens: int = 128
+    max_prompts: int | None = field(default=DEFAULT_MAX_PROMPTS, metadata={
+        "help": "Training prompts per prompt set answered directly (None: all).", "ge": 1})
+    answer_tokens: int = field(default=128, metadata={
+        "help": "Tokens of each direct answer r0 (quick 128, paper 256).", "ge": 1})
 
 
 SHARED_PROFILES: Mapping[str, SharedSettings] = {
     "quick": SharedSettings(),
     "paper": SharedSettings(max_prompts=None, answer_tokens=256),
 }
+
+
+def control_method(name: str, title: str, description: str, order: int, stage: StageSpec) -> Method:
+    """A named control (the only kind allowed to train on fixed text): one data stage whose one setting is how
+    many training prompts of a set it uses (all of them in the paper profile)."""
+    quick = PromptLimitSettings()
+    return Method(name=name, title=title, description=description, reference="control", settings=quick,
+                  profiles={"paper": dataclasses.replace(quick, max_prompts=None)}, control=True, order=order,
+                  stages=(stage,))

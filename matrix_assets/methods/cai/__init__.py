@@ -29,13 +29,17 @@ class CaiSettings:
     in the same profile (quick: greedy with a 1.15 repetition penalty; paper: temperature 0.2, top-p 1.0, no
     penalty, 512 tokens), so that the two differ only in where the critique comes from: a scene or fixed rules."""
 
-    max_prompts: int | None = DEFAULT_MAX_PROMPTS
-    critique_tokens: int = 160
-    revision_tokens: int = 160
-    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0: greedy; paper 0.2)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (paper 1.0)."})
+    max_prompts: int | None = field(default=DEFAULT_MAX_PROMPTS, metadata={
+        "help": "Training prompts per prompt set critiqued and revised (None: all).", "ge": 1})
+    critique_tokens: int = field(default=160, metadata={
+        "help": "Tokens of the critique against the principles (paper 512).", "ge": 1})
+    revision_tokens: int = field(default=160, metadata={
+        "help": "Tokens of the revision (paper 512).", "ge": 1})
+    temperature: float = field(default=0.0, metadata={
+        "help": "Sampling temperature (0: greedy; paper 0.2).", "ge": 0.0})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (paper 1.0).", "gt": 0.0, "le": 1.0})
     repetition_penalty: float = field(default=1.15, metadata={
-        "help": "1.0: none (paper). A 135M model loops without it."})
+        "help": "1.0: none (paper). A 135M model loops without it.", "gt": 0.0})
 
     def params(self, max_new_tokens: int) -> GenerationParams:
         return GenerationParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,

@@ -4,21 +4,17 @@ one of fine-tuning."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from matrix_assets.methods.base import (
-    Method,
     PromptLimitSettings,
     StageContext,
     StageOutcome,
     StageSpec,
+    control_method,
     initial_responses,
     save_single_responses,
 )
 
 NAME = "initial_sft"
-QUICK = PromptLimitSettings()
-PAPER = replace(QUICK, max_prompts=None)
 
 
 def _responses(ctx: StageContext, s: PromptLimitSettings) -> StageOutcome:
@@ -26,15 +22,9 @@ def _responses(ctx: StageContext, s: PromptLimitSettings) -> StageOutcome:
     return save_single_responses(ctx, NAME, "initial_answer", [(r.prompt_id, r.prompt, r.response) for r in rows])
 
 
-METHOD = Method(
-    name=NAME,
-    title="SFT on own answers (control)",
-    description="Fine-tuning on the model's own initial answers: what LoRA training alone does.",
-    reference="control",
-    settings=QUICK,
-    profiles={"paper": PAPER},
-    control=True,
-    order=40,
-    stages=(StageSpec("responses", "The model's own initial answers as training data.", _responses,
-                      deps=("initial_responses",), settings=("max_prompts",), loads_model=False),),
+METHOD = control_method(
+    NAME, "SFT on own answers (control)",
+    "Fine-tuning on the model's own initial answers: what LoRA training alone does.", order=40,
+    stage=StageSpec("responses", "The model's own initial answers as training data.", _responses,
+                    deps=("initial_responses",), settings=("max_prompts",), loads_model=False),
 )

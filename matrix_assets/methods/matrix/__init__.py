@@ -56,21 +56,37 @@ class MatrixSettings:
     samples, 3 roles, 3 steps, 2 rounds, greedy decoding with a 1.15 repetition penalty on free text. Its k = 1
     is the paper's and CAI's: the quick table compares methods, not selection."""
 
-    max_prompts: int | None = DEFAULT_MAX_PROMPTS
-    n_roles: int = 3
-    plan_steps: int = 3
-    max_rounds: int = 2
-    max_reactions: int = 3
-    n_objects: int = 3
-    plan_tokens: int = 160
-    action_tokens: int = 64
-    scenes_per_batch: int = 32
-    critique_tokens: int = 160
-    revision_tokens: int = 160
+    max_prompts: int | None = field(default=DEFAULT_MAX_PROMPTS, metadata={
+        "help": "Training prompts per prompt set whose answers are simulated (None: all).", "ge": 1})
+    n_roles: int = field(default=3, metadata={
+        "help": "Roles the model casts in each scene besides the protagonist (paper 5).", "ge": 1})
+    plan_steps: int = field(default=3, metadata={
+        "help": "Steps of the protagonist's plan, each one action (paper 5).", "ge": 1})
+    max_rounds: int = field(default=2, metadata={
+        "help": "Rounds of actions and reactions before the scene is summarised.", "ge": 1})
+    max_reactions: int = field(default=3, metadata={
+        "help": "Roles that react in a round, at most (the modulator picks who notices).", "ge": 0})
+    n_objects: int = field(default=3, metadata={
+        "help": "Objects of the scene (things an action can change).", "ge": 0})
+    plan_tokens: int = field(default=160, metadata={
+        "help": "Tokens for the plan, the roles and the objects.", "ge": 1})
+    action_tokens: int = field(default=64, metadata={
+        "help": "Tokens per action, reaction and modulator verdict.", "ge": 1})
+    scenes_per_batch: int = field(default=32, metadata={
+        "help": "Scenes simulated together (one live session); each is stored as it ends.", "ge": 1})
+    critique_tokens: int = field(default=160, metadata={
+        "help": "Tokens of the critique written from the transcript (paper 512).", "ge": 1})
+    revision_tokens: int = field(default=160, metadata={
+        "help": "Tokens of the revision (paper 512).", "ge": 1})
     # 1: one revision, as the paper and as CAI, so that MATRIX and CAI differ only in what the critique comes from.
-    revision_candidates: int = 1
-    candidate_temperature: float = 0.7
-    harm_threshold: float = 0.5
+    revision_candidates: int = field(default=1, metadata={
+        "help": "Revisions sampled per prompt; above 1 the model picks the least harmful by its own verdict "
+        "(1: the paper, and CAI).", "ge": 1})
+    candidate_temperature: float = field(default=0.7, metadata={
+        "help": "Sampling temperature of the candidates when revision_candidates > 1.", "ge": 0.0})
+    harm_threshold: float = field(default=0.5, metadata={
+        "help": "With several candidates: one the model itself judges harmful with P(yes) above this is left "
+        "out.", "ge": 0.0, "le": 1.0})
     name_protagonist: bool = field(default=False, metadata={
         "help": "The model names the protagonist (e.g. 'Thief', as the paper) instead of the fixed 'The asker'."})
     roles_chain: bool = field(default=False, metadata={
@@ -83,16 +99,19 @@ class MatrixSettings:
         "sentence in its place (paper)."})
     simulation_samples: int = field(default=0, metadata={
         "help": "Role reactions from each trained prompt's scene added as training samples (the paper's "
-        "simulation data; 1 makes them as many as the revisions)."})
+        "simulation data; 1 makes them as many as the revisions).", "ge": 0})
     temperature: float = field(default=0.0, metadata={
-        "help": "Sampling temperature of every scene, critique and revision call (0: greedy; paper 0.2)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (paper 1.0)."})
+        "help": "Sampling temperature of every scene, critique and revision call (0: greedy; paper 0.2).",
+        "ge": 0.0})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (paper 1.0).", "gt": 0.0, "le": 1.0})
     repetition_penalty: float = field(default=1.15, metadata={
         "help": "On free text (actions, reactions, critique, revision); 1.0: none (paper). A 135M model loops "
-        "without it."})
+        "without it.", "gt": 0.0})
     # Off by default, measured on the validation split with the bundled 135M model: under a JSON schema more plans
     # fell back and half the roles it wrote were degenerate (benchmarks/structured_output.py; figures in the README).
-    structured_output: tuple[str, ...] = ()
+    structured_output: tuple[str, ...] = field(default=(), metadata={
+        "help": "Scene steps decoded under a JSON schema (xgrammar), by name: plan, roles; none by default (with "
+        "the 135M model more plans fell back under a schema)."})
 
     def scene(self) -> SceneSettings:
         return SceneSettings(n_roles=self.n_roles, plan_steps=self.plan_steps, max_rounds=self.max_rounds,

@@ -5,21 +5,17 @@ own words."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from matrix_assets.methods.base import (
-    Method,
     PromptLimitSettings,
     StageContext,
     StageOutcome,
     StageSpec,
+    control_method,
     save_single_responses,
 )
 from matrix_assets.templates import render
 
 NAME = "refusal_template"
-QUICK = PromptLimitSettings()
-PAPER = replace(QUICK, max_prompts=None)
 
 
 def fixed_refusal() -> str:
@@ -35,15 +31,9 @@ def _responses(ctx: StageContext, s: PromptLimitSettings) -> StageOutcome:
                                  fixed_text=text)
 
 
-METHOD = Method(
-    name=NAME,
-    title="Fixed refusal (control)",
-    description="Control: one fixed refusal sentence for every harmful training prompt, same benign mix.",
-    reference="control",
-    settings=QUICK,
-    profiles={"paper": PAPER},
-    control=True,
-    order=50,
-    stages=(StageSpec("responses", "The one fixed refusal for every training prompt (a named control).",
-                      _responses, deps=("benchmark_prompts",), settings=("max_prompts",), loads_model=False),),
+METHOD = control_method(
+    NAME, "Fixed refusal (control)",
+    "Control: one fixed refusal sentence for every harmful training prompt, same benign mix.", order=50,
+    stage=StageSpec("responses", "The one fixed refusal for every training prompt (a named control).", _responses,
+                    deps=("benchmark_prompts",), settings=("max_prompts",), loads_model=False),
 )

@@ -56,25 +56,30 @@ class StableAlignmentSettings:
     into noise and loops without a penalty."""
 
     max_prompts: int | None = field(default=DEFAULT_MAX_PROMPTS, metadata={
-        "help": "Questions the society is asked: the partition's first training prompts (the ones MATRIX uses)."})
-    grid_size: int = field(default=_SANDBOX.grid_size, metadata={"help": "g: a g x g grid of agents (paper 10)."})
-    rounds: int = field(default=_SANDBOX.rounds, metadata={"help": "Rounds of interactions (paper 50; >= 2)."})
-    max_peers: int = field(default=_SANDBOX.max_peers, metadata={"help": "Neighbours rating each draft (<= 4)."})
+        "help": "Questions the society is asked: the partition's first training prompts (the ones MATRIX uses).",
+        "ge": 1})
+    grid_size: int = field(default=_SANDBOX.grid_size, metadata={
+        "help": "g: a g x g grid of agents (paper 10).", "ge": 2})
+    rounds: int = field(default=_SANDBOX.rounds, metadata={"help": "Rounds of interactions (paper 50; >= 2).", "ge": 2})
+    max_peers: int = field(default=_SANDBOX.max_peers, metadata={
+        "help": "Neighbours rating each draft (<= 4).", "ge": 2, "le": 4})
     seed_source: SeedSource = field(default="own_answers", metadata={
         "help": "What agents remember at the start: hh_rlhf, human (question, answer) pairs from HH-RLHF "
         "harmless-base (paper); own_answers, the model's own answers to the training prompts after the first "
         "max_prompts (needs max_prompts), never trained on."})
     seed_pairs_per_agent: int = field(default=_SANDBOX.seed_pairs_per_agent, metadata={
-        "help": "Memories each agent starts with (paper 50)."})
+        "help": "Memories each agent starts with (paper 50).", "ge": 0})
     memory_threshold: float = field(default=_SANDBOX.memory_threshold, metadata={
-        "help": "Cosine distance under which a remembered question is shown with the draft prompt."})
-    answer_tokens: int = field(default=_SANDBOX.answer_tokens, metadata={"help": "Drafts and revisions."})
-    reason_tokens: int = field(default=_SANDBOX.reason_tokens, metadata={"help": "A peer's reason."})
+        "help": "Cosine distance under which a remembered question is shown with the draft prompt.",
+        "gt": 0.0, "le": 2.0})
+    answer_tokens: int = field(default=_SANDBOX.answer_tokens, metadata={"help": "Drafts and revisions.", "ge": 1})
+    reason_tokens: int = field(default=_SANDBOX.reason_tokens, metadata={"help": "A peer's reason.", "ge": 1})
     temperature: float = field(default=_SANDBOX.temperature, metadata={
-        "help": "Agents' sampling temperature (paper 1.0)."})
-    top_p: float = field(default=_SANDBOX.top_p, metadata={"help": "Agents' nucleus sampling (paper 1.0)."})
+        "help": "Agents' sampling temperature (paper 1.0).", "ge": 0.0})
+    top_p: float = field(default=_SANDBOX.top_p, metadata={
+        "help": "Agents' nucleus sampling (paper 1.0).", "gt": 0.0, "le": 1.0})
     repetition_penalty: float = field(default=_SANDBOX.repetition_penalty, metadata={
-        "help": "Agents' repetition penalty (1.0: none, the paper)."})
+        "help": "Agents' repetition penalty (1.0: none, the paper).", "gt": 0.0})
     engagement: bool = field(default=_SANDBOX.engagement, metadata={"help": "The observer also rates engagement."})
 
     def sandbox(self) -> SandboxSettings:
