@@ -124,3 +124,13 @@ def test_no_sql_outside_the_store() -> None:
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and sql.search(node.value):
                 offenders.append(f"{path.name}:{node.lineno} SQL text")
     assert offenders == []
+
+
+def test_the_store_knows_no_method() -> None:
+    """The store speaks SQL for every method alike: it may import the shared method interface (`methods.base`),
+    never a method's package, whose own records go through the generic record calls."""
+    methods = {p.name for p in (PACKAGE / "methods").iterdir() if (p / "__init__.py").exists()}
+    assert {"matrix", "stable_alignment", "cai"} <= methods  # the scan sees the method packages
+    problems = [f"{module} imports {name}" for module, imported in _modules().items() if _within(module, SQL_OWNER)
+                for name in sorted(imported) for method in methods if _within(name, f"matrix_assets.methods.{method}")]
+    assert not problems, "\n".join(problems)

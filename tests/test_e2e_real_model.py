@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from matrix_assets.cli import main
+from matrix_assets.methods.matrix.transcripts import load_transcripts
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(1800)]
 
@@ -60,7 +61,7 @@ def test_every_method_wrote_its_data_and_was_trained_and_evaluated(pipeline_run:
 
 def test_transcripts_are_real_scenes_and_their_fallbacks_are_counted(pipeline_run: Path) -> None:
     db = _store(pipeline_run)
-    scenes = db.transcripts("advbench", "smollm2-135m-instruct")
+    scenes = load_transcripts(db, "advbench", "smollm2-135m-instruct")
     assert scenes and len(scenes) == db.count("transcripts")  # every scene the run played is read back
     for scene in scenes:
         assert len(scene.roles) >= 3

@@ -22,6 +22,7 @@ from matrix_assets.methods.matrix.engine import SceneSettings, run_scenes
 from matrix_assets.methods.matrix.revision import RevisionInput, RevisionSettings, revise
 from matrix_assets.methods.matrix.samples import SIMULATION_KIND, simulation_samples
 from matrix_assets.methods.matrix.scene import PROTAGONIST, SceneInput, Transcript
+from matrix_assets.methods.matrix.transcripts import load_transcripts, save_transcript
 from matrix_assets.methods.mixing import SIMULATION_KINDS, benign_basis, benign_count
 from matrix_assets.store.db import Store
 
@@ -149,8 +150,8 @@ def test_a_stored_scene_keeps_the_model_named_protagonist(tmp_path: Path) -> Non
     store.save_initial_responses("m", [(item.prompt_id, item.answer)])
     (scene,) = run_scenes(FakeBackend(responder=_paper_director([]), scorer=_feasible_never_stopped), [item],
                           replace(PAPER.scene(), max_rounds=1))
-    store.save_transcript("m", scene)
-    (loaded,) = store.transcripts("s", "m")
+    save_transcript(store, "m", scene)
+    (loaded,) = load_transcripts(store, "s", "m")
     assert loaded.protagonist == "Burglar" and loaded.render_markdown() == scene.render_markdown()
 
 

@@ -47,6 +47,7 @@ from matrix_assets.defs.resources import (
 from matrix_assets.llm.fake import FakeBackend, _answer, _score
 from matrix_assets.llm.models import ModelNotFoundError
 from matrix_assets.store.db import Store
+from matrix_assets.methods.matrix.transcripts import load_transcripts
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES, CRITIQUES, REVISIONS = (dg.AssetKey(["matrix", stage]) for stage in ("scenes", "critiques", "revisions"))
@@ -524,7 +525,7 @@ def test_two_processes_materialize_two_partitions_into_one_sqlite_file(matrix_ho
     assert concurrent_rows == sequential_rows
     db = Store(f"sqlite:///{shared}", create=False)
     for partition in CONCURRENT_PARTITIONS:
-        assert len(db.transcripts(partition, "fake-llm")) == 3
+        assert len(load_transcripts(db, partition, "fake-llm")) == 3
         assert db.scalar("SELECT COUNT(*) FROM critiques c JOIN prompts p ON p.prompt_id = c.prompt_id WHERE "
                          "p.prompt_set = :s AND c.method = 'matrix' AND c.model_id = 'fake-llm'", s=partition) == 3
         assert len(db.training_groups("matrix", [partition], "fake-llm")) == 3
@@ -619,7 +620,8 @@ def test_lora_rank_zero_fails_before_training_and_tracking(matrix_home: Path, ti
                           raise_on_error=False)
     assert not result.success
     message = _error_text(result, "matrix__checkpoint")
-    assert "rank" in message and "r=0" in message
+    # The Launchpad field's bound (lora_r >= 1) refuses it when the step starts, before any model is loaded.
+    assert "lora_r" in message and "greater than or equal to 1" in message
     assert db.count("checkpoints") == 0
     assert not (matrix_home / "checkpoints").exists()
     assert _mlflow_runs(f"sqlite:///{tracking_db}", tracking_db) == 0

@@ -11,6 +11,7 @@ from matrix_assets.llm.fake import FakeBackend
 from matrix_assets.methods.base import RatedResponse, TrainingGroup
 from matrix_assets.methods.matrix.engine import SceneSettings, run_scenes
 from matrix_assets.methods.matrix.scene import Role, SceneEvent, SceneInput, Transcript
+from matrix_assets.methods.matrix.transcripts import load_transcripts, save_transcript
 from matrix_assets.store.db import SQL_DIR, SchemaMismatchError, Store
 from matrix_assets.store.prompt_sets import (
     PromptSetError,
@@ -24,11 +25,7 @@ from matrix_assets.store.prompt_sets import (
 
 def save_transcripts(store: Store, scenes: list[Transcript], model_id: str) -> None:
     for scene in scenes:
-        store.save_transcript(model_id, scene)
-
-
-def load_transcripts(store: Store, prompt_set: str, model_id: str) -> list[Transcript]:
-    return store.transcripts(prompt_set, model_id)
+        save_transcript(store, model_id, scene)
 
 NOW = "2024-01-01T00:00:00+00:00"
 

@@ -381,18 +381,6 @@ class Store:
         self.upsert("initial_responses", [{"prompt_id": pid, "model_id": model_id, "response": text,
                                             "created_at": now} for pid, text in answers])
 
-    # -- MATRIX scenes (store/scenes.py keeps their row shapes) ---------------------------------------------
-
-    def save_transcript(self, model_id: str, scene: Any) -> None:
-        from matrix_assets.store.scenes import save_transcript
-
-        save_transcript(self, model_id, scene)
-
-    def transcripts(self, prompt_set: str, model_id: str, limit: int | None = None) -> list[Any]:
-        from matrix_assets.store.scenes import load_transcripts
-
-        return load_transcripts(self, prompt_set, model_id, limit)
-
     # -- training data -------------------------------------------------------------------------------------
 
     def save_training_groups(self, method: str, model_id: str, prompt_set: str,

@@ -30,6 +30,7 @@ from matrix_assets.methods.matrix.engine import SceneSettings, fallback_totals, 
 from matrix_assets.methods.matrix.revision import RevisionInput, RevisionSettings, critique_scenes, revise
 from matrix_assets.methods.matrix.samples import SIMULATION_KIND, simulation_samples
 from matrix_assets.methods.matrix.scene import RevisionCandidate, SceneInput, Transcript
+from matrix_assets.methods.matrix.transcripts import TranscriptStore, load_transcripts, save_transcript
 
 NAME = "matrix"
 
@@ -139,10 +140,8 @@ PAPER = replace(QUICK, max_prompts=None, n_roles=5, plan_steps=5, max_rounds=5, 
                 top_p=1.0, repetition_penalty=1.0)
 
 
-class MatrixStore(MethodStore, Protocol):
-    def save_transcript(self, model_id: str, scene: Transcript) -> None: ...
-
-    def transcripts(self, prompt_set: str, model_id: str, limit: int | None = None) -> list[Transcript]: ...
+class MatrixStore(MethodStore, TranscriptStore, Protocol):
+    """The store as MATRIX's stages see it: every method's records, and the scene tables (`transcripts.py`)."""
 
 
 def _scenes(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
@@ -153,7 +152,7 @@ def _scenes(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
     for start in range(0, len(rows), s.scenes_per_batch):
         batch = rows[start : start + s.scenes_per_batch]
         scenes += run_scenes(ctx.llm, [SceneInput(r.prompt_id, r.prompt, r.response) for r in batch], s.scene(),
-                             on_scene_done=lambda scene: store.save_transcript(ctx.model_id, scene),
+                             on_scene_done=lambda scene: save_transcript(store, ctx.model_id, scene),
                              progress=progress)
         ctx.log(f"scenes saved: {len(scenes)}/{len(rows)}")
     relying = scenes_relying_on(scenes)
@@ -180,7 +179,7 @@ def _scenes(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
 
 def _critiques(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
     store: MatrixStore = ctx.store  # type: ignore[assignment]
-    scenes = store.transcripts(ctx.partition, ctx.model_id, limit=s.max_prompts)
+    scenes = load_transcripts(store, ctx.partition, ctx.model_id, limit=s.max_prompts)
     if not scenes:
         raise LookupError(f"no scenes for {ctx.partition!r}; materialize matrix/scenes first")
     critiques = critique_scenes(ctx.llm, scenes, s.revision())
@@ -199,7 +198,7 @@ def _critiques(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
 
 def _revisions(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
     store: MatrixStore = ctx.store  # type: ignore[assignment]
-    scenes = {t.prompt_id: t for t in store.transcripts(ctx.partition, ctx.model_id, limit=s.max_prompts)}
+    scenes = {t.prompt_id: t for t in load_transcripts(store, ctx.partition, ctx.model_id, limit=s.max_prompts)}
     critiques = {c.prompt_id: c for c in store.load_records("critiques", CritiqueRecord, prompt_set=ctx.partition,
                                                               method=NAME, model_id=ctx.model_id)}
     items = [RevisionInput(pid, t.question, t.answer, critiques[pid].text, critiques[pid].harmed_parties,

@@ -1,18 +1,37 @@
-"""Saving and loading whole MATRIX scenes: a transcript and its events are written in one transaction."""
+"""Saving and loading whole MATRIX scenes: a transcript and its events are written in one transaction, through the
+store's generic record calls (the store knows no method's records; `sql/schema.sql` has the two tables)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from matrix_assets.methods.base import InitialResponse
 from matrix_assets.methods.matrix.scene import PROTAGONIST, Role, SceneEvent, SceneObject, Transcript
-from matrix_assets.store.db import Store
+
+
+class TranscriptStore(Protocol):
+    """What saving and loading scenes needs of the store (`matrix_assets.store.db.Store` has it)."""
+
+    def transaction(self) -> AbstractContextManager[Any]: ...
+
+    def delete_rows(self, table: str, *, conn: Any = None, **filters: Any) -> None: ...
+
+    def save_records(self, table: str, records: Sequence[Any], *, conn: Any = None, **columns: Any) -> None: ...
+
+    def load_records(self, table: str, record_type: type, **filters: Any) -> list[Any]: ...
+
+    def initial_responses(self, prompt_set: str, model_id: str, limit: int | None = None
+                          ) -> list[InitialResponse]: ...
 
 _SCENE_FIELDS = ("target", "plan", "roles", "objects", "protagonist_memory", "memory", "n_rounds", "stopped",
                  "stopped_by", "outcome", "consequence", "fallbacks")
 
 
-def save_transcript(store: Store, model_id: str, scene: Transcript) -> None:
+def save_transcript(store: TranscriptStore, model_id: str, scene: Transcript) -> None:
     with store.transaction() as conn:
         # Replace, never append: a re-run with other settings must not leave stale events behind.
         store.delete_rows("transcript_events", conn=conn, prompt_id=scene.prompt_id, model_id=model_id)
@@ -21,7 +40,8 @@ def save_transcript(store: Store, model_id: str, scene: Transcript) -> None:
                            conn=conn, prompt_id=scene.prompt_id, model_id=model_id)
 
 
-def load_transcripts(store: Store, prompt_set: str, model_id: str, limit: int | None = None) -> list[Transcript]:
+def load_transcripts(store: TranscriptStore, prompt_set: str, model_id: str, limit: int | None = None
+                     ) -> list[Transcript]:
     """The set's stored scenes of `model_id`, in the set's order, with the question and the initial answer."""
     answers = {r.prompt_id: r for r in store.initial_responses(prompt_set, model_id)}
     scenes = []
