@@ -11,7 +11,7 @@ import pytest
 from matrix_assets.methods.base import RatedResponse
 from matrix_assets.methods.stable_alignment.data import RatedGroup
 from matrix_assets.training.sft import (
-    SFTExample, StableAlignmentObjective, TrainSettings, train_lora,
+    LoraSettings, SFTExample, StableAlignmentObjective, TrainSettings, train_lora,
 )
 
 GROUPS = [
@@ -149,3 +149,36 @@ def test_train_lora_accumulates_micro_batches_up_to_the_batch(tiny_model_dir: st
     with pytest.raises(ValueError, match="micro_batch_size"):
         train_lora(tiny_model_dir, examples, tmp_path / "bad", **kwargs,
                    train=TrainSettings(max_steps=1, batch_size=3, micro_batch_size=2))
+
+
+def test_sft_training_lowers_the_loss_and_changes_what_the_model_says(tiny_model_dir: str, tmp_path: Path) -> None:
+    """Training does something: over steps on one example the loss falls, and the saved adapter makes the model
+    more likely to give the trained answer than the base model is."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    examples = [SFTExample("Say the word.", "Pineapple pineapple pineapple.")] * 4
+    result = train_lora(tiny_model_dir, examples, tmp_path,
+                        lora=LoraSettings(r=8, alpha=128, dropout=0.0),
+                        train=TrainSettings(max_steps=30, batch_size=4, learning_rate=0.05, max_length=64))
+    losses = [loss for _, loss in result.losses]
+    # The tiny random Llama learns little through attention-only LoRA (its MLPs and head stay random): about half
+    # a nat in 30 steps here, so the test asks for 0.2, well clear of a step's noise and of no training at all.
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 0.2, losses
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say the word."}], add_generation_prompt=True,
+                                           tokenize=False)
+    ids = tokenizer(prompt + "Pineapple pineapple pineapple.", return_tensors="pt", add_special_tokens=False).input_ids
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+
+    def answer_nll(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, n_prompt - 1 : -1]
+        return float(torch.nn.functional.cross_entropy(logits, ids[0, n_prompt:]))
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    before = answer_nll(base)
+    tuned = PeftModel.from_pretrained(base, str(result.adapter_path)).eval()
+    assert answer_nll(tuned) < before - 0.2
