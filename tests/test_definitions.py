@@ -136,22 +136,15 @@ def test_the_local_backend_is_configured_from_the_environment(monkeypatch) -> No
         llm_from_env()
 
 
-def _launchpad_config_classes() -> list:
-    from matrix_assets.defs import configs
-    from matrix_assets.methods import registry
-
-    return [configs.InitialResponsesConfig, configs.TrainingConfig, configs.EvaluationConfig,
-            configs.JudgeValidationConfig, configs.TrainingSetConfig,
-            *(configs.stage_config(m.name, s.name) for m in registry().values() for s in m.stages)]
-
-
 def test_every_launchpad_field_explains_itself_and_every_number_has_bounds() -> None:
     """The config classes generated from the settings dataclasses: each field shows a description in the
     Launchpad (not its bare name), and each number the range it may take."""
     import typing
 
+    from matrix_assets.defs.configs import launchpad_configs
+
     missing = []
-    for config in _launchpad_config_classes():
+    for config in launchpad_configs().values():
         for name, info in config.model_fields.items():
             if not info.description or info.description.lower() == name.replace("_", " "):
                 missing.append(f"{config.__name__}.{name}: no description")

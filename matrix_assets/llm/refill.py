@@ -81,6 +81,11 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+def _stacked(tensors: Sequence[torch.Tensor], width: int, dim: int) -> torch.Tensor:
+    """Rows of several caches (or masks) as one: each left-padded along `dim` to `width`, then concatenated."""
+    return torch.cat([_left_pad(tensor, width, dim) for tensor in tensors])
+
+
 class GrowingLayer(DynamicLayer):
     """A `DynamicLayer` that writes each step's keys and values into spare room instead of concatenating.
 
@@ -175,9 +180,9 @@ class _Batch:
         else:
             width = max(self.mask.shape[1], mask.shape[1])
             for layer, other in zip(_layers(self.cache), _layers(cache), strict=True):
-                layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(other.keys, width, 2)])
-                layer.values = torch.cat([_left_pad(layer.values, width, 2), _left_pad(other.values, width, 2)])
-            self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+                layer.keys = _stacked([layer.keys, other.keys], width, 2)
+                layer.values = _stacked([layer.values, other.values], width, 2)
+            self.mask = _stacked([self.mask, mask], width, 1)
             self.seen = torch.cat([self.seen, seen])
             for name, value in per_row.items():
                 setattr(self, name, torch.cat([getattr(self, name), value]))
@@ -332,8 +337,7 @@ def _prefill(
         for index, (reference, _) in enumerate(hits[0][1] if hits else ()):
             empty = reference.new_zeros((1, reference.shape[1], 0, reference.shape[3]))
             layer = [hit[1][index] if (hit := found[i]) else (empty, empty) for i in members]
-            cache.update(torch.cat([_left_pad(k, head, 2) for k, _ in layer]),
-                         torch.cat([_left_pad(v, head, 2) for _, v in layer]), index)
+            cache.update(_stacked([k for k, _ in layer], head, 2), _stacked([v for _, v in layer], head, 2), index)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
         order += members
@@ -356,9 +360,9 @@ def _in_job_order(passes: list[tuple[list[DynamicLayer], torch.Tensor, torch.Ten
     width = max(mask.shape[1] for _, mask, _ in passes)
     cache = growing_cache()
     for index in range(len(passes[0][0])):
-        cache.update(torch.cat([_left_pad(layers[index].keys, width, 2) for layers, _, _ in passes])[rows],
-                     torch.cat([_left_pad(layers[index].values, width, 2) for layers, _, _ in passes])[rows], index)
-    mask = torch.cat([_left_pad(mask, width, 1) for _, mask, _ in passes])[rows]
+        cache.update(_stacked([layers[index].keys for layers, _, _ in passes], width, 2)[rows],
+                     _stacked([layers[index].values for layers, _, _ in passes], width, 2)[rows], index)
+    mask = _stacked([mask for _, mask, _ in passes], width, 1)[rows]
     return cache, mask, torch.cat([logits for _, _, logits in passes])[rows]
 
 

@@ -11,14 +11,12 @@ sampled revisions is this project's addition; 1 reproduces the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from matrix_assets.methods.base import (
     DEFAULT_MAX_PROMPTS,
     CritiqueRecord,
     Markdown,
     Method,
-    MethodStore,
     RatedResponse,
     StageContext,
     StageOutcome,
@@ -140,12 +138,8 @@ PAPER = replace(QUICK, max_prompts=None, n_roles=5, plan_steps=5, max_rounds=5, 
                 top_p=1.0, repetition_penalty=1.0)
 
 
-class MatrixStore(MethodStore, TranscriptStore, Protocol):
-    """The store as MATRIX's stages see it: every method's records, and the scene tables (`transcripts.py`)."""
-
-
 def _scenes(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
-    store: MatrixStore = ctx.store  # type: ignore[assignment]
+    store: TranscriptStore = ctx.store  # type: ignore[assignment]
     rows = initial_responses(ctx, s.max_prompts)
     progress = ctx.progress("scene simulation", unit="scenes")
     scenes: list[Transcript] = []
@@ -178,7 +172,7 @@ def _scenes(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
 
 
 def _critiques(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
-    store: MatrixStore = ctx.store  # type: ignore[assignment]
+    store: TranscriptStore = ctx.store  # type: ignore[assignment]
     scenes = load_transcripts(store, ctx.partition, ctx.model_id, limit=s.max_prompts)
     if not scenes:
         raise LookupError(f"no scenes for {ctx.partition!r}; materialize matrix/scenes first")
@@ -197,7 +191,7 @@ def _critiques(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
 
 
 def _revisions(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
-    store: MatrixStore = ctx.store  # type: ignore[assignment]
+    store: TranscriptStore = ctx.store  # type: ignore[assignment]
     scenes = {t.prompt_id: t for t in load_transcripts(store, ctx.partition, ctx.model_id, limit=s.max_prompts)}
     critiques = {c.prompt_id: c for c in store.load_records("critiques", CritiqueRecord, prompt_set=ctx.partition,
                                                               method=NAME, model_id=ctx.model_id)}

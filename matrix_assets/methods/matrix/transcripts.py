@@ -9,12 +9,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from matrix_assets.methods.base import InitialResponse
+from matrix_assets.methods.base import MethodStore
 from matrix_assets.methods.matrix.scene import PROTAGONIST, Role, SceneEvent, SceneObject, Transcript
 
 
-class TranscriptStore(Protocol):
-    """What saving and loading scenes needs of the store (`matrix_assets.store.db.Store` has it)."""
+class TranscriptStore(MethodStore, Protocol):
+    """The store as MATRIX's stages see it: what every method sees, and a transaction that writes a scene's header
+    and events together (`matrix_assets.store.db.Store` has it)."""
 
     def transaction(self) -> AbstractContextManager[Any]: ...
 
@@ -22,10 +23,6 @@ class TranscriptStore(Protocol):
 
     def save_records(self, table: str, records: Sequence[Any], *, conn: Any = None, **columns: Any) -> None: ...
 
-    def load_records(self, table: str, record_type: type, **filters: Any) -> list[Any]: ...
-
-    def initial_responses(self, prompt_set: str, model_id: str, limit: int | None = None
-                          ) -> list[InitialResponse]: ...
 
 _SCENE_FIELDS = ("target", "plan", "roles", "objects", "protagonist_memory", "memory", "n_rounds", "stopped",
                  "stopped_by", "outcome", "consequence", "fallbacks")
