@@ -152,12 +152,14 @@ def evaluation_ratio(clone: Path, eval_seconds: float) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS, help="Markdown results (default %(default)s)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="clone into DIR and keep it (store, MLflow, Dagster history) instead of a temporary folder")
     parser.add_argument("run_args", nargs="*", help="extra arguments for `matrix-assets run` (after --)")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                             check=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="bench-main-job-") as tmp:
-        clone = Path(tmp) / "clone"
+        clone = args.keep.resolve() if args.keep else Path(tmp) / "clone"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         wall, peak, samples, output = run_main_job(clone, args.run_args)
         steps = step_stats(clone)
