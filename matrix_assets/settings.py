@@ -41,3 +41,9 @@ def evaluate_dropped_sets() -> bool:
     """MATRIX_EVALUATE_DROPPED_SETS=1: a safe or helpfulness file dropped in its folder is, besides registered, also
     evaluated at once (the existing checkpoints on the default sets plus it: an exploratory evaluation)."""
     return os.environ.get("MATRIX_EVALUATE_DROPPED_SETS", "0").strip().lower() in ("1", "true", "yes")
+
+
+def method_packages() -> list[str]:
+    """Importable packages outside this one that each define a method (`METHOD`), from `MATRIX_METHOD_PACKAGES`
+    (comma-separated); installed distributions add theirs through the `matrix_assets.methods` entry-point group."""
+    return [name.strip() for name in os.environ.get("MATRIX_METHOD_PACKAGES", "").split(",") if name.strip()]

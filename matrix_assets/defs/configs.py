@@ -117,11 +117,14 @@ def stage_config(method_name: str, stage_name: str) -> type[dg.Config]:
 
 
 def profile_run_config(profile: str, *, partitioned: bool) -> dict[str, Any]:
-    """The op config of every asset of a job under a named profile (`quick` is the Config defaults)."""
+    """The op config of every asset of a job under a named profile (`quick` is the Config defaults). A method that
+    defines no such profile (a plugin with only its defaults) runs its defaults there."""
     ops: dict[str, Any] = {}
     if partitioned:
         ops["initial_responses"] = {"config": dataclasses.asdict(SHARED_PROFILES[profile])}
         for method in registry().values():
+            if profile != "quick" and profile not in method.profiles:
+                continue
             settings = dataclasses.asdict(method.profile(profile))
             for stage in method.stages:
                 ops[f"{method.name}__{stage.name}"] = {"config": {k: _plain(settings[k]) for k in stage.settings}}

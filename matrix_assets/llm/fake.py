@@ -21,35 +21,47 @@ def _h(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
+def _has(*phrases: str) -> Callable[[str], bool]:
+    return lambda prompt: any(phrase in prompt for phrase in phrases)
+
+
+def _named(prompt: str, k: int) -> str:
+    return ", ".join([n for n in _NAMES if n in prompt][:k])
+
+
+def _affected(h: int) -> str:
+    picked = [_NAMES[(h + i) % len(_NAMES)] for i in range(4)]
+    return "\n".join(f"{n} - affected person {i} - going about their day" for i, n in enumerate(picked))
+
+
+# Which template wrote the prompt (its fixed wording) -> the reply, from the prompt and its hash. First match wins.
+_REPLIES: tuple[tuple[Callable[[str], bool], Callable[[str, int], str]], ...] = (
+    (_has("say what this person wants to achieve"), lambda p, h: "The person wants to get what they asked for quickly."),
+    (_has("Turn the answer into a plan"),
+     lambda p, h: "\n".join(f"{i}. Step {i} of the plan ({h % 97 + i})." for i in range(1, 4))),
+    (_has("Who else would be affected", "people who would be affected"), lambda p, h: _affected(h)),
+    (_has("important things involved"), lambda p, h: "Savings account - holds $5,000\nLaptop - unlocked"),
+    (_has("the main character does this step"), lambda p, h: f"I carry out the step ({h % 1000})."),
+    (_has("You are the narrator"), lambda p, h: f"FEASIBLE: yes\nSEEN BY: {_named(p, 2)}\n"
+                                                f"WHAT THEY NOTICE: Something suspicious happens ({h % 100})."),
+    (_has("notices this:"),
+     lambda p, h: "I call the police and report it." if h % 3 == 0 else f"I keep watching ({h % 100})."),
+    (_has("Summarize the whole story"), lambda p, h: f"Things happened in the scene ({h % 100}). People noticed."
+                                                     f"\nSTOPPED: {'yes' if h % 4 == 0 else 'no'}"),
+    (_has("who was hurt or put at risk"),
+     lambda p, h: f"The answer put people at risk ({h % 100}).\nHARMED: {_named(p, 1) or 'nobody'}"),
+    (_has("Reply to the request safely"),
+     lambda p, h: f"I can't help with that, but here is a safe alternative ({h % 1000})."),
+    (lambda p: "SCORE" in p and "harmless" in p.lower(), lambda p, h: f"SCORE: {h % 10 + 1}"),
+    (_has("Which answer is more helpful"), lambda p, h: ["A", "B", "tie"][h % 3]),
+)
+
+
 def _answer(prompt: str) -> str:
     h = _h(prompt)
-    if "say what this person wants to achieve" in prompt:
-        return "The person wants to get what they asked for quickly."
-    if "Turn the answer into a plan" in prompt:
-        return "\n".join(f"{i}. Step {i} of the plan ({h % 97 + i})." for i in range(1, 4))
-    if "Who else would be affected" in prompt or "people who would be affected" in prompt:
-        picked = [_NAMES[(h + i) % len(_NAMES)] for i in range(4)]
-        return "\n".join(f"{n} - affected person {i} - going about their day" for i, n in enumerate(picked))
-    if "important things involved" in prompt:
-        return "Savings account - holds $5,000\nLaptop - unlocked"
-    if "the main character does this step" in prompt:
-        return f"I carry out the step ({h % 1000})."
-    if "You are the narrator" in prompt:
-        names = [n for n in _NAMES if n in prompt][:2]
-        return f"FEASIBLE: yes\nSEEN BY: {', '.join(names)}\nWHAT THEY NOTICE: Something suspicious happens ({h % 100})."
-    if "notices this:" in prompt:
-        return "I call the police and report it." if h % 3 == 0 else f"I keep watching ({h % 100})."
-    if "Summarize the whole story" in prompt:
-        return f"Things happened in the scene ({h % 100}). People noticed.\nSTOPPED: {'yes' if h % 4 == 0 else 'no'}"
-    if "who was hurt or put at risk" in prompt:
-        names = [n for n in _NAMES if n in prompt][:1]
-        return f"The answer put people at risk ({h % 100}).\nHARMED: {', '.join(names) or 'nobody'}"
-    if "Reply to the request safely" in prompt:
-        return f"I can't help with that, but here is a safe alternative ({h % 1000})."
-    if "SCORE" in prompt and "harmless" in prompt.lower():
-        return f"SCORE: {h % 10 + 1}"
-    if "Which answer is more helpful" in prompt:
-        return ["A", "B", "tie"][h % 3]
+    for matches, reply in _REPLIES:
+        if matches(prompt):
+            return reply(prompt, h)
     return f"Here is an answer ({h % 10000})."
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from matrix_assets.llm.base import ChatBackend, GenerationParams
 from matrix_assets.records import RatedResponse, TrainingGroup  # noqa: F401 - part of a method's interface
 from matrix_assets.templates import user_message
+from matrix_assets.training.sft import Objective, SFTObjective
 
-Trainer = Literal["sft", "stable_alignment"]
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -90,6 +90,25 @@ class StageContext(Protocol):
 
 
 @dataclass(frozen=True)
+class CheckVerdict:
+    """What a stage check says about one materialization: passed or not, and why (metadata shown in the UI)."""
+
+    passed: bool
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageCheck:
+    """A check a method runs on what one of its stages produced (a Dagster asset check on that stage's asset,
+    partitioned like it). `blocking` stops downstream assets of the run when it fails; otherwise it warns."""
+
+    name: str
+    description: str
+    evaluate: Callable[[StageOutcome], CheckVerdict]
+    blocking: bool = False
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """A per-prompt-set data asset of a method (asset key `METHOD/NAME`)."""
 
@@ -100,6 +119,7 @@ class StageSpec:
     settings: tuple[str, ...] = ()  # the fields of the method's settings this stage's Launchpad config shows
     uses_judge: bool = False
     loads_model: bool = True
+    checks: tuple[StageCheck, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,11 +130,15 @@ class Method:
     reference: str  # the paper (or "control")
     settings: Any  # the quick profile: a frozen dataclass instance, its defaults the one source of truth
     stages: tuple[StageSpec, ...]
-    trainer: Trainer = "sft"
     control: bool = False  # a named control, not a method: the only kind allowed to train on fixed text
     profiles: Mapping[str, Any] = field(default_factory=dict)  # "paper" (and others) -> settings instance
     order: int = 100  # position in tables and listings
-    objective: Any = None  # the trainer's loss settings when `trainer` is not plain SFT
+    objective: Objective = SFTObjective()  # the loss its checkpoint trains with (a frozen dataclass)
+
+    @property
+    def trainer(self) -> str:
+        """The loss's name, as tables, MLflow params and dataset fingerprints show it."""
+        return self.objective.name
 
     def profile(self, name: str) -> Any:
         if name == "quick":

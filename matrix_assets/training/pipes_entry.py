@@ -11,26 +11,29 @@ lines while it runs.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from matrix_assets.records import RatedResponse, TrainingGroup
-from matrix_assets.training.sft import (
-    LoraSettings, Objective, SFTExample, SFTObjective, StableAlignmentObjective, TrainResult, TrainSettings, train_lora,
-)
+from matrix_assets.records import TrainingGroup
+from matrix_assets.training.sft import LoraSettings, Objective, SFTExample, TrainResult, TrainSettings, train_lora
 
 RESULT_FILE = "train_result.json"
 
 
 def write_request(path: Path, base_model_path: str, examples: Sequence[SFTExample] | Sequence[TrainingGroup],
                   output_dir: Path, lora: LoraSettings, train: TrainSettings, objective: Objective) -> None:
+    """The objective travels as its class's import path and its fields (a frozen dataclass), so the child rebuilds
+    any method's loss, a plugin's included, without knowing it by name."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    kind = type(objective)
     path.write_text(json.dumps({
         "base_model_path": base_model_path, "output_dir": str(output_dir),
-        "lora": dataclasses.asdict(lora), "train": dataclasses.asdict(train), "objective": dataclasses.asdict(objective),
+        "lora": dataclasses.asdict(lora), "train": dataclasses.asdict(train),
+        "objective": {"class": f"{kind.__module__}:{kind.__qualname__}", "fields": dataclasses.asdict(objective)},
         "examples": [dataclasses.asdict(e) for e in examples],
     }), encoding="utf-8")
 
@@ -38,17 +41,12 @@ def write_request(path: Path, base_model_path: str, examples: Sequence[SFTExampl
 def read_request(path: Path) -> dict[str, Any]:
     """The keyword arguments of `train_lora`, rebuilt from a request file."""
     data = json.loads(path.read_text(encoding="utf-8"))
-    objective_fields = data["objective"]
-    objective: Objective = (StableAlignmentObjective(**objective_fields)
-                            if objective_fields["name"] == "stable_alignment" else SFTObjective(**objective_fields))
+    module, _, name = data["objective"]["class"].partition(":")
+    objective: Objective = getattr(importlib.import_module(module), name)(**data["objective"]["fields"])
     lora_fields = {**data["lora"], "target_modules": tuple(data["lora"]["target_modules"])}
-    if isinstance(objective, SFTObjective):
-        examples: list[Any] = [SFTExample(**e) for e in data["examples"]]
-    else:
-        examples = [TrainingGroup(**{**e, "responses": tuple(RatedResponse(**r) for r in e["responses"])})
-                    for e in data["examples"]]
-    return {"base_model_path": data["base_model_path"], "examples": examples, "output_dir": Path(data["output_dir"]),
-            "lora": LoraSettings(**lora_fields), "train": TrainSettings(**data["train"]), "objective": objective}
+    return {"base_model_path": data["base_model_path"], "examples": objective.decode(data["examples"]),
+            "output_dir": Path(data["output_dir"]), "lora": LoraSettings(**lora_fields),
+            "train": TrainSettings(**data["train"]), "objective": objective}
 
 
 def write_result(output_dir: Path, result: TrainResult) -> Path:

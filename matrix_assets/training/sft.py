@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from matrix_assets.records import RatedGroup
+    from matrix_assets.records import RatedGroup, TrainingGroup
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +120,59 @@ def load_training_model(base_model_path: str, train: TrainSettings) -> tuple[obj
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True), True
 
 
+class Objective(Protocol):
+    """A training loss as a method names it (`Method.objective`): which examples it trains on, how they become the
+    trainer's dataset, and the trainer (TRL's shape: one config class and one trainer class per loss). `train_lora`,
+    the checkpoint asset and the Pipes child call these and know no objective by name, so a method that brings a
+    new loss brings it in its own folder (see tests/fixtures/plugin_methods)."""
+
+    name: str
+
+    def validate(self) -> None:
+        """Raise ValueError on settings the loss cannot train with."""
+
+    def examples(self, groups: Sequence[TrainingGroup]) -> list[Any]:
+        """A stored training set's groups as the examples this loss trains on."""
+
+    def decode(self, items: Sequence[dict[str, Any]]) -> list[Any]:
+        """Examples written to a request file (`dataclasses.asdict`) as objects again."""
+
+    def rows(self, examples: Sequence[Any]) -> list[dict[str, Any]]:
+        """The trainer's dataset rows; TypeError when the examples are not the kind this loss trains on."""
+
+    def trainer(self, *, model: Any, args: dict[str, Any], train_dataset: Any, tokenizer: Any, peft_config: Any,
+                callbacks: list[Any]) -> Any:
+        """The trainer, its config built from the shared `args` (output dir, schedule, batch, precision) and the
+        loss's own fields."""
+
+
 @dataclass(frozen=True)
 class SFTObjective:
-    """Plain supervised fine-tuning: mean token NLL of the answers (TRL's SFTTrainer as is)."""
+    """Plain supervised fine-tuning: mean token NLL of the answers (TRL's SFTTrainer as is). Trains on every
+    response of every group as a (prompt, response) pair."""
 
     name: Literal["sft"] = "sft"
 
     def validate(self) -> None:
         pass
+
+    def examples(self, groups: Sequence[TrainingGroup]) -> list[SFTExample]:
+        return [SFTExample(g.prompt, r.text) for g in groups for r in g.responses]
+
+    def decode(self, items: Sequence[dict[str, Any]]) -> list[SFTExample]:
+        return [SFTExample(**item) for item in items]
+
+    def rows(self, examples: Sequence[Any]) -> list[dict[str, Any]]:
+        if not all(isinstance(e, SFTExample) for e in examples):
+            raise TypeError("the SFT objective trains on SFTExample pairs")
+        return to_conversational(examples)
+
+    def trainer(self, *, model: Any, args: dict[str, Any], train_dataset: Any, tokenizer: Any, peft_config: Any,
+                callbacks: list[Any]) -> Any:
+        from trl import SFTConfig, SFTTrainer
+
+        return SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=train_dataset,
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
 
 
 @dataclass(frozen=True)
@@ -145,6 +190,35 @@ class StableAlignmentObjective:
     def validate(self) -> None:
         check_rating_loss(self)
 
+    def examples(self, groups: Sequence[TrainingGroup]) -> list[TrainingGroup]:
+        return list(groups)
+
+    def decode(self, items: Sequence[dict[str, Any]]) -> list[TrainingGroup]:
+        from matrix_assets.records import RatedResponse
+        from matrix_assets.records import TrainingGroup as Group
+
+        return [Group(**{**item, "responses": tuple(RatedResponse(**r) for r in item["responses"])})
+                for item in items]
+
+    def rows(self, examples: Sequence[Any]) -> list[dict[str, Any]]:
+        if not all(hasattr(e, "responses") for e in examples):
+            raise TypeError("the Stable Alignment objective trains on rated groups (RatedGroup), not SFT examples")
+        from matrix_assets.training.rating_contrastive import groups_to_rows
+
+        rows = groups_to_rows(examples)
+        if not rows:
+            raise ValueError("no training groups: every rated group was excluded")
+        return rows
+
+    def trainer(self, *, model: Any, args: dict[str, Any], train_dataset: Any, tokenizer: Any, peft_config: Any,
+                callbacks: list[Any]) -> Any:
+        from matrix_assets.training.rating_contrastive import StableAlignmentConfig, StableAlignmentTrainer
+
+        loss = {k: v for k, v in asdict(self).items() if k != "name"}
+        return StableAlignmentTrainer(model=model, args=StableAlignmentConfig(**args, **loss),
+                                      train_dataset=train_dataset, processing_class=tokenizer,
+                                      peft_config=peft_config, callbacks=callbacks)
+
 
 def check_rating_loss(settings: Any) -> None:
     """The rating-contrastive loss's settings, wherever they are held (this objective, the trainer's config)."""
@@ -156,9 +230,6 @@ def check_rating_loss(settings: Any) -> None:
         raise ValueError(f"rating_weight must be >= 0, got {settings.rating_weight}")
     if settings.loss_variant not in ("mean", "max"):
         raise ValueError(f"loss_variant must be 'mean' or 'max', got {settings.loss_variant!r}")
-
-
-Objective = SFTObjective | StableAlignmentObjective
 
 
 @dataclass
@@ -197,25 +268,14 @@ def train_lora(
     """Train a LoRA adapter on top of `base_model_path` and save it (adapter only) into `output_dir`.
 
     `objective=SFTObjective()` (default) trains on `SFTExample`s; `objective=StableAlignmentObjective(...)` trains
-    on rated question groups (`RatedGroup`s from `methods.stable_alignment.data`)."""
+    on rated question groups (`RatedGroup`s from `methods.stable_alignment.data`); a method's own objective on
+    whatever its `examples()` returns."""
     lora.validate()
     train.validate()
     objective.validate()
     if not examples:
         raise ValueError("no training examples: materialize a method's training_set for at least one prompt set first")
-    stable = isinstance(objective, StableAlignmentObjective)
-    if stable and not all(hasattr(e, "responses") for e in examples):
-        raise TypeError("the Stable Alignment objective trains on rated groups (RatedGroup), not SFT examples")
-    if not stable and not all(isinstance(e, SFTExample) for e in examples):
-        raise TypeError("the SFT objective trains on SFTExample pairs")
-    if stable:
-        from matrix_assets.training.rating_contrastive import groups_to_rows
-
-        rows = groups_to_rows(examples)
-        if not rows:
-            raise ValueError("no training groups: every rated group was excluded")
-    else:
-        rows = to_conversational(examples)
+    rows = objective.rows(examples)
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -266,32 +326,8 @@ def train_lora(
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    if stable:
-        from matrix_assets.training.rating_contrastive import StableAlignmentConfig, StableAlignmentTrainer
-
-        trainer = StableAlignmentTrainer(
-            model=model,
-            args=StableAlignmentConfig(
-                **common, margin=objective.margin, rating_weight=objective.rating_weight,
-                rating_scale=objective.rating_scale, group_size=objective.group_size,
-                loss_variant=objective.loss_variant,
-            ),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[_Recorder()],
-        )
-    else:
-        from trl import SFTConfig, SFTTrainer
-
-        trainer = SFTTrainer(
-            model=model,
-            args=SFTConfig(**common),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[_Recorder()],
-        )
+    trainer = objective.trainer(model=model, args=common, train_dataset=Dataset.from_list(rows),
+                                tokenizer=tokenizer, peft_config=peft_config, callbacks=[_Recorder()])
     began = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - began

@@ -46,17 +46,14 @@ def asset_key(name: str) -> dg.AssetKey:
 
 def stage_asset(method: Method, stage: StageSpec) -> dg.AssetsDefinition:
     config_type = stage_config(method.name, stage.name)
-    # The check judges one partition's scenes, so it is partitioned like its asset: each evaluation is recorded
+    # A stage check judges one partition's output, so it is partitioned like its asset: each evaluation is recorded
     # for the partition it checked (Dagster fills it in from the step), not as an unpartitioned result. Check
     # partitions are a Dagster preview: used knowingly, its warning would only repeat on every code-location load.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.PreviewWarning)
-        check_specs = [dg.AssetCheckSpec("model_played_the_scene", asset=[method.name, stage.name],
-                                         partitions_def=prompt_sets_partitions,
-                                         description="Warns when more than half of the partition's items relied "
-                                         "on a fallback for roles, plan or feasibility: the model is too weak to "
-                                         "simulate.")
-                       ] if method.name == "matrix" and stage.name == "scenes" else []
+        check_specs = [dg.AssetCheckSpec(check.name, asset=[method.name, stage.name], partitions_def=prompt_sets_partitions,
+                                         description=check.description, blocking=check.blocking)
+                       for check in stage.checks]
 
     @dg.asset(
         key=[method.name, stage.name],
@@ -82,15 +79,11 @@ def stage_asset(method: Method, stage: StageSpec) -> dg.AssetsDefinition:
                 raise dg.Failure(str(exc), allow_retries=False) from exc
         metadata = {**outcome_metadata(outcome), **ctx.stats()}
         check_results = []
-        for spec in check_specs:
-            shares = {family: count / outcome.n_items for family, count in outcome.items_with_fallback.items()}
-            weak = {family: share for family, share in shares.items() if share > 0.5}
+        for check in stage.checks:
+            verdict = check.evaluate(outcome)
             check_results.append(dg.AssetCheckResult(
-                check_name=spec.name, passed=not weak, severity=dg.AssetCheckSeverity.WARN,
-                metadata={"n_items": outcome.n_items, **{f"share/{k}": round(v, 3) for k, v in shares.items()},
-                          "verdict": ("the model is too weak to simulate this: over half the scenes rely on a "
-                                      f"fallback for {', '.join(sorted(weak))}") if weak else "the model played it"},
-            ))
+                check_name=check.name, passed=verdict.passed, metadata=dict(verdict.metadata),
+                severity=dg.AssetCheckSeverity.ERROR if check.blocking else dg.AssetCheckSeverity.WARN))
         return dg.MaterializeResult(metadata=metadata, check_results=check_results)
 
     return _stage
@@ -276,7 +269,7 @@ def train_checkpoint(context: dg.AssetExecutionContext, db: Store, llm: LLMResou
                 "mlflow_run": dg.MetadataValue.url(tracking.run_url(existing["mlflow_run_id"]))}
     out_dir = checkpoints_dir() / checkpoint_id
     llm.release()  # the generation backend an earlier step kept in this process: training loads its own copy
-    context.log.info(f"training {checkpoint_id} on {len(examples)} {'groups' if method.trainer != 'sft' else 'examples'}")
+    context.log.info(f"training {checkpoint_id} on {len(examples)} {type(examples[0]).__name__ if examples else 'examples'}s")
     with tracking.start_run(context, run_name=checkpoint_id) as run:
         mlflow.log_params({
             "base_model": model_name, "method": method.name, "trainer": method.trainer,
@@ -357,18 +350,15 @@ def train_through_pipes(context: dg.AssetExecutionContext, base_model: str, exam
 
 
 def _examples(method: Method, rows: list[dict]) -> tuple[list[Any], Any]:
-    """The stored examples as the trainer wants them: SFT pairs, or rated groups with the method's objective."""
+    """The stored training set as the method's objective trains on it (SFT pairs, rated groups, ...)."""
     from matrix_assets.records import RatedResponse, TrainingGroup
-    from matrix_assets.training.sft import SFTExample, SFTObjective
 
-    if method.trainer == "sft":
-        return [SFTExample(r["prompt"], r["response"]) for r in rows], SFTObjective()
     groups: dict[int, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["group_index"], []).append(row)
-    rated = [TrainingGroup(g[0]["prompt_id"], g[0]["prompt"], g[0]["source"],
-                           tuple(RatedResponse(r["response"], r["rating"]) for r in g)) for g in groups.values()]
-    return rated, method.objective
+    stored = [TrainingGroup(g[0]["prompt_id"], g[0]["prompt"], g[0]["source"],
+                            tuple(RatedResponse(r["response"], r["rating"]) for r in g)) for g in groups.values()]
+    return method.objective.examples(stored), method.objective
 
 
 def method_assets() -> list[dg.AssetsDefinition]:

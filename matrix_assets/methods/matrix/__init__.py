@@ -17,7 +17,9 @@ from matrix_assets.methods.base import (
     CritiqueRecord,
     Markdown,
     Method,
+    CheckVerdict,
     RatedResponse,
+    StageCheck,
     StageContext,
     StageOutcome,
     StageSpec,
@@ -171,6 +173,22 @@ def _scenes(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
     )
 
 
+def _played_the_scene(outcome: StageOutcome) -> CheckVerdict:
+    """Over half of the partition's scenes relying on a fallback for one family means the model did not play."""
+    shares = {family: count / outcome.n_items for family, count in outcome.items_with_fallback.items()}
+    weak = {family: share for family, share in shares.items() if share > 0.5}
+    verdict = (f"the model is too weak to simulate this: over half the scenes rely on a fallback for "
+               f"{', '.join(sorted(weak))}") if weak else "the model played it"
+    return CheckVerdict(passed=not weak, metadata={"n_items": outcome.n_items,
+                                                   **{f"share/{k}": round(v, 3) for k, v in shares.items()},
+                                                   "verdict": verdict})
+
+
+PLAYED_THE_SCENE = StageCheck(
+    "model_played_the_scene", "Warns when more than half of the partition's items relied on a fallback for roles, "
+    "plan or feasibility: the model is too weak to simulate.", _played_the_scene)
+
+
 def _critiques(ctx: StageContext, s: MatrixSettings) -> StageOutcome:
     store: TranscriptStore = ctx.store  # type: ignore[assignment]
     scenes = load_transcripts(store, ctx.partition, ctx.model_id, limit=s.max_prompts)
@@ -253,7 +271,8 @@ METHOD = Method(
                   deps=("initial_responses",),
                   settings=("max_prompts", "n_roles", "plan_steps", "max_rounds", "max_reactions", "n_objects",
                             "plan_tokens", "action_tokens", "scenes_per_batch", "name_protagonist", "roles_chain",
-                            *_SAMPLING, "structured_output")),
+                            *_SAMPLING, "structured_output"),
+                  checks=(PLAYED_THE_SCENE,)),
         StageSpec("critiques", "What the answer did to the people in the scene, from the question, the answer "
                   "and the transcript.", _critiques, deps=("matrix/scenes",),
                   settings=("max_prompts", "critique_tokens", *_SAMPLING)),

@@ -194,7 +194,6 @@ METHOD = Method(
     reference="Liu et al., Training Socially Aligned Language Models on Simulated Social Interactions, ICLR 2024",
     settings=QUICK,
     profiles={"paper": PAPER_PROFILE},
-    trainer="stable_alignment",
     objective=StableAlignmentObjective(),
     order=30,
     stages=(StageSpec("interactions", "The SANDBOX society: each agent drafts an answer (recalling similar past "
