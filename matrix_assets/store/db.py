@@ -501,7 +501,7 @@ class Store:
     def save_judge_agreement(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self.upsert("judge_agreement", rows)
 
-    def latest_judge_agreement(self, judge: str = "embedding", metric: str = "kappa", subset: str | None = None
+    def latest_judge_agreement(self, judge: str, metric: str = "kappa", subset: str | None = None
                                ) -> dict[str, Any] | None:
         """The newest figure of a judge; `subset` names whose answers it was measured on (a validation measures
         several: XSTest's held-out chat model, the graded model's labelled answers)."""
@@ -514,7 +514,7 @@ class Store:
         return self.query("SELECT * FROM judge_agreement WHERE validation_id = :v ORDER BY judge, subset, metric",
                           v=validation_id)
 
-    def judge_agreement(self, validation_id: str, judge: str = "embedding", metric: str = "kappa",
+    def judge_agreement(self, validation_id: str, judge: str, metric: str = "kappa",
                         subset: str | None = None) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM judge_agreement WHERE validation_id = :v AND judge = :j AND metric = :m "
                           "AND (:s IS NULL OR subset = :s) ORDER BY subset", v=validation_id, j=judge, m=metric,

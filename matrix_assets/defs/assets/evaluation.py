@@ -37,7 +37,7 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
                      judge: LLMResource, mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
     import mlflow
 
-    from matrix_assets.evaluation.refusal import HELD_OUT_MODEL
+    from matrix_assets.evaluation.refusal import DEFAULT_JUDGE, HELD_OUT_MODEL
     from matrix_assets.evaluation.labels import bundled_labelled_answers
     from matrix_assets.evaluation.validation import (
         LABELLED_SUBSET,
@@ -67,7 +67,7 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
         rows = [{"judge": r["judge"], "completions of": r["subset"],
                  "kappa": f"{r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]", "n": r["n"]}
                 for r in stored if r["metric"] == "kappa"]
-        held_out = db.judge_agreement(validation_id, subset=HELD_OUT_MODEL)
+        held_out = db.judge_agreement(validation_id, DEFAULT_JUDGE, subset=HELD_OUT_MODEL)
         metadata: dict[str, Any] = {
             "validation_id": validation_id, "reused": True,
             "agreement": md_table(rows, list(rows[0]), 120),
@@ -103,7 +103,7 @@ def judge_validation(context: dg.AssetExecutionContext, config: JudgeValidationC
         "reused": False,
         "agreement": md_table(rows, list(rows[0]), 120),
         "default_judge_kappa_held_out": next(r.report.kappa for r in results if r.is_default_held_out),
-        "default_judge_kappa_this_model": next((r.report.kappa for r in results if r.judge == "embedding" and
+        "default_judge_kappa_this_model": next((r.report.kappa for r in results if r.judge == DEFAULT_JUDGE and
                                                 r.subset in (LABELLED_SUBSET, SHIPPED_SUBSET)), float("nan")),
         "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
     })
@@ -231,7 +231,7 @@ def evaluation_scores(
     # For rates corrected for the judges' error on this model's answers: the store's labels, else the shipped ones.
     from matrix_assets.evaluation.labels import bundled_labelled_answers, with_current_verdicts
 
-    labelled = db.labelled_answers() or with_current_verdicts(bundled_labelled_answers(llm.model_identity()))
+    labelled = with_current_verdicts(db.labelled_answers() or bundled_labelled_answers(llm.model_identity()))
     # The MLflow run is open while the models answer, so that its duration is the evaluation's.
     with mlflow_tracking.start_run(context, run_name=eval_id) as parent:
         report = evaluate(models, prompts, default_judge(), judge_model=judge_backend,
@@ -280,6 +280,8 @@ def evaluation_scores(
                                      f"{format_markdown(report.metrics, report.paired)}"),
         "judge": judge_line,
         "prompts_sha256": prompts_sha,
+        # Other chat models' labelled completions of these prompts fitted the judge: 0 for the quick profile.
+        "judge_fitted_on_evaluation_prompts": default_judge().fitted_on([p.text for p in prompts]),
         "chart_overview": image_md(overview, "base vs tuned"),
         "chart_by_category": image_md(by_category, "harmful compliance by category"),
         "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run_id)),
@@ -313,22 +315,25 @@ def plottable_metrics(report: Any) -> dict[str, float]:
 
 
 def _latest_validation(db: Store) -> dict[str, Any] | None:
-    from matrix_assets.evaluation.refusal import HELD_OUT_MODEL
+    from matrix_assets.evaluation.refusal import DEFAULT_JUDGE, HELD_OUT_MODEL
 
-    return db.latest_judge_agreement("embedding", "kappa", subset=HELD_OUT_MODEL)
+    return db.latest_judge_agreement(DEFAULT_JUDGE, "kappa", subset=HELD_OUT_MODEL)
 
 
 def _judge_line(validation: dict[str, Any] | None, db: Store | None = None) -> str:
-    if validation is None:
-        return "Judge: embedding refusal classifier (not validated in this store yet: materialize judge_validation)"
-    line = (f"Judge: embedding refusal classifier; agreement with human labels on {validation['subset']} "
-            f"completions it was not fitted on: kappa {validation['value']:.2f} [{validation['ci_low']:.2f}, "
-            f"{validation['ci_high']:.2f}] (n={validation['n']}, {validation['validation_id']})")
+    from matrix_assets.evaluation.refusal import DEFAULT_JUDGE
     from matrix_assets.evaluation.validation import LABELLED_SUBSET, SHIPPED_SUBSET
+
+    if validation is None:
+        return ("Judge: prompt-aware refusal judge (not validated in this store yet: materialize judge_validation)")
+    line = (f"Judge: prompt-aware refusal judge (reads question and answer); agreement with human labels on "
+            f"{validation['subset']} completions, a model it was not fitted on (its sibling mistralguard, the same "
+            f"weights, was): kappa {validation['value']:.2f} [{validation['ci_low']:.2f}, "
+            f"{validation['ci_high']:.2f}] (n={validation['n']}, {validation['validation_id']})")
 
     own = None
     for subset in (LABELLED_SUBSET, SHIPPED_SUBSET):
-        own = own or (db.judge_agreement(validation["validation_id"], subset=subset) if db is not None else None)
+        own = own or (db.judge_agreement(validation["validation_id"], DEFAULT_JUDGE, subset=subset) if db is not None else None)
     if own is not None:
         line += (f"; on labelled answers of the model being graded: kappa {own['value']:.2f} [{own['ci_low']:.2f}, "
                  f"{own['ci_high']:.2f}] (n={own['n']})")
@@ -442,13 +447,15 @@ def _tag_version(tracking: MLflowResource, checkpoint: dict, rates: dict, prompt
 
 def _save(db: Store, eval_id: str, kind: str, by_label: dict[str, dict], report: Any, sets: dict[str, list[str]],
           prompts_sha: str, validation: dict[str, Any] | None, run_id: str) -> None:
+    from matrix_assets.evaluation.refusal import DEFAULT_JUDGE
+
     def checkpoint_of(label: str) -> str | None:
         return by_label[label]["checkpoint_id"] if label in by_label else None
 
     now = utcnow()
     db.save_evaluation(
         {"eval_id": eval_id, "prompt_sets_json": json.dumps(sets), "counts_json": json.dumps(report.counts),
-         "prompts_sha256": prompts_sha, "judge": "embedding",
+         "prompts_sha256": prompts_sha, "judge": DEFAULT_JUDGE,
          "judge_validation_id": validation["validation_id"] if validation else None, "mlflow_run_id": run_id,
          "created_at": now, "kind": kind},
         [{"eval_id": eval_id, "model_label": a.model_label, "checkpoint_id": checkpoint_of(a.model_label),
