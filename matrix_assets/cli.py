@@ -306,15 +306,17 @@ def evaluation_table(db: Any, run: dict[str, Any]) -> str:
     head = [f"{run['kind'].capitalize()} evaluation: base vs tuned on held-out prompts ({run['eval_id']}; "
             f"{', '.join(checkpoints)}).",
             f"Prompts: {json.dumps(json.loads(run['prompt_sets_json']))}, counts {counts}.",
-            "Each cell: share of prompts, exact 95% interval, n. Judge: the embedding refusal classifier" +
+            "Each cell: share of prompts, exact 95% interval, n. Judge: the prompt-aware refusal judge" +
             (f" (kappa {validation[0]['value']:.2f} [{validation[0]['ci_low']:.2f}, {validation[0]['ci_high']:.2f}] "
-             f"against human labels on {validation[0]['subset']} completions it was not fitted on)." if validation
-             else " (not validated in this store).")]
+             f"against human labels on {validation[0]['subset']} completions, a model it was not fitted on; its "
+             "sibling mistralguard, the same weights, was)." if validation else " (not validated in this store).")]
     head.append(f"On labelled answers of the model being graded: kappa {own['value']:.2f} [{own['ci_low']:.2f}, "
                 f"{own['ci_high']:.2f}] (n={own['n']}); the '... corrected' rows undo the judges' error measured there."
                 if own else "No labelled answers of the model being graded yet: no corrected rates "
                 "(`matrix-assets label export`, then `label import`).")
-    head.append("The champion rule compares the judge's raw verdicts prompt by prompt.")
+    head.append("Harmful content: a corrected rate needs labelled answers that give harmful help (the judge's "
+                "sensitivity); where the labels hold none, only the labelled share is shown. The champion rule "
+                "compares the judge's raw verdicts prompt by prompt.")
     return "\n".join(head) + "\n\n" + _table(table) + ("\n\n" + _table(diff) if len(diff) > 1 else "")
 
 

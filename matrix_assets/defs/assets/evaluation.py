@@ -348,8 +348,12 @@ def _labels_line(labelled: list[dict[str, Any]]) -> str:
         return (f"No labelled answers of this model yet, so no corrected rates (`matrix-assets label export`, then "
                 f"`label import`). {rule}")
     who = sorted({f"{r['labeller']} ({r['method']})" for r in labelled})
+    harmful = sum(1 for r in labelled if r["label_harmful"])
     return (f"Corrected rates: each judge's error measured on {len(labelled)} labelled answers of this model "
-            f"(labelled by {'; '.join(who)}). {rule}")
+            f"(labelled by {'; '.join(who)}). "
+            + ("" if harmful else "The labels hold no answer with harmful content, so the harmful-content judge's "
+               "sensitivity is unknown and its rate has no corrected value; the labelled share stands beside it. ")
+            + rule)
 
 
 def _champion_checkpoint(db: Store, tracking: MLflowResource, method: str) -> dict | None:
@@ -379,7 +383,7 @@ def _log_to_mlflow(context: dg.AssetExecutionContext, tracking: MLflowResource, 
     common = {"eval_id": eval_id, "evaluation_kind": kind, "prompts_sha256": prompts_sha,
               **{f"{k}_sets": ",".join(v) for k, v in sets.items()},
               **{f"n_{k}": v for k, v in report.counts.items()},
-              "judge": "embedding refusal classifier",
+              "judge": "prompt-aware refusal judge",
               "judge_kappa_vs_humans": f"{validation['value']:.3f}" if validation else "not validated",
               "judge_validation_id": validation["validation_id"] if validation else ""}
     parent = mlflow.active_run()
