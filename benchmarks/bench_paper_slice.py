@@ -52,8 +52,10 @@ def main() -> int:
         for venv in (".venv", ".venv-vllm"):
             (clone / venv).symlink_to(REPO / venv)
         env = {**os.environ, **ENV, "MATRIX_LLM_BACKEND": "vllm", "MATRIX_VLLM_VENV": str(REPO / ".venv-vllm")}
-        for name in ("DAGSTER_HOME", "MATRIX_HOME"):
-            env.pop(name, None)
+        env.pop("DAGSTER_HOME", None)
+        # The linked venv's package would otherwise keep its state beside that checkout: keep it in the clone.
+        env["MATRIX_HOME"] = str(clone / ".matrix")
+        env["MATRIX_DAGSTER_STORAGE"] = str(clone / ".matrix" / "dagster")
         command = [".venv/bin/matrix-assets", "run", *SLICE]
         began = time.time()
         done = subprocess.run(["/usr/bin/time", "-v", *command], cwd=clone, env=env, capture_output=True, text=True)
