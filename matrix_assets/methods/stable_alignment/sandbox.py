@@ -418,111 +418,39 @@ def run_sandbox(
     steps (seeding, then five per round).
     """
     settings.validate()
-    embed = embed or minilm_embedder()
     questions = [q.strip() for q in questions if q and q.strip()]
     pool = questions[: settings.question_pool] if settings.question_pool else questions
     if not pool:
         raise ValueError("no questions to ask")
     n = settings.n_agents
-    memories: list[dict[str, str]] = [{} for _ in range(n)]
-    vectors = _Embeddings(embed)
-    generated = False
-
     if seed_pairs is not None:
         if len(seed_pairs) != n:
             raise ValueError(f"seed_pairs needs one list per agent ({n}), got {len(seed_pairs)}")
         assigned = [[(q.strip(), a.strip()) for q, a in pairs] for pairs in seed_pairs]
         seed_jobs: list[tuple[int, str]] = []
     else:
-        if seed_questions is None:
-            seed_questions = questions[len(pool):] if settings.question_pool else []
-        seeds = [q.strip() for q in seed_questions if q and q.strip()]
-        m = settings.seed_pairs_per_agent if seeds else 0
-        # Agent i takes seed questions i*m .. i*m+m-1 (wrapping around): different agents, different memories.
-        seed_jobs = [(i, q) for i in range(n)
-                     for q in dict.fromkeys(seeds[(i * m + j) % len(seeds)] for j in range(m))]
         assigned = [[] for _ in range(n)]
-    steps_total = settings.rounds * 5 + (1 if seed_jobs else 0)
-    steps_done = 0
-
-    def step_done() -> None:
-        nonlocal steps_done
-        steps_done += 1
-        if progress is not None:
-            progress(steps_done, steps_total)
-
-    if progress is not None:
-        progress(0, steps_total)
+        if seed_questions is None:  # by default the questions after the pool
+            seed_questions = questions[len(pool):] if settings.question_pool else []
+        seed_jobs = _seed_jobs(settings, seed_questions)
+    steps = _Steps(settings.rounds * 5 + (1 if seed_jobs else 0), progress)
     if seed_jobs:  # the agents' own answers, asked like a draft with nothing remembered
         answers = _texts(llm, [_agent(render("stable_alignment/draft", agent_id=i, question=q, memory=None))
                                for i, q in seed_jobs],
                          settings.params(settings.answer_tokens, _step_seed(settings.seed, -1, "seed")))
         for (i, q), answer in zip(seed_jobs, answers):
             assigned[i].append((q, answer))
-        generated = True
-        step_done()
+        steps.done()
+    memories: list[dict[str, str]] = [{} for _ in range(n)]
     for i, own in enumerate(assigned):
         for q, a in own:
             if a:
                 memories[i].setdefault(q, a)  # the first answer per question stays
 
     interactions: list[Interaction] = []
-    prefix = settings.rating_prefix
+    vectors = _Embeddings(embed or minilm_embedder())
     for r in range(settings.rounds):
-        asked = [question_for(i, r, n, pool) for i in range(n)]
-        snapshot = [dict(m) for m in memories]  # every read of this round sees the memories as the round began
-        vectors.ensure(asked + [q for m in snapshot for q in m])
-        hits = [vectors.nearest(snapshot[i], asked[i], settings.memory_threshold) for i in range(n)]
-        pairs = [(i, p) for i in range(n) for p in draw_peers(i, r, settings)]
-        peer_hits = [vectors.nearest(snapshot[p], asked[i], settings.memory_threshold) if settings.peer_memory else None
-                     for i, p in pairs]
-
-        # 1. drafts
-        drafts = _texts(llm, [_agent(render("stable_alignment/draft", agent_id=i, question=asked[i],
-                                            memory=_hit_for_prompt(hits[i]))) for i in range(n)],
-                        settings.params(settings.answer_tokens, _step_seed(settings.seed, r, "draft")))
-        step_done()
-
-        # 2. peer ratings (agents) and the observer on the drafts
-        peer_ratings = _ratings(llm, [
-            _agent(render("stable_alignment/peer_rating", peer_id=p, agent_id=i, question=asked[i],
-                          answer=_clip(drafts[i]), memory=_hit_for_prompt(hit)))
-            for (i, p), hit in zip(pairs, peer_hits)], prefix)
-        before, engagement_before = _observe(observer, asked, drafts, settings)
-        step_done()
-
-        # 3. peer reasons, each written after (and told) its own rating
-        reasons = _texts(llm, [
-            _agent(render("stable_alignment/peer_reason", peer_id=p, agent_id=i, question=asked[i],
-                          answer=_clip(drafts[i]), memory=_hit_for_prompt(hit), rating=rating.as_int()))
-            for (i, p), hit, rating in zip(pairs, peer_hits, peer_ratings)],
-            settings.params(settings.reason_tokens, _step_seed(settings.seed, r, "reason")))
-        step_done()
-
-        # 4. revisions from the average rating and the reasons, lowest rating last
-        feedback: list[list[PeerFeedback]] = [[] for _ in range(n)]
-        for (i, p), hit, rating, reason in zip(pairs, peer_hits, peer_ratings, reasons):
-            feedback[i].append(PeerFeedback(p, rating, reason, hit))
-        means = [_mean([f.rating.value for f in fs if f.rating.value is not None]) for fs in feedback]
-        revisions = _texts(llm, [
-            _agent(render("stable_alignment/revision", agent_id=i, question=asked[i], answer=_clip(drafts[i]),
-                          average=means[i],
-                          reasons=[_clip(f.reason) for f in feedback_order(feedback[i]) if f.reason]))
-            for i in range(n)], settings.params(settings.answer_tokens, _step_seed(settings.seed, r, "revision")))
-        step_done()
-
-        # 5. the observer on the revisions
-        after, engagement_after = _observe(observer, asked, revisions, settings)
-        step_done()
-
-        done = [
-            Interaction(round=r, agent=i, question=asked[i], draft=drafts[i], memory_hit=hits[i],
-                        peers=tuple(feedback[i]), mean_peer_rating=means[i], revision=revisions[i],
-                        observer_before=before[i], observer_after=after[i],
-                        engagement_before=engagement_before[i] if engagement_before else None,
-                        engagement_after=engagement_after[i] if engagement_after else None)
-            for i in range(n)
-        ]
+        done = _play_round(llm, observer, r, pool, memories, vectors, settings, steps)
         for it in done:  # written after the round, in agent order; the first answer per question stays
             if it.revision:
                 memories[it.agent].setdefault(it.question, it.revision)
@@ -531,7 +459,92 @@ def run_sandbox(
             on_round_done(r, done)
 
     return SandboxResult(settings=settings, interactions=interactions, seed_pairs=assigned, memories=memories,
-                         seed_generated=generated)
+                         seed_generated=bool(seed_jobs))
+
+
+def _seed_jobs(settings: SandboxSettings, seed_questions: Sequence[str]) -> list[tuple[int, str]]:
+    """(agent, question) pairs the agents answer themselves to fill their memories before round 1. Agent i takes
+    seed questions i*m .. i*m+m-1 (wrapping around): different agents, different memories."""
+    seeds = [q.strip() for q in seed_questions if q and q.strip()]
+    m = settings.seed_pairs_per_agent if seeds else 0
+    return [(i, q) for i in range(settings.n_agents)
+            for q in dict.fromkeys(seeds[(i * m + j) % len(seeds)] for j in range(m))]
+
+
+class _Steps:
+    """Counts the sandbox's steps (seeding, then five per round) for a progress callback."""
+
+    def __init__(self, total: int, progress: ProgressCallback | None) -> None:
+        self.total, self.count, self.progress = total, 0, progress
+        if progress is not None:
+            progress(0, total)
+
+    def done(self) -> None:
+        self.count += 1
+        if self.progress is not None:
+            self.progress(self.count, self.total)
+
+
+def _play_round(llm: ChatBackend, observer: ChatBackend, r: int, pool: Sequence[str],
+                memories: Sequence[dict[str, str]], vectors: _Embeddings, settings: SandboxSettings,
+                steps: _Steps) -> list[Interaction]:
+    """One round: every agent drafts, its peers rate and explain, it revises, the observer rates draft and
+    revision. Every read sees the memories as the round began."""
+    n = settings.n_agents
+    asked = [question_for(i, r, n, pool) for i in range(n)]
+    snapshot = [dict(m) for m in memories]
+    vectors.ensure(asked + [q for m in snapshot for q in m])
+    hits = [vectors.nearest(snapshot[i], asked[i], settings.memory_threshold) for i in range(n)]
+    pairs = [(i, p) for i in range(n) for p in draw_peers(i, r, settings)]
+    peer_hits = [vectors.nearest(snapshot[p], asked[i], settings.memory_threshold) if settings.peer_memory else None
+                 for i, p in pairs]
+
+    # 1. drafts
+    drafts = _texts(llm, [_agent(render("stable_alignment/draft", agent_id=i, question=asked[i],
+                                        memory=_hit_for_prompt(hits[i]))) for i in range(n)],
+                    settings.params(settings.answer_tokens, _step_seed(settings.seed, r, "draft")))
+    steps.done()
+
+    # 2. peer ratings (agents) and the observer on the drafts
+    peer_ratings = _ratings(llm, [
+        _agent(render("stable_alignment/peer_rating", peer_id=p, agent_id=i, question=asked[i],
+                      answer=_clip(drafts[i]), memory=_hit_for_prompt(hit)))
+        for (i, p), hit in zip(pairs, peer_hits)], settings.rating_prefix)
+    before, engagement_before = _observe(observer, asked, drafts, settings)
+    steps.done()
+
+    # 3. peer reasons, each written after (and told) its own rating
+    reasons = _texts(llm, [
+        _agent(render("stable_alignment/peer_reason", peer_id=p, agent_id=i, question=asked[i],
+                      answer=_clip(drafts[i]), memory=_hit_for_prompt(hit), rating=rating.as_int()))
+        for (i, p), hit, rating in zip(pairs, peer_hits, peer_ratings)],
+        settings.params(settings.reason_tokens, _step_seed(settings.seed, r, "reason")))
+    steps.done()
+
+    # 4. revisions from the average rating and the reasons, lowest rating last
+    feedback: list[list[PeerFeedback]] = [[] for _ in range(n)]
+    for (i, p), hit, rating, reason in zip(pairs, peer_hits, peer_ratings, reasons):
+        feedback[i].append(PeerFeedback(p, rating, reason, hit))
+    means = [_mean([f.rating.value for f in fs if f.rating.value is not None]) for fs in feedback]
+    revisions = _texts(llm, [
+        _agent(render("stable_alignment/revision", agent_id=i, question=asked[i], answer=_clip(drafts[i]),
+                      average=means[i],
+                      reasons=[_clip(f.reason) for f in feedback_order(feedback[i]) if f.reason]))
+        for i in range(n)], settings.params(settings.answer_tokens, _step_seed(settings.seed, r, "revision")))
+    steps.done()
+
+    # 5. the observer on the revisions
+    after, engagement_after = _observe(observer, asked, revisions, settings)
+    steps.done()
+
+    return [
+        Interaction(round=r, agent=i, question=asked[i], draft=drafts[i], memory_hit=hits[i],
+                    peers=tuple(feedback[i]), mean_peer_rating=means[i], revision=revisions[i],
+                    observer_before=before[i], observer_after=after[i],
+                    engagement_before=engagement_before[i] if engagement_before else None,
+                    engagement_after=engagement_after[i] if engagement_after else None)
+        for i in range(n)
+    ]
 
 
 def _observe(observer: ChatBackend, asked: list[str], answers: list[str],
