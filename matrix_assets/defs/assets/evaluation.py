@@ -6,6 +6,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -187,17 +188,8 @@ def evaluation_scores(
     judge: LLMResource,
     mlflow_tracking: MLflowResource,
 ) -> dg.MaterializeResult:
-    from matrix_assets.evaluation.champion import should_promote
-    from matrix_assets.evaluation.plots import plot_base_vs_tuned, plot_per_category
     from matrix_assets.evaluation.refusal import default_judge
-    from matrix_assets.evaluation.run import (
-        answers_by_label,
-        compare_pairs,
-        evaluate,
-        format_markdown,
-        format_paired,
-        format_table,
-    )
+    from matrix_assets.evaluation.run import evaluate, format_markdown, format_paired, format_table
 
     db = store.get_store()
     settings = settings_from(config, profiles.evaluation("quick"))
@@ -209,20 +201,8 @@ def evaluation_scores(
     prompts = eval_prompts(db, settings)
     if not prompts:
         raise dg.Failure("no evaluation prompts: every listed set is empty", allow_retries=False)
-    by_label = {c["method"]: c for c in checkpoints}
-    champion = _champion_checkpoint(db, mlflow_tracking, settings.champion_method)
-    if champion and champion["checkpoint_id"] != by_label.get(settings.champion_method, {}).get("checkpoint_id"):
-        by_label[CHAMPION_LABEL] = champion  # compared on the same prompts, so promotion compares like with like
-    progress = progress_logger(context, "evaluation answers")
-    # The base model and each checkpoint are loaded in turn and freed after answering; the judge model (often the
-    # base model again) is loaded after the last answer: one model in memory at a time.
-    models: dict[str, Any] = {"base": functools.partial(llm.cached, db, progress=progress)}
-    models.update({label: functools.partial(llm.cached, db, adapter_path=c["adapter_path"], progress=progress)
-                   for label, c in by_label.items()})
-    judge_backend = None
-    if settings.pairwise_helpfulness or settings.model_judge:
-        judge.check()
-        judge_backend = functools.partial(judge.cached, db, progress=progress_logger(context, "judge model"))
+    by_label, models, judge_backend = _models_to_compare(context, db, checkpoints, settings, llm, judge,
+                                                         mlflow_tracking)
     counts = {s: sum(1 for p in prompts if p.eval_set == s) for s in ("harmful", "safe", "helpfulness")}
     kind = evaluation_kind(settings, {p: profiles.evaluation(p) for p in profiles.PROFILES})
     context.log.info(f"evaluating base and {[c['checkpoint_id'] for c in by_label.values()]} on {counts} "
@@ -247,23 +227,8 @@ def evaluation_scores(
 
         table, paired_table = format_table(report.metrics), format_paired(report.paired)
         judge_line = f"{_judge_line(validation, db)}. {_labels_line(labelled)}"
-        out = reports_dir() / eval_id
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "base_vs_tuned.txt").write_text(f"{judge_line}\n\n{table}\n\n{paired_table}\n")
-        overview = plot_base_vs_tuned(
-            {k: {label: m[k] for label, m in report.metrics.items() if k in m}
-             for k in ("harmful_compliance", "over_refusal", "helpfulness_refusal")},
-            out / "base_vs_tuned.png", "Base vs tuned (exact 95% intervals)")
-        by_category = plot_per_category(report.per_category, out / "harmful_compliance_by_category.png",
-                                        "Compliance with harmful requests by category", "complied")
-
-        decisions: dict[str, tuple[bool, str]] = {}
-        champion_label = settings.champion_method
-        if champion_label in by_label:
-            reference = CHAMPION_LABEL if CHAMPION_LABEL in by_label else "base"
-            vs = compare_pairs(answers_by_label(report), reference=reference)[champion_label] \
-                if reference != "base" else report.paired[champion_label]
-            decisions[champion_label] = should_promote(vs, reference, margin=settings.over_refusal_margin)
+        out, overview, by_category = _write_report(eval_id, report, f"{judge_line}\n\n{table}\n\n{paired_table}\n")
+        decisions = _champion_decision(settings, by_label, report)
 
         numbers = plottable_metrics(report)
         _log_to_mlflow(context, mlflow_tracking, eval_id, kind, report, by_label, sets, prompts_sha, validation,
@@ -295,6 +260,59 @@ def evaluation_scores(
         metadata[f"{label}/champion"] = reason + (" -> promoted" if promoted else "")
     return dg.MaterializeResult(metadata=metadata)
 
+
+
+def _models_to_compare(context: dg.AssetExecutionContext, db: Store, checkpoints: list[dict], settings: Any,
+                       llm: LLMResource, judge: LLMResource, tracking: MLflowResource
+                       ) -> tuple[dict[str, dict], dict[str, Any], Any]:
+    """Each checkpoint by label (and the current champion, when it is not the latest of its method), the models as
+    functions that build them when their turn comes, and the judge model when the settings ask for one."""
+    by_label = {c["method"]: c for c in checkpoints}
+    champion = _champion_checkpoint(db, tracking, settings.champion_method)
+    if champion and champion["checkpoint_id"] != by_label.get(settings.champion_method, {}).get("checkpoint_id"):
+        by_label[CHAMPION_LABEL] = champion  # compared on the same prompts, so promotion compares like with like
+    progress = progress_logger(context, "evaluation answers")
+    # The base model and each checkpoint are loaded in turn and freed after answering; the judge model (often the
+    # base model again) is loaded after the last answer: one model in memory at a time.
+    models: dict[str, Any] = {"base": functools.partial(llm.cached, db, progress=progress)}
+    models.update({label: functools.partial(llm.cached, db, adapter_path=c["adapter_path"], progress=progress)
+                   for label, c in by_label.items()})
+    judge_backend = None
+    if settings.pairwise_helpfulness or settings.model_judge:
+        judge.check()
+        judge_backend = functools.partial(judge.cached, db, progress=progress_logger(context, "judge model"))
+    return by_label, models, judge_backend
+
+
+def _write_report(eval_id: str, report: Any, text: str) -> tuple[Path, Path, Path]:
+    """The evaluation's folder under reports/: the text table and the two charts."""
+    from matrix_assets.evaluation.plots import plot_base_vs_tuned, plot_per_category
+
+    out = reports_dir() / eval_id
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "base_vs_tuned.txt").write_text(text)
+    overview = plot_base_vs_tuned(
+        {k: {label: m[k] for label, m in report.metrics.items() if k in m}
+         for k in ("harmful_compliance", "over_refusal", "helpfulness_refusal")},
+        out / "base_vs_tuned.png", "Base vs tuned (exact 95% intervals)")
+    by_category = plot_per_category(report.per_category, out / "harmful_compliance_by_category.png",
+                                    "Compliance with harmful requests by category", "complied")
+    return out, overview, by_category
+
+
+def _champion_decision(settings: Any, by_label: dict[str, dict], report: Any) -> dict[str, tuple[bool, str]]:
+    """Whether the candidate method's checkpoint replaces the champion: compared with the champion itself on the same
+    prompts when there is one, else with base."""
+    from matrix_assets.evaluation.champion import should_promote
+    from matrix_assets.evaluation.run import answers_by_label, compare_pairs
+
+    candidate = settings.champion_method
+    if candidate not in by_label:
+        return {}
+    reference = CHAMPION_LABEL if CHAMPION_LABEL in by_label else "base"
+    vs = compare_pairs(answers_by_label(report), reference=reference)[candidate] \
+        if reference != "base" else report.paired[candidate]
+    return {candidate: should_promote(vs, reference, margin=settings.over_refusal_margin)}
 
 def phase_seconds(seconds: dict[str, float]) -> dict[str, float]:
     """Where the evaluation's time went: loading models, answering, each judge (`seconds/answering`, ...)."""
