@@ -11,6 +11,17 @@ def matrix_home() -> Path:
     return Path(os.environ.get("MATRIX_HOME", ".matrix")).resolve()
 
 
+def default_database_url() -> str:
+    """The store: `MATRIX_DATABASE_URL` (PostgreSQL in production), else SQLite under MATRIX_HOME."""
+    return os.environ.get("MATRIX_DATABASE_URL") or f"sqlite:///{matrix_home() / 'matrix.db'}"
+
+
+def drop_dir() -> Path:
+    """Folder watched by the new-prompt-set sensor: a file `ROLE/NAME.ext` there is the prompt set `NAME` with
+    that role (one subfolder per role)."""
+    return Path(os.environ.get("MATRIX_DROP_DIR") or matrix_home() / "drop")
+
+
 def default_mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{matrix_home() / 'mlflow.db'}"
 

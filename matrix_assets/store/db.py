@@ -13,7 +13,6 @@ import collections.abc
 import dataclasses
 import json
 import math
-import os
 import re
 import types
 import typing
@@ -29,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from matrix_assets.methods.base import InitialResponse, PromptRecord
 from matrix_assets.records import RatedResponse, TrainingGroup
+from matrix_assets.settings import default_database_url
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 SCHEMA_VERSION = 3  # bump with every change of a table's shape in sql/schema.sql
@@ -69,12 +69,6 @@ def _set_wal(cursor: Any, attempts: int = 100) -> None:
             time.sleep(0.1)
 
 
-def default_database_url() -> str:
-    url = os.environ.get("MATRIX_DATABASE_URL")
-    if url:
-        return url
-    home = Path(os.environ.get("MATRIX_HOME", ".matrix"))
-    return f"sqlite:///{(home / 'matrix.db').resolve()}"
 
 
 def _split_sql(script: str) -> list[str]:

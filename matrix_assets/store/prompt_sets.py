@@ -4,7 +4,6 @@ prompts moved out of the split because they nearly repeat a training prompt."""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from matrix_assets.data.loaders import (
     load_prompt_file_with_report,
 )
 from matrix_assets.store.db import Store, utcnow
+from matrix_assets.settings import drop_dir
 
 PROMPT_SUFFIXES = (".csv", ".jsonl", ".json", ".txt")
 ROLES = ("harmful", "safe", "helpfulness")
@@ -31,11 +31,6 @@ NEAR_DUPLICATE_SIMILARITY = 0.85
 class PromptSetError(ValueError):
     """A prompt set that cannot be loaded as asked (bad role, changed file, ...)."""
 
-
-def drop_dir() -> Path:
-    """Folder watched by the new-prompt-set sensor: a file `ROLE/NAME.ext` there is the prompt set `NAME` with
-    that role (one subfolder per role, see `role_dir`)."""
-    return Path(os.environ.get("MATRIX_DROP_DIR", Path(os.environ.get("MATRIX_HOME", ".matrix")) / "drop"))
 
 
 def role_dir(role: str) -> Path:
