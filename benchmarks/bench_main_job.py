@@ -38,6 +38,13 @@ ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEME
        "TOKENIZERS_PARALLELISM": "false"}
 
 
+def write_results(path: Path, lines: Sequence[str]) -> None:
+    """A benchmark's Markdown results, written and printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
 def tree_rss_mib(root: int) -> float:
     """Resident memory of a process and all its descendants (from /proc), in MiB."""
     children: dict[int, list[int]] = {}
@@ -212,9 +219,7 @@ def main() -> int:
                 "(target >= 0.8).",
             ]
     lines += ["", "The end of the run's output:", "", "```", table.strip(), "```"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_results(args.out, lines)
     print(json.dumps({"wall_s": wall, "peak_mib": peak, "ratio": ratio}, default=str))
     return 0
 

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_main_job import ENV, step_stats  # noqa: E402
+from bench_main_job import ENV, step_stats, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "paper_slice.md"
@@ -92,9 +92,7 @@ def main() -> int:
         table.strip(),
         "```",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_results(args.out, lines)
     return 0
 
 

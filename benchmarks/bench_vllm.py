@@ -28,6 +28,8 @@ import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from bench_main_job import write_results  # noqa: E402  (the script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "vllm.md"
 
@@ -111,9 +113,7 @@ def main() -> int:
         f"**vLLM / in-process tokens/s: {vllm_rate / local_rate:.2f}**; the server took {sim['startup_s']:.0f} s to "
         f"start (not counted above). Scenes identical both ways: {sim['same_scenes']}/{sim['scenes']}.",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_results(args.out, lines)
     return 0
 
 
