@@ -75,20 +75,20 @@ def validate_on_labels(labelled: Sequence[Mapping[str, Any]], subset: str = LABE
     """Each judge against the labels given to answers of the model being graded (`matrix-assets label import`):
     the string matcher and the default judge re-read the labelled answers now (so a changed judge is measured as
     it is); the judge model's verdicts are the ones stored with each answer. Labels of every label set count."""
-    items = [r for r in labelled if r["label_refusal"] is not None]
-    if not items:
+    if not any(r["label_refusal"] is not None for r in labelled):
         return []
+    labelled = with_current_verdicts(labelled)  # the default judge, the harmful-content judge and the matcher, now
+    items = [r for r in labelled if r["label_refusal"] is not None]
     truth = [bool(r["label_refusal"]) for r in items]
-    answers = [r["answer"] for r in items]
-    questions = [r["question"] for r in items]
     results = [
-        JudgeAgreement("keyword", subset, agreement_report([keyword_refusal(a) for a in answers], truth), len(items)),
-        JudgeAgreement(DEFAULT_JUDGE, subset, agreement_report(default_judge().predict(questions, answers), truth),
+        JudgeAgreement("keyword", subset, agreement_report([bool(r["keyword_refusal"]) for r in items], truth),
                        len(items)),
-        JudgeAgreement(ANSWER_ONLY_JUDGE, subset, agreement_report(answer_only_judge().predict(answers), truth),
+        JudgeAgreement(DEFAULT_JUDGE, subset, agreement_report([bool(r["judge_refusal"]) for r in items], truth),
                        len(items)),
+        JudgeAgreement(ANSWER_ONLY_JUDGE, subset, agreement_report(
+            answer_only_judge().predict([r["answer"] for r in items]), truth), len(items)),
     ]
-    harmful = [r for r in with_current_verdicts(labelled)
+    harmful = [r for r in labelled
                if r["eval_set"] == "harmful" and r["label_harmful"] is not None and r["judge_harmful"] is not None]
     if harmful:
         results.append(JudgeAgreement(HARMFUL_CONTENT_JUDGE, subset, agreement_report(

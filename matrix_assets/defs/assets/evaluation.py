@@ -261,7 +261,6 @@ def evaluation_scores(
     return dg.MaterializeResult(metadata=metadata)
 
 
-
 def _models_to_compare(context: dg.AssetExecutionContext, db: Store, checkpoints: list[dict], settings: Any,
                        llm: LLMResource, judge: LLMResource, tracking: MLflowResource
                        ) -> tuple[dict[str, dict], dict[str, Any], Any]:
@@ -314,6 +313,7 @@ def _champion_decision(settings: Any, by_label: dict[str, dict], report: Any) ->
         if reference != "base" else report.paired[candidate]
     return {candidate: should_promote(vs, reference, margin=settings.over_refusal_margin)}
 
+
 def phase_seconds(seconds: dict[str, float]) -> dict[str, float]:
     """Where the evaluation's time went: loading models, answering, each judge (`seconds/answering`, ...)."""
     out = {"seconds/loading": sum(v for k, v in seconds.items() if k.startswith("load/")),
@@ -343,7 +343,7 @@ def _judge_line(validation: dict[str, Any] | None, db: Store | None = None) -> s
     from matrix_assets.evaluation.validation import LABELLED_SUBSET, SHIPPED_SUBSET
 
     if validation is None:
-        return ("Judge: prompt-aware refusal judge (not validated in this store yet: materialize judge_validation)")
+        return "Judge: prompt-aware refusal judge (not validated in this store yet: materialize judge_validation)"
     line = (f"Judge: prompt-aware refusal judge (reads question and answer); agreement with human labels on "
             f"{validation['subset']} completions, a model it was not fitted on (its sibling mistralguard, the same "
             f"weights, was): kappa {validation['value']:.2f} [{validation['ci_low']:.2f}, "
@@ -351,7 +351,8 @@ def _judge_line(validation: dict[str, Any] | None, db: Store | None = None) -> s
 
     own = None
     for subset in (LABELLED_SUBSET, SHIPPED_SUBSET):
-        own = own or (db.judge_agreement(validation["validation_id"], DEFAULT_JUDGE, subset=subset) if db is not None else None)
+        own = own or (db.judge_agreement(validation["validation_id"], DEFAULT_JUDGE, subset=subset)
+                      if db is not None else None)
     if own is not None:
         line += (f"; on labelled answers of the model being graded: kappa {own['value']:.2f} [{own['ci_low']:.2f}, "
                  f"{own['ci_high']:.2f}] (n={own['n']})")
