@@ -160,7 +160,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS, help="Markdown results (default %(default)s)")
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
-                        help="clone into DIR and keep it (store, MLflow, Dagster history) instead of a temporary folder")
+                        help="clone into DIR and keep it (store, MLflow, Dagster history, and rss_timeline.csv: the process "
+                        "tree's RSS every second with the step running) instead of a temporary folder")
     parser.add_argument("run_args", nargs="*", help="extra arguments for `matrix-assets run` (after --)")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -173,6 +174,12 @@ def main() -> int:
         for step in steps:
             inside = [rss for t, rss in samples if step["start"] <= t <= step["end"]]
             step["peak_rss_mib"] = max(inside) if inside else float("nan")
+        if args.keep:  # the RSS of the process tree over time, each sample with the step it was charged to
+            with (clone / "rss_timeline.csv").open("w", encoding="utf-8") as timeline:
+                timeline.write("seconds,rss_mib,step\n")
+                for t, rss in samples:
+                    step = next((s["step"] for s in steps if s["start"] <= t <= s["end"]), "")
+                    timeline.write(f"{t - samples[0][0]:.0f},{rss:.0f},{step}\n")
         evaluation = next((s for s in steps if s["step"] == "evaluation_scores"), None)
         phases = evaluation_phases(clone) if evaluation else {}
         ratio = evaluation_ratio(clone, evaluation["seconds"]) if evaluation else None

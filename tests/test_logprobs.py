@@ -42,6 +42,19 @@ def test_local_backend_matches_a_manual_forward_pass(tiny_model_dir: str) -> Non
         for candidate in ("yes", "no"):
             expected = torch.logsumexp(logprobs[backend._candidate_token_ids(candidate)], dim=0).item()
             assert got[candidate] == pytest.approx(expected, abs=1e-4)
+    # A verdict prompt that starts like an earlier one only runs its new tokens (refill decoding's prefix cache);
+    # padded decoding runs the whole prompt. Both read the same distribution as the plain forward pass.
+    longer = [{"role": "user", "content": QUESTION[0]["content"] + " Think of the people in the scene first."}]
+    padded = TransformersBackend(tiny_model_dir, batch_size=2, prepack_weights=False, decoding="padded")
+    hits = backend.prefix_cache.hits
+    for source in (backend, padded):
+        got = source.next_token_logprobs([longer], ["yes", "no"], assistant_prefix="Answer:")[0]
+        ids = torch.tensor([backend.encode(longer, "Answer:")])
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(backend.model(input_ids=ids).logits[0, -1].float(), dim=-1)
+        expected = torch.logsumexp(logprobs[backend._candidate_token_ids("yes")], dim=0).item()
+        assert got["yes"] == pytest.approx(expected, abs=1e-4)
+    assert backend.prefix_cache.hits > hits
     # The prepacked (oneDNN) model gives the same distribution up to float rounding.
     packed = TransformersBackend(tiny_model_dir, batch_size=2)
     for a, b in zip(scores, packed.next_token_logprobs(conversations, ["yes", "no"], assistant_prefix="Answer:")):

@@ -314,7 +314,7 @@ def test_prefill_shares_a_pass_between_cache_misses_and_hits_of_different_length
     each row's last logits equal those of its prompt run alone, and the KV it stores is its own prompt's."""
     import torch
 
-    from matrix_assets.llm.refill import TokenJob, _prefill
+    from matrix_assets.llm.refill import TokenJob, prefill
 
     model, pad = eos_prone_backend.model, eos_prone_backend.tokenizer.pad_token_id
     head = list(range(40, 80))  # 40 tokens: the cache keeps 32 and 16 token blocks of it
@@ -322,11 +322,11 @@ def test_prefill_shares_a_pass_between_cache_misses_and_hits_of_different_length
     cache = PrefixCache(max_tokens=4096, block=16)
     params = GenerationParams(max_new_tokens=4)
     with torch.inference_mode():
-        _prefill(model, [TokenJob(0, head + [1], params)], pad, cache)
+        prefill(model, [TokenJob(0, head + [1], params)], pad, cache)
         hits_before = cache.hits
         passes = []
         hook = model.register_forward_pre_hook(lambda module, args: passes.append(1))
-        _, mask, logits = _prefill(model, [TokenJob(i, p, params) for i, p in enumerate(prompts)], pad, cache)
+        _, mask, logits = prefill(model, [TokenJob(i, p, params) for i, p in enumerate(prompts)], pad, cache)
         hook.remove()
         alone = [model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts]
         own = model(input_ids=torch.tensor([prompts[1]]), use_cache=True).past_key_values

@@ -26,6 +26,7 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -309,9 +310,15 @@ def prefill_groups(rest_lengths: Sequence[int], overhead: int = PASS_OVERHEAD_TO
     return groups[::-1]
 
 
-def _prefill(
+class Prefilled(NamedTuple):
+    cache: DynamicCache
+    mask: torch.Tensor
+    logits: torch.Tensor  # the next-token logits after each prompt
+
+
+def prefill(
     model: torch.nn.Module, jobs: list[TokenJob], pad_token_id: int, prefix_cache: PrefixCache | None
-) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+) -> Prefilled:
     """Run the prompts of newly admitted jobs; returns their cache, mask and last logits, rows in job order.
 
     A job whose prompt starts with a cached prefix only runs the rest. Jobs share forward passes as
@@ -349,7 +356,7 @@ def _prefill(
             prefix_cache.store(job.prompt, [(layer.keys[row : row + 1].index_select(2, real),
                                              layer.values[row : row + 1].index_select(2, real))
                                             for layer in _layers(cache)])
-    return cache, mask, logits
+    return Prefilled(cache, mask, logits)
 
 
 def _in_job_order(passes: list[tuple[list[DynamicLayer], torch.Tensor, torch.Tensor]], order: list[int]
@@ -393,7 +400,7 @@ def decode_live(
                 seed = next(j.params.seed for j in jobs if j.params.temperature > 0)
                 generator = torch.Generator().manual_seed(seed)
             fresh = len(batch)
-            cache, mask, logits = _prefill(model, jobs, pad_token_id, prefix_cache)
+            cache, mask, logits = prefill(model, jobs, pad_token_id, prefix_cache)
             batch.join(jobs, cache, mask)
             rows = slice(fresh, len(batch))
             batch.pending = torch.cat([batch.pending, _sample(logits, batch, rows, generator)])

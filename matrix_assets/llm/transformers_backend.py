@@ -197,20 +197,14 @@ class TransformersBackend(ChatBackend):
         log-probability of each candidate's first token, its spelling variants summed (`candidate_variants`)."""
         import torch
 
-        from matrix_assets.llm.refill import left_padded
-
         token_ids = [self._candidate_token_ids(c) for c in candidates]
         encoded = [self.encode(c, assistant_prefix) for c in conversations]
         results: list[dict[str, float]] = [{} for _ in encoded]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            input_ids, attention = left_padded([encoded[i] for i in rows], self.tokenizer.pad_token_id)
-            # Left padding shifts every row: positions count real tokens only, as in generation.
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)
             with self._lock, torch.inference_mode():
-                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                    position_ids=positions.to(self.device), logits_to_keep=1).logits[:, -1, :]
+                logits = self._last_logits([encoded[i] for i in rows])
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             for row, index in enumerate(rows):
                 results[index] = {
@@ -218,6 +212,21 @@ class TransformersBackend(ChatBackend):
                     for candidate, ids in zip(candidates, token_ids)
                 }
         return results
+
+    def _last_logits(self, prompts: list[list[int]]) -> Any:
+        """The next-token logits after each prompt. With refill decoding the prompts go through its prefill, so a
+        verdict prompt that starts like an earlier prompt of the session only runs its new tokens (and is kept
+        for the prompts after it); otherwise one left-padded forward pass."""
+        from matrix_assets.llm.refill import TokenJob, left_padded, prefill
+
+        if self.decoding == "refill" and self.prefix_cache is not None:
+            jobs = [TokenJob(i, ids, GenerationParams(max_new_tokens=1)) for i, ids in enumerate(prompts)]
+            return prefill(self.model, jobs, self.tokenizer.pad_token_id, self.prefix_cache).logits
+        input_ids, attention = left_padded(prompts, self.tokenizer.pad_token_id)
+        # Left padding shifts every row: positions count real tokens only, as in generation.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                          position_ids=positions.to(self.device), logits_to_keep=1).logits[:, -1, :]
 
     def _candidate_token_ids(self, candidate: str) -> list[int]:
         """First tokens of a candidate's spellings; a spelling that is not one token by itself is still read
