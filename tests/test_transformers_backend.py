@@ -91,6 +91,21 @@ def test_refill_decoding_gives_the_same_text_as_padded_generate(eos_prone_backen
     ]
 
 
+def test_refill_accounts_for_every_decoded_row_step(eos_prone_backend) -> None:  # noqa: ANN001
+    """The decode counters add up: a row's first token comes from its prefill, every later token (or the EOS that
+    ends it) from one decode step; rows that leave early make the mean batch narrower than the slots."""
+    from matrix_assets.llm.refill import DecodeStats
+
+    eos_prone_backend.decode_stats = DecodeStats()
+    out = eos_prone_backend.generate(MANY, GenerationParams(max_new_tokens=12))
+    stats = eos_prone_backend.decode_stats
+    expected = sum(c.completion_tokens if c.completion_tokens < 12 else 11 for c in out)
+    assert stats.decode_row_steps == expected
+    assert 0 < stats.mean_rows < eos_prone_backend.rows_for([[0]] * len(MANY), GenerationParams(max_new_tokens=12))
+    assert stats.prefill_passes >= 1 and stats.prefill_tokens > 0
+    assert stats.decode_seconds > 0 and stats.prefill_seconds > 0
+
+
 def test_refill_reports_each_row_as_it_finishes(eos_prone_backend) -> None:  # noqa: ANN001
     seen: list[tuple[int, Completion]] = []
     out = eos_prone_backend.generate_streaming(MANY, GenerationParams(max_new_tokens=12),

@@ -23,6 +23,7 @@ per step and took ~10 GB for its cache, so this small loop over the standard `Dy
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,23 @@ class TokenJob:
 class _Row:
     job: TokenJob
     tokens: list[int] = field(default_factory=list)  # generated so far, EOS excluded
+
+
+@dataclass
+class DecodeStats:
+    """Where a backend's refill-decoding time went, summed over its sessions (a benchmark reads it to split a
+    session's time; the counts cost two clock reads per forward pass)."""
+
+    decode_steps: int = 0
+    decode_row_steps: int = 0  # rows x steps: each decoded row-step is one token (or the EOS that ended a row)
+    decode_seconds: float = 0.0
+    prefill_passes: int = 0
+    prefill_tokens: int = 0  # prompt tokens run, the prefix cache's reused ones excluded
+    prefill_seconds: float = 0.0
+
+    @property
+    def mean_rows(self) -> float:
+        return self.decode_row_steps / self.decode_steps if self.decode_steps else 0.0
 
 
 def supports_refill(model: torch.nn.Module) -> bool:
@@ -96,7 +114,7 @@ class GrowingLayer(DynamicLayer):
     decoding rebuilds `keys`/`values` (a row joins or leaves), the new tensors are adopted into a fresh buffer
     on the next update. Attention sees the same values, so the logits are the same (tested)."""
 
-    min_headroom = 64
+    min_headroom = 32
     _room: tuple[torch.Tensor, torch.Tensor] | None = None  # the buffer; keys/values are views of its start
     _handed_out: tuple[torch.Tensor, torch.Tensor] | None = None  # the views last returned (replaced = stale)
 
@@ -114,7 +132,9 @@ class GrowingLayer(DynamicLayer):
         stale = handed_out is not None and (self.keys is not handed_out[0] or self.values is not handed_out[1])
         if room is None or stale or length + new > room[0].shape[-2]:
             self._room = self._handed_out = room = None  # the old buffer goes before the new one is allocated
-            capacity = length + new + max(self.min_headroom, length // 2)
+            # A quarter of the length as spare room: refill decoding rebuilds the buffer whenever a row joins or
+            # leaves anyway, and larger room was mostly never written (it is RSS all the same).
+            capacity = length + new + max(self.min_headroom, length // 4)
             keys = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
             values = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
             if length:
@@ -128,6 +148,16 @@ class GrowingLayer(DynamicLayer):
         self._handed_out = (self.keys, self.values)
         return self.keys, self.values
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Take rebuilt keys and values (rows joined or left) and let go of the old buffer at once, so that a
+        batch change holds the old and new KV of one layer at a time, not of all layers."""
+        self.keys, self.values = keys, values
+        self._room = self._handed_out = None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.adopt(self.keys[indices, ...], self.values[indices, ...])
+
     def reset(self) -> None:
         self._room = self._handed_out = None
         super().reset()
@@ -138,6 +168,13 @@ def growing_cache() -> DynamicCache:
     cache = DynamicCache()
     cache.layer_class_to_replicate = GrowingLayer
     return cache
+
+
+def _adopt(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    if isinstance(layer, GrowingLayer):
+        layer.adopt(keys, values)
+    else:
+        layer.keys, layer.values = keys, values
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
@@ -181,8 +218,7 @@ class _Batch:
         else:
             width = max(self.mask.shape[1], mask.shape[1])
             for layer, other in zip(_layers(self.cache), _layers(cache), strict=True):
-                layer.keys = _stacked([layer.keys, other.keys], width, 2)
-                layer.values = _stacked([layer.values, other.values], width, 2)
+                _adopt(layer, _stacked([layer.keys, other.keys], width, 2), _stacked([layer.values, other.values], width, 2))
             self.mask = _stacked([self.mask, mask], width, 1)
             self.seen = torch.cat([self.seen, seen])
             for name, value in per_row.items():
@@ -204,7 +240,7 @@ class _Batch:
             start = int(used[0]) if len(used) else 0
             if start > 0:
                 for layer in _layers(self.cache):
-                    layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                    _adopt(layer, layer.keys[:, :, start:], layer.values[:, :, start:])
                 self.mask = self.mask[:, start:]
         for name in ("seen", "penalty", "temperature", "top_p", "pending"):
             setattr(self, name, getattr(self, name)[index])
@@ -214,8 +250,9 @@ def _sample(logits: torch.Tensor, batch: _Batch, rows: slice, generator: torch.G
     """Next token per row: repetition penalty (transformers' rule), then greedy or temperature + top-p."""
     scores = logits.float()
     penalty = batch.penalty[rows].unsqueeze(1)
-    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
-    scores = torch.where(batch.seen[rows] & (penalty != 1.0), penalized, scores)
+    if (penalty != 1.0).any():  # greedy rows without a penalty (the evaluation's) skip three vocab-wide copies
+        penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+        scores = torch.where(batch.seen[rows] & (penalty != 1.0), penalized, scores)
     chosen = scores.argmax(dim=-1)
     temperature = batch.temperature[rows]
     sampled = temperature > 0
@@ -317,7 +354,8 @@ class Prefilled(NamedTuple):
 
 
 def prefill(
-    model: torch.nn.Module, jobs: list[TokenJob], pad_token_id: int, prefix_cache: PrefixCache | None
+    model: torch.nn.Module, jobs: list[TokenJob], pad_token_id: int, prefix_cache: PrefixCache | None,
+    stats: DecodeStats | None = None,
 ) -> Prefilled:
     """Run the prompts of newly admitted jobs; returns their cache, mask and last logits, rows in job order.
 
@@ -345,8 +383,13 @@ def prefill(
             empty = reference.new_zeros((1, reference.shape[1], 0, reference.shape[3]))
             layer = [hit[1][index] if (hit := found[i]) else (empty, empty) for i in members]
             cache.update(_stacked([k for k, _ in layer], head, 2), _stacked([v for _, v in layer], head, 2), index)
+        began = time.perf_counter()
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
+        if stats is not None:
+            stats.prefill_passes += 1
+            stats.prefill_tokens += int(rest_mask.sum())
+            stats.prefill_seconds += time.perf_counter() - began
         order += members
         passes.append((_layers(cache), mask, out.logits[:, -1, :]))
     cache, mask, logits = _in_job_order(passes, order)
@@ -382,13 +425,14 @@ def decode_live(
     eos_token_ids: set[int],
     pad_token_id: int,
     prefix_cache: PrefixCache | None = None,
+    stats: DecodeStats | None = None,
 ) -> None:
     """Decode jobs as they come: whenever fewer than `batch_size` rows run, `take(free_slots)` is asked for
     more; `on_done(job, new_token_ids)` (EOS excluded) is called the moment a row ends and may queue further
     jobs. Returns when `take` has nothing and no row is left. Each job's own `GenerationParams` apply to its
     row (max_new_tokens, repetition penalty, temperature, top_p); the first sampled job's seed seeds the
     sampling generator of the session. With a `prefix_cache`, a prompt that starts like an earlier one only
-    prefills what is new."""
+    prefills what is new. `stats`, when given, adds up the time of the prefill passes and decode steps."""
     batch = _Batch(model.get_output_embeddings().out_features)
     generator: torch.Generator | None = None
 
@@ -400,8 +444,9 @@ def decode_live(
                 seed = next(j.params.seed for j in jobs if j.params.temperature > 0)
                 generator = torch.Generator().manual_seed(seed)
             fresh = len(batch)
-            cache, mask, logits = prefill(model, jobs, pad_token_id, prefix_cache)
+            cache, mask, logits = prefill(model, jobs, pad_token_id, prefix_cache, stats)
             batch.join(jobs, cache, mask)
+            del cache  # its rows now live in the batch's cache
             rows = slice(fresh, len(batch))
             batch.pending = torch.cat([batch.pending, _sample(logits, batch, rows, generator)])
         elif batch.rows:
@@ -409,8 +454,13 @@ def decode_live(
             rows = slice(0, len(batch))
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
             positions = batch.mask.sum(-1, keepdim=True) - 1
+            began = time.perf_counter()
             out = model(input_ids=batch.pending.unsqueeze(1), attention_mask=batch.mask, position_ids=positions,
                         past_key_values=batch.cache, use_cache=True)
+            if stats is not None:
+                stats.decode_steps += 1
+                stats.decode_row_steps += len(batch)
+                stats.decode_seconds += time.perf_counter() - began
             batch.pending = _sample(out.logits[:, -1, :], batch, rows, generator)
         else:
             return
@@ -443,6 +493,7 @@ def generate_with_refill(
     pad_token_id: int,
     on_row_done: Callable[[int, list[int]], None] | None = None,
     prefix_cache: PrefixCache | None = None,
+    stats: DecodeStats | None = None,
 ) -> list[list[int]]:
     """A fixed list of prompts through `decode_live`, shortest first; returns the new token ids per prompt.
     `on_row_done(index, tokens)` is called as each prompt finishes (so callers can persist it at once)."""
@@ -458,5 +509,5 @@ def generate_with_refill(
             on_row_done(job.id, tokens)
 
     decode_live(model, take, done, batch_size=batch_size, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                prefix_cache=prefix_cache)
+                prefix_cache=prefix_cache, stats=stats)
     return results

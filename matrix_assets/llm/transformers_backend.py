@@ -23,6 +23,7 @@ from matrix_assets.llm.base import (
     BackendError, ChatBackend, Completion, Conversation, GenerationParams, Job, OnCompletion, PermanentBackendError,
     TakeJobs, candidate_variants,
 )
+from matrix_assets.llm.memory import release_memory
 from matrix_assets.llm.models import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class TransformersBackend(ChatBackend):
         self.model.eval()
         self.prepacked_layers = self._prepack(adapter_path is not None) if prepack_weights and not on_gpu else 0
         self.decoding = decoding
-        from matrix_assets.llm.refill import PrefixCache, supports_refill
+        from matrix_assets.llm.refill import DecodeStats, PrefixCache, supports_refill
 
         if decoding == "refill" and on_gpu:
             # Refill decoding steps row by row from Python: on a GPU every step would wait on kernel launches.
@@ -149,12 +150,16 @@ class TransformersBackend(ChatBackend):
         # Refill decoding reuses the KV of prompt prefixes it has seen (0 turns it off); valid for this
         # backend's lifetime because its weights (base + adapter) never change.
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self.decode_stats = DecodeStats()  # refill decoding's prefill and decode time (verdict passes included)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._lock = threading.RLock()  # one model call at a time; re-entrant: a live session scores verdicts from inside `take`
         self._grammar_compiler: Any = None
         self._grammars: dict[str, Any] = {}
+        # Loading, merging an adapter and prepacking free about a model's worth of temporary copies; handed back
+        # now, the answers' KV grows into memory the system has, not onto a heap that keeps them.
+        release_memory()
 
     def _prepack(self, has_adapter: bool) -> int:
         """On CPU, compute the linear layers with oneDNN on weights packed once (`llm/prepack.py`): about 2x
@@ -221,7 +226,7 @@ class TransformersBackend(ChatBackend):
 
         if self.decoding == "refill" and self.prefix_cache is not None:
             jobs = [TokenJob(i, ids, GenerationParams(max_new_tokens=1)) for i, ids in enumerate(prompts)]
-            return prefill(self.model, jobs, self.tokenizer.pad_token_id, self.prefix_cache).logits
+            return prefill(self.model, jobs, self.tokenizer.pad_token_id, self.prefix_cache, self.decode_stats).logits
         input_ids, attention = left_padded(prompts, self.tokenizer.pad_token_id)
         # Left padding shifts every row: positions count real tokens only, as in generation.
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -295,7 +300,7 @@ class TransformersBackend(ChatBackend):
         with self._lock, torch.inference_mode():
             decode_live(self.model, take_tokenized, done, batch_size=self.batch_size,
                         eos_token_ids=self.eos_token_ids(), pad_token_id=self.tokenizer.pad_token_id,
-                        prefix_cache=self.prefix_cache)
+                        prefix_cache=self.prefix_cache, stats=self.decode_stats)
 
     def _generate_structured(self, structured: Sequence[Job], on_completion: OnCompletion) -> None:
         groups: dict[GenerationParams, list[Job]] = {}
@@ -386,6 +391,7 @@ class TransformersBackend(ChatBackend):
             generate_with_refill(
                 self.model, batch, params, batch_size=self.rows_for(batch, params), eos_token_ids=self.eos_token_ids(),
                 pad_token_id=self.tokenizer.pad_token_id, on_row_done=row_done, prefix_cache=self.prefix_cache,
+                stats=self.decode_stats,
             )
         return [r for r in results if r is not None]
 
