@@ -151,6 +151,42 @@ def test_train_lora_accumulates_micro_batches_up_to_the_batch(tiny_model_dir: st
                    train=TrainSettings(max_steps=1, batch_size=3, micro_batch_size=2))
 
 
+def test_activation_checkpointing_trades_time_for_memory_not_the_result(tiny_model_dir: str, tmp_path: Path,
+                                                                        monkeypatch) -> None:  # noqa: ANN001
+    """auto recomputes activations where a forward pass may hold many tokens (a rated group of 3 x 512), not for one
+    512-token SFT example; the trainer gets the setting, and the trained adapter is the same with it on or off."""
+    import torch
+    from safetensors.torch import load_file
+
+    assert TrainSettings(max_length=512).checkpoints_activations(1) is False
+    assert TrainSettings(max_length=512).checkpoints_activations(StableAlignmentObjective().sequences_per_example)
+    assert TrainSettings(activation_checkpointing="off").checkpoints_activations(3) is False
+    assert TrainSettings(activation_checkpointing="on", max_length=16).checkpoints_activations(1)
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        TrainSettings(activation_checkpointing="sometimes").validate()
+
+    import matrix_assets.training.rating_contrastive as rc
+
+    seen: list[bool] = []
+    original = rc.StableAlignmentTrainer.__init__
+
+    def recording(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(bool(kwargs["args"].gradient_checkpointing))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(rc.StableAlignmentTrainer, "__init__", recording)
+    adapters = []
+    for mode in ("on", "off"):
+        train_lora(tiny_model_dir, GROUPS, tmp_path / mode, objective=StableAlignmentObjective(),
+                   lora=LoraSettings(dropout=0.0),
+                   train=TrainSettings(max_steps=2, batch_size=1, max_length=64, activation_checkpointing=mode))
+        adapters.append(load_file(str(tmp_path / mode / "adapter" / "adapter_model.safetensors")))
+    assert seen == [True, False]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name in adapters[0]:
+        assert torch.allclose(adapters[0][name], adapters[1][name], atol=1e-5), name
+
+
 def test_sft_training_lowers_the_loss_and_changes_what_the_model_says(tiny_model_dir: str, tmp_path: Path) -> None:
     """Training does something: over steps on one example the loss falls, and the saved adapter makes the model
     more likely to give the trained answer than the base model is."""

@@ -296,6 +296,25 @@ def test_growing_cache_layers_refuse_an_update_of_another_batch_size() -> None:
     assert values[0, 0, 0, 0] == 7.0 and keys.shape == values.shape == (2, 1, 5, 8)
 
 
+def test_growing_cache_layers_let_go_of_their_buffer_when_rows_leave() -> None:
+    """A batch change frees each layer's old buffer as that layer is rebuilt: no moment holds every layer twice."""
+    import weakref
+
+    import torch
+
+    from matrix_assets.llm.refill import GrowingLayer
+
+    layer = GrowingLayer()
+    keys = torch.arange(3 * 4 * 8, dtype=torch.float).reshape(3, 1, 4, 8)
+    layer.update(keys, -keys)
+    old_buffer = weakref.ref(layer._room[0])
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    assert old_buffer() is None, "the old buffer is still held after the rows left"
+    assert torch.equal(layer.keys, keys[[0, 2]]) and torch.equal(layer.values, -keys[[0, 2]])
+    grown, _ = layer.update(torch.ones(2, 1, 1, 8), torch.ones(2, 1, 1, 8))
+    assert torch.equal(grown[:, :, :4], keys[[0, 2]]) and grown.shape == (2, 1, 5, 8)
+
+
 def test_a_token_budget_widens_batches_of_short_prompts_without_changing_the_text(
         tiny_model_dir: str, monkeypatch) -> None:  # noqa: ANN001
     import matrix_assets.llm.transformers_backend as module
