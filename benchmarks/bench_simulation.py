@@ -223,7 +223,8 @@ class CountingBackend(ChatBackend):
 
     @property
     def replay_seconds(self) -> float:
-        return sum(c.replay_seconds for c in self.calls)
+        """Time the replay took inside the simulation's wall time (its prefill timing included), to subtract."""
+        return sum(c.replay_seconds + c.replay_prefill_seconds for c in self.calls)
 
 
 class RawReplay:
