@@ -405,6 +405,10 @@ def _dismiss_popups(ui: UI, page) -> None:  # noqa: ANN001
     skip.wait_for(state="visible")
     skip.click()
     skip.wait_for(state="hidden")
+    # The page hides the dialog before its "seen" mutation reaches the server: wait for the server to record it.
+    deadline = time.monotonic() + 15
+    while _gql(ui, "{ shouldShowNux }")["shouldShowNux"] and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert _gql(ui, "{ shouldShowNux }")["shouldShowNux"] is False
 
 
