@@ -218,7 +218,8 @@ class _Batch:
         else:
             width = max(self.mask.shape[1], mask.shape[1])
             for layer, other in zip(_layers(self.cache), _layers(cache), strict=True):
-                _adopt(layer, _stacked([layer.keys, other.keys], width, 2), _stacked([layer.values, other.values], width, 2))
+                _adopt(layer, _stacked([layer.keys, other.keys], width, 2),
+                       _stacked([layer.values, other.values], width, 2))
             self.mask = _stacked([self.mask, mask], width, 1)
             self.seen = torch.cat([self.seen, seen])
             for name, value in per_row.items():

@@ -74,8 +74,8 @@ class TrainSettings:
     precision: str = "auto"  # auto: bf16 on a GPU that has it, fp32 on the CPU; or fp32 | bf16
     quantization: str = "none"  # none | 4bit (QLoRA: NF4 base weights, needs a CUDA GPU and bitsandbytes)
     # Recompute each layer's activations in the backward pass instead of holding them: auto turns it on where a
-    # forward pass may hold more than AUTO_CHECKPOINTING_TOKENS tokens (a Stable Alignment group of 3 x 512 tokens:
-    # 0.84 GB less peak RSS for 28 % more training time on the 2-core CPU), and always under QLoRA.
+    # forward pass may hold more than AUTO_CHECKPOINTING_TOKENS tokens, and always under QLoRA (what it costs and
+    # saves: the help of `profiles.TrainingSettings.activation_checkpointing`).
     activation_checkpointing: str = "auto"  # auto | on | off
 
     def validate(self) -> None:
