@@ -359,17 +359,21 @@ def split_rows(cold: RunResult, calls: Sequence[CallRecord], batch_size: int, ge
         return []
     raw_prefill = sum(c.replay_prefill_seconds for c in calls)
     gen_prefill = max(0.0, d.prefill_seconds - cold.score_seconds)  # verdicts go through the same prefill
-    rest = cold.backend_seconds - d.decode_seconds - gen_prefill - cold.score_seconds
+    rest = cold.backend_seconds - d.decode_seconds - d.joined_seconds - gen_prefill - cold.score_seconds
     step_s = d.decode_seconds / d.decode_steps
-    full = gen_prefill + cold.score_seconds + rest + (d.decode_row_steps / batch_size) * step_s
+    # Rows that stepped in joined passes cost those passes nothing extra; the plain steps' rows fill full batches.
+    full = gen_prefill + cold.score_seconds + rest + d.joined_seconds + (d.decode_row_steps / batch_size) * step_s
     raw_decode_tps = replay_tokens / (replay_s - raw_prefill) if replay_s > raw_prefill else 0.0
     decode_only = (d.decode_row_steps / d.decode_seconds) / raw_decode_tps if raw_decode_tps else 0.0
+    joined_rows = d.joined_row_steps / d.joined_passes if d.joined_passes else 0.0
     return [
         ("(a) the session's time, split",
          f"decode steps {d.decode_seconds:.1f} s ({d.decode_steps} steps, mean {d.mean_rows:.1f} of {batch_size} "
-         f"rows); prefill of the generations {gen_prefill:.1f} s; verdicts {cold.score_seconds:.1f} s "
+         f"rows); decode steps that also prefilled joining prompts {d.joined_seconds:.1f} s ({d.joined_passes} "
+         f"passes, mean {joined_rows:.1f} rows stepping, {d.joined_prompt_tokens} prompt tokens); prefill alone "
+         f"{gen_prefill:.1f} s (an empty batch's prompts); verdicts {cold.score_seconds:.1f} s "
          f"({cold.score_requests} prompts, no token generated); the rest {rest:.1f} s "
-         f"({d.prefill_tokens} prompt tokens run, verdicts included)", "", ""),
+         f"({d.prefill_tokens} prompt tokens run in prefill passes, verdicts included)", "", ""),
         ("(a) the raw replay's time, split",
          f"prefill {raw_prefill:.1f} s (its prompts alone, timed apart), decoding {replay_s - raw_prefill:.1f} s", "",
          ""),

@@ -100,7 +100,9 @@ def test_refill_accounts_for_every_decoded_row_step(eos_prone_backend) -> None: 
     out = eos_prone_backend.generate(MANY, GenerationParams(max_new_tokens=12))
     stats = eos_prone_backend.decode_stats
     expected = sum(c.completion_tokens if c.completion_tokens < 12 else 11 for c in out)
-    assert stats.decode_row_steps == expected
+    # Rows that step in a pass with joining prompts count apart from those of plain decode steps.
+    assert stats.decode_row_steps + stats.joined_row_steps == expected
+    assert stats.joined_passes > 0 and stats.joined_prompt_tokens > 0
     assert 0 < stats.mean_rows < eos_prone_backend.rows_for([[0]] * len(MANY), GenerationParams(max_new_tokens=12))
     assert stats.prefill_passes >= 1 and stats.prefill_tokens > 0
     assert stats.decode_seconds > 0 and stats.prefill_seconds > 0
@@ -382,3 +384,59 @@ def test_prefill_groups_pad_where_it_is_cheaper_than_another_pass() -> None:
     assert prefill_groups([60, 10], overhead=32) == [[1], [0]]
     assert prefill_groups([3, 1, 2], overhead=0) == [[1], [2], [0]]
     assert prefill_groups([]) == []
+
+
+def test_a_joined_pass_equals_a_decode_step_and_a_prefill(eos_prone_backend) -> None:  # noqa: ANN001
+    """Prompts joining a running batch share its next decode step's forward pass: the running rows get the logits
+    and KV of a plain decode step, each joining prompt (one with a cached head, one without) the logits and KV of
+    its own prefill, and the prefix cache stores the joining prompts' own KV."""
+    import torch
+
+    from matrix_assets.llm.refill import TokenJob, _Batch, joined_pass, joins_passes, prefill
+
+    model, pad = eos_prone_backend.model, eos_prone_backend.tokenizer.pad_token_id
+    assert eos_prone_backend.joined_passes and joins_passes(model)
+    params = GenerationParams(max_new_tokens=4)
+    running = [TokenJob(0, list(range(30, 47)), params), TokenJob(1, list(range(60, 65)), params)]
+    head = list(range(100, 140))
+    joining = [TokenJob(2, head + [7, 8, 9], params), TokenJob(3, list(range(300, 320)), params)]
+
+    def running_batch(cache: PrefixCache) -> _Batch:
+        batch = _Batch(model.get_output_embeddings().out_features)
+        prefilled = prefill(model, running, pad, None)
+        batch.join(running, prefilled.cache, prefilled.mask)
+        batch.pending = prefilled.logits.argmax(-1)
+        prefill(model, [TokenJob(9, head + [1], params)], pad, cache)  # the head of joining[0] is cached
+        return batch
+
+    with torch.inference_mode():
+        separate_cache, joined_cache = PrefixCache(block=16), PrefixCache(block=16)
+        separate = running_batch(separate_cache)
+        separate.mask = torch.cat([separate.mask, separate.mask.new_ones((2, 1))], dim=1)
+        step = model(input_ids=separate.pending[:, None], attention_mask=separate.mask,
+                     position_ids=separate.mask.sum(-1, keepdim=True) - 1, past_key_values=separate.cache,
+                     use_cache=True).logits[:, -1]
+        alone = prefill(model, joining, pad, separate_cache)
+
+        batch = running_batch(joined_cache)
+        passes = []
+        hook = model.register_forward_pre_hook(lambda module, args: passes.append(1))
+        step_logits, joined = joined_pass(model, batch, joining, joined_cache)
+        hook.remove()
+    assert len(passes) == 1 and joined_cache.hits == separate_cache.hits == 1
+    assert torch.allclose(step_logits, step, atol=1e-4)
+    assert torch.allclose(joined.logits, alone.logits, atol=1e-4)
+    assert torch.equal(batch.mask, separate.mask)
+    for mine, theirs in zip(batch.cache.layers, separate.cache.layers):
+        assert torch.allclose(mine.keys, theirs.keys, atol=1e-5) and torch.allclose(mine.values, theirs.values, atol=1e-5)
+    # The joining rows' KV at their prompts' own positions (`prefill` leaves a gap after a cached head; a joined
+    # pass does not): the same values in the same order.
+    assert joined.mask.sum(-1).tolist() == alone.mask.sum(-1).tolist() == [len(job.prompt) for job in joining]
+    for mine, theirs in zip(joined.cache.layers, alone.cache.layers):
+        for row in range(len(joining)):
+            for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                assert torch.allclose(a[row][:, joined.mask[row].bool()], b[row][:, alone.mask[row].bool()], atol=1e-5)
+    for job in joining:
+        mine, theirs = joined_cache.lookup(job.prompt + [0]), separate_cache.lookup(job.prompt + [0])
+        assert mine is not None and theirs is not None and mine[0] == theirs[0]
+        assert torch.allclose(mine[1][-1][0], theirs[1][-1][0], atol=1e-5)

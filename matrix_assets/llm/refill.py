@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from matrix_assets.llm.base import GenerationParams
 
@@ -62,6 +63,12 @@ class DecodeStats:
     prefill_passes: int = 0
     prefill_tokens: int = 0  # prompt tokens run, the prefix cache's reused ones excluded
     prefill_seconds: float = 0.0
+    # Passes that decode the running rows and prefill joining prompts together (`joined_pass`): their prompt
+    # tokens count here, not in prefill_tokens, and their rows' tokens here, not in decode_row_steps.
+    joined_passes: int = 0
+    joined_row_steps: int = 0
+    joined_prompt_tokens: int = 0
+    joined_seconds: float = 0.0
 
     @property
     def mean_rows(self) -> float:
@@ -111,8 +118,9 @@ class GrowingLayer(DynamicLayer):
     transformers' `DynamicLayer` copies a layer's whole KV on every decoded token (`torch.cat`); at batch 8 and a
     few hundred positions that copy was ~15 % of a decode step on the project's CPU. This layer keeps its KV in a
     buffer with headroom and hands out views of the filled part, so a step writes one position. When refill
-    decoding rebuilds `keys`/`values` (a row joins or leaves), the new tensors are adopted into a fresh buffer
-    on the next update. Attention sees the same values, so the logits are the same (tested)."""
+    decoding changes the rows (one joins or leaves), `restack` writes the new rows straight into a fresh buffer;
+    `keys`/`values` replaced from outside are moved into one on the next update. Attention sees the same values,
+    so the logits are the same (tested)."""
 
     min_headroom = 32
     _room: tuple[torch.Tensor, torch.Tensor] | None = None  # the buffer; keys/values are views of its start
@@ -148,15 +156,30 @@ class GrowingLayer(DynamicLayer):
         self._handed_out = (self.keys, self.values)
         return self.keys, self.values
 
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Take rebuilt keys and values (rows joined or left) and let go of the old buffer at once, so that a
-        batch change holds the old and new KV of one layer at a time, not of all layers."""
-        self.keys, self.values = keys, values
-        self._room = self._handed_out = None
+    def restack(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], width: int) -> None:
+        """Make the rows of several KV parts (rows, heads, length <= width, dim) this layer's KV: each part
+        left-padded with zeros to `width`, stacked by rows, written straight into a new buffer with spare room.
+        One copy per batch change (stacking, then moving into room on the next step, was two); the old buffer
+        goes as soon as the new one is filled."""
+        rows = sum(part.shape[0] for part in keys)
+        capacity = width + max(self.min_headroom, width // 4)
+        room = tuple(parts[0].new_empty((rows, parts[0].shape[1], capacity, parts[0].shape[3]))
+                     for parts in (keys, values))
+        for buffer, parts in zip(room, (keys, values)):
+            row = 0
+            for part in parts:
+                end, start = row + part.shape[0], width - part.shape[2]
+                buffer[row:end, :, :start].zero_()  # masked columns: finite, so attention's zero weights stay zero
+                buffer[row:end, :, start:width].copy_(part)
+                row = end
+        self._room = (room[0], room[1])
+        self.keys, self.values = room[0][:, :, :width], room[1][:, :, :width]
+        self._handed_out = (self.keys, self.values)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
-            self.adopt(self.keys[indices, ...], self.values[indices, ...])
+            _restack(self, _row_runs(self.keys, indices.tolist(), 0), _row_runs(self.values, indices.tolist(), 0),
+                     self.keys.shape[2])
 
     def reset(self) -> None:
         self._room = self._handed_out = None
@@ -170,11 +193,26 @@ def growing_cache() -> DynamicCache:
     return cache
 
 
-def _adopt(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+def _restack(layer: DynamicLayer, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], width: int) -> None:
+    """A layer's KV rebuilt from row parts, each left-padded to `width` (see `GrowingLayer.restack`)."""
     if isinstance(layer, GrowingLayer):
-        layer.adopt(keys, values)
+        layer.restack(keys, values, width)
     else:
-        layer.keys, layer.values = keys, values
+        layer.keys, layer.values = _stacked(keys, width, 2), _stacked(values, width, 2)
+
+
+def _row_runs(tensor: torch.Tensor, rows: list[int], start: int) -> list[torch.Tensor]:
+    """Views of `tensor`'s `rows` (ascending) from column `start` on, one view per run of consecutive rows."""
+    runs: list[torch.Tensor] = []
+    first = previous = rows[0]
+    for row in [*rows[1:], None]:
+        if row is not None and row == previous + 1:
+            previous = row
+            continue
+        runs.append(tensor[first : previous + 1, :, start:])
+        if row is not None:
+            first = previous = row
+    return runs
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
@@ -218,8 +256,7 @@ class _Batch:
         else:
             width = max(self.mask.shape[1], mask.shape[1])
             for layer, other in zip(_layers(self.cache), _layers(cache), strict=True):
-                _adopt(layer, _stacked([layer.keys, other.keys], width, 2),
-                       _stacked([layer.values, other.values], width, 2))
+                _restack(layer, [layer.keys, other.keys], [layer.values, other.values], width)
             self.mask = _stacked([self.mask, mask], width, 1)
             self.seen = torch.cat([self.seen, seen])
             for name, value in per_row.items():
@@ -235,14 +272,13 @@ class _Batch:
             self.mask = self.mask[:0]
         else:
             assert self.cache is not None
-            self.cache.batch_select_indices(index)
-            self.mask = self.mask[index]
-            used = self.mask.any(dim=0).nonzero()
+            mask = self.mask[index]
+            used = mask.any(dim=0).nonzero()
             start = int(used[0]) if len(used) else 0
-            if start > 0:
-                for layer in _layers(self.cache):
-                    _adopt(layer, layer.keys[:, :, start:], layer.values[:, :, start:])
-                self.mask = self.mask[:, start:]
+            for layer in _layers(self.cache):  # the kept rows, from the first column one of them uses, in one copy
+                _restack(layer, _row_runs(layer.keys, keep, start), _row_runs(layer.values, keep, start),
+                         mask.shape[1] - start)
+            self.mask = mask[:, start:]
         for name in ("seen", "penalty", "temperature", "top_p", "pending"):
             setattr(self, name, getattr(self, name)[index])
 
@@ -273,7 +309,7 @@ class PrefixCache:
     template's instructions come before the scene's own text; about half the prompt tokens of a simulation
     are a prefix of an earlier prompt. Entries are evicted least recently used beyond `max_tokens`."""
 
-    def __init__(self, max_tokens: int = 4096, block: int = 16) -> None:
+    def __init__(self, max_tokens: int = 4096, block: int = 4) -> None:
         self.max_tokens = max_tokens
         self.block = block
         self.entries: OrderedDict[int, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
@@ -417,6 +453,132 @@ def _in_job_order(passes: list[tuple[list[DynamicLayer], torch.Tensor, torch.Ten
     return cache, mask, torch.cat([logits for _, _, logits in passes])[rows]
 
 
+# Joined passes: when prompts join a running batch, their prefill and the running rows' next decode step share one
+# forward pass. On a CPU a pass costs ~40 ms before its first token (streaming the weights), as much as a decode step
+# of 8 rows; a separate prefill pass for every joining prompt paid it again each time (~100 times in the simulation
+# benchmark's session). The pass packs every token into one sequence: the linear layers run on the real tokens only
+# (no padding), and attention (`joined_attention`) runs per part: the running rows against their KV cache, each
+# joining prompt causally against its cached prefix and itself.
+JOINED_ATTENTION = "refill_joined"
+
+
+@dataclass
+class _Segment:
+    start: int  # position of the prompt's first new token in the packed sequence
+    length: int  # its new tokens
+    head: list[tuple[torch.Tensor, torch.Tensor]] | None  # the prefix cache's KV of its cached head, per layer
+    head_length: int
+
+
+@dataclass
+class JoinedPass:
+    """What `joined_attention` needs to know about a packed pass; it writes each joining prompt's KV to `new_kv`."""
+
+    running: list[DynamicLayer]  # the running rows' cache layers (their new token's KV is appended)
+    running_mask: torch.Tensor  # (rows, 1, 1, columns) bool, the new column included
+    n_running: int
+    segments: list[_Segment]
+    new_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)  # per segment, per layer
+
+
+def joined_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, *, joined_pass: JoinedPass | None = None,
+                     **kwargs: object) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except in a joined pass (query, key, value: one packed sequence of the running
+    rows' tokens, then each joining prompt's), where each part attends to its own keys only."""
+    if joined_pass is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    plan, layer = joined_pass, module.layer_idx
+    if layer == 0:
+        plan.new_kv = [[] for _ in plan.segments]
+    parts = []
+    n = plan.n_running
+    if n:
+        def rows(t: torch.Tensor) -> torch.Tensor:  # (1, heads, n, dim) -> (n, heads, 1, dim)
+            return t[0, :, :n].transpose(0, 1).unsqueeze(2)
+
+        keys, values = plan.running[layer].update(rows(key), rows(value))
+        out, _ = sdpa_attention_forward(module, rows(query), keys, values, plan.running_mask, **kwargs)
+        parts.append(out.reshape(1, n, *out.shape[2:]))
+    for index, segment in enumerate(plan.segments):
+        part = slice(segment.start, segment.start + segment.length)
+        q, k, v = query[:, :, part], key[:, :, part], value[:, :, part]
+        mask = None  # causal
+        if segment.head is not None:
+            head_k, head_v = segment.head[layer]
+            k, v = torch.cat([head_k, k], dim=2), torch.cat([head_v, v], dim=2)
+            mask = torch.ones((segment.length, segment.head_length + segment.length), dtype=torch.bool)
+            mask = mask.tril(segment.head_length)[None, None]
+        plan.new_kv[index].append((k, v))
+        out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
+        parts.append(out)
+    return torch.cat(parts, dim=1), None
+
+
+def use_joined_passes(model: torch.nn.Module) -> bool:
+    """Switch a model on SDPA attention to `joined_attention` (SDPA in every other pass); False where the model's
+    attention does not dispatch through transformers' attention interface, or uses another implementation."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", JOINED_ATTENTION):
+        return False
+    AttentionInterface.register(JOINED_ATTENTION, joined_attention)
+    AttentionMaskInterface.register(JOINED_ATTENTION, sdpa_mask)
+    if config._attn_implementation != JOINED_ATTENTION and base._can_set_attn_implementation():
+        base.set_attn_implementation(JOINED_ATTENTION)
+    return config._attn_implementation == JOINED_ATTENTION
+
+
+def joins_passes(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_attn_implementation", None) == JOINED_ATTENTION
+
+
+def joined_pass(
+    model: torch.nn.Module, batch: _Batch, jobs: list[TokenJob], prefix_cache: PrefixCache | None,
+    stats: DecodeStats | None = None,
+) -> tuple[torch.Tensor, Prefilled]:
+    """One forward pass that decodes the batch's next step and prefills `jobs`: returns the running rows' logits
+    and the jobs' `Prefilled` (their cache, mask and last logits, in job order), as `prefill` would."""
+    found = [prefix_cache.lookup(job.prompt) if prefix_cache is not None else None for job in jobs]
+    n = len(batch)
+    batch.mask = torch.cat([batch.mask, batch.mask.new_ones((n, 1))], dim=1)
+    ids, positions, segments = [batch.pending], [batch.mask.sum(-1) - 1], []
+    start = n
+    for job, hit in zip(jobs, found):
+        cached = hit[0] if hit else 0
+        rest = job.prompt[cached:]
+        segments.append(_Segment(start, len(rest), hit[1] if hit else None, cached))
+        ids.append(torch.tensor(rest, dtype=torch.long))
+        positions.append(torch.arange(cached, len(job.prompt)))
+        start += len(rest)
+    plan = JoinedPass(_layers(batch.cache), batch.mask.bool()[:, None, None, :], n, segments)
+    keep = torch.tensor([*range(n), *(s.start + s.length - 1 for s in segments)])
+    began = time.perf_counter()
+    out = model(input_ids=torch.cat(ids)[None], position_ids=torch.cat(positions)[None],
+                attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool),  # a 4D mask is passed through unused
+                use_cache=False, joined_pass=plan, logits_to_keep=keep)
+    if stats is not None:
+        stats.joined_passes += 1
+        stats.joined_row_steps += n
+        stats.joined_prompt_tokens += start - n
+        stats.joined_seconds += time.perf_counter() - began
+    logits = out.logits[0]
+    width = max(len(job.prompt) for job in jobs)
+    cache = growing_cache()
+    for layer in range(len(plan.running)):
+        cache.update(_stacked([kv[layer][0] for kv in plan.new_kv], width, 2),
+                     _stacked([kv[layer][1] for kv in plan.new_kv], width, 2), layer)
+    mask = left_padded([job.prompt for job in jobs], 0)[1]
+    if prefix_cache is not None:
+        for job, kv in zip(jobs, plan.new_kv):
+            prefix_cache.store(job.prompt, kv)
+    return logits[:n], Prefilled(cache, mask, logits[n:])
+
+
 def decode_live(
     model: torch.nn.Module,
     take: Callable[[int], list[TokenJob]],
@@ -436,6 +598,7 @@ def decode_live(
     prefills what is new. `stats`, when given, adds up the time of the prefill passes and decode steps."""
     batch = _Batch(model.get_output_embeddings().out_features)
     generator: torch.Generator | None = None
+    joined = joins_passes(model)
 
     while True:
         jobs = take(batch_size - len(batch)) if len(batch) < batch_size else []
@@ -445,10 +608,15 @@ def decode_live(
                 seed = next(j.params.seed for j in jobs if j.params.temperature > 0)
                 generator = torch.Generator().manual_seed(seed)
             fresh = len(batch)
-            cache, mask, logits = prefill(model, jobs, pad_token_id, prefix_cache, stats)
+            if joined and batch.rows:  # the running rows take their next step in the joining prompts' pass
+                running_logits, (cache, mask, logits) = joined_pass(model, batch, jobs, prefix_cache, stats)
+                batch.pending = _sample(running_logits, batch, slice(0, fresh), generator)
+                fresh = 0
+            else:
+                cache, mask, logits = prefill(model, jobs, pad_token_id, prefix_cache, stats)
             batch.join(jobs, cache, mask)
             del cache  # its rows now live in the batch's cache
-            rows = slice(fresh, len(batch))
+            rows = slice(len(batch) - len(jobs), len(batch))
             batch.pending = torch.cat([batch.pending, _sample(logits, batch, rows, generator)])
         elif batch.rows:
             fresh = 0

@@ -137,7 +137,7 @@ class TransformersBackend(ChatBackend):
         self.model.eval()
         self.prepacked_layers = self._prepack(adapter_path is not None) if prepack_weights and not on_gpu else 0
         self.decoding = decoding
-        from matrix_assets.llm.refill import DecodeStats, PrefixCache, supports_refill
+        from matrix_assets.llm.refill import DecodeStats, PrefixCache, supports_refill, use_joined_passes
 
         if decoding == "refill" and on_gpu:
             # Refill decoding steps row by row from Python: on a GPU every step would wait on kernel launches.
@@ -147,6 +147,8 @@ class TransformersBackend(ChatBackend):
             logger.info("model %s: sliding-window or non-attention layers, or a prompt-learning adapter: "
                         "padded decoding", model)
             self.decoding = "padded"
+        # Prompts that join a running batch share the running rows' next decode step (one pass instead of two).
+        self.joined_passes = self.decoding == "refill" and use_joined_passes(self.model)
         # Refill decoding reuses the KV of prompt prefixes it has seen (0 turns it off); valid for this
         # backend's lifetime because its weights (base + adapter) never change.
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
