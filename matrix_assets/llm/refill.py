@@ -507,7 +507,8 @@ def joined_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         if segment.head is not None:
             head_k, head_v = segment.head[layer]
             k, v = torch.cat([head_k, k], dim=2), torch.cat([head_v, v], dim=2)
-            mask = torch.ones((segment.length, segment.head_length + segment.length), dtype=torch.bool)
+            mask = torch.ones((segment.length, segment.head_length + segment.length), dtype=torch.bool,
+                              device=query.device)
             mask = mask.tril(segment.head_length)[None, None]
         plan.new_kv[index].append((k, v))
         out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
