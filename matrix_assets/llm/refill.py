@@ -140,9 +140,7 @@ class GrowingLayer(DynamicLayer):
         stale = handed_out is not None and (self.keys is not handed_out[0] or self.values is not handed_out[1])
         if room is None or stale or length + new > room[0].shape[-2]:
             self._room = self._handed_out = room = None  # the old buffer goes before the new one is allocated
-            # A quarter of the length as spare room: refill decoding rebuilds the buffer whenever a row joins or
-            # leaves anyway, and larger room was mostly never written (it is RSS all the same).
-            capacity = length + new + max(self.min_headroom, length // 4)
+            capacity = length + new + self._headroom(length)
             keys = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
             values = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
             if length:
@@ -156,13 +154,18 @@ class GrowingLayer(DynamicLayer):
         self._handed_out = (self.keys, self.values)
         return self.keys, self.values
 
+    def _headroom(self, length: int) -> int:
+        # A quarter of the length as spare room: refill decoding rebuilds the buffer whenever a row joins or leaves
+        # anyway, and larger room was mostly never written (it is RSS all the same).
+        return max(self.min_headroom, length // 4)
+
     def restack(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], width: int) -> None:
         """Make the rows of several KV parts (rows, heads, length <= width, dim) this layer's KV: each part
         left-padded with zeros to `width`, stacked by rows, written straight into a new buffer with spare room.
         One copy per batch change (stacking, then moving into room on the next step, was two); the old buffer
         goes as soon as the new one is filled."""
         rows = sum(part.shape[0] for part in keys)
-        capacity = width + max(self.min_headroom, width // 4)
+        capacity = width + self._headroom(width)
         room = tuple(parts[0].new_empty((rows, parts[0].shape[1], capacity, parts[0].shape[3]))
                      for parts in (keys, values))
         for buffer, parts in zip(room, (keys, values)):
@@ -178,8 +181,8 @@ class GrowingLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
-            _restack(self, _row_runs(self.keys, indices.tolist(), 0), _row_runs(self.values, indices.tolist(), 0),
-                     self.keys.shape[2])
+            rows = indices.tolist()
+            self.restack(_row_runs(self.keys, rows, 0), _row_runs(self.values, rows, 0), self.keys.shape[2])
 
     def reset(self) -> None:
         self._room = self._handed_out = None
@@ -202,7 +205,8 @@ def _restack(layer: DynamicLayer, keys: Sequence[torch.Tensor], values: Sequence
 
 
 def _row_runs(tensor: torch.Tensor, rows: list[int], start: int) -> list[torch.Tensor]:
-    """Views of `tensor`'s `rows` (ascending) from column `start` on, one view per run of consecutive rows."""
+    """Views of `tensor`'s `rows` (in the order given) from column `start` on, one view per run of consecutive
+    rows."""
     runs: list[torch.Tensor] = []
     first = previous = rows[0]
     for row in [*rows[1:], None]:
