@@ -17,6 +17,7 @@ from matrix_assets.llm.base import BackendError, Completion, GenerationParams
 from matrix_assets.llm.openai_backend import OpenAICompatibleBackend
 
 SECRET = "sk-test-very-secret-0123456789"
+HOLD_TIMEOUT_S = 10.0  # a held request answers anyway after this long, so a broken client fails instead of hanging
 
 
 class FakeServerState:
@@ -27,6 +28,7 @@ class FakeServerState:
         self.release = threading.Event()  # set at teardown to free hanging handlers
         self.sleep_s = 0.0
         self.sleep_for: Callable[[dict[str, Any]], float] | None = None  # per-request delay, overrides sleep_s
+        self.hold_until: Callable[[dict[str, Any]], Callable[[], bool] | None] | None = None  # answer once true
         self.fail_next = 0  # answer the next N chat requests with `fail_status`
         self.fail_status = 500
         self.fail_after: int | None = None  # answer every chat request after the first K with 500
@@ -35,7 +37,8 @@ class FakeServerState:
         self.chat_requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
-        self.arrival_in_flight: list[int] = []  # requests in flight (this one included) as each arrived
+        self.running: list[str] = []  # first message of each request in flight
+        self.running_at_arrival: list[list[str]] = []  # `running` as each request arrived (itself included)
         self.bodies: list[dict[str, Any]] = []
         self.auth_headers: list[str | None] = []
         self.model_requests = 0
@@ -71,7 +74,8 @@ def make_handler(state: FakeServerState) -> type[JsonHandler]:
                 state.auth_headers.append(self.headers.get("Authorization"))
                 state.in_flight += 1
                 state.max_in_flight = max(state.max_in_flight, state.in_flight)
-                state.arrival_in_flight.append(state.in_flight)
+                state.running.append(body["messages"][0]["content"])
+                state.running_at_arrival.append(list(state.running))
                 fail = False
                 if state.fail_next > 0:
                     state.fail_next -= 1
@@ -81,6 +85,11 @@ def make_handler(state: FakeServerState) -> type[JsonHandler]:
             try:
                 if state.hang_s:
                     state.release.wait(state.hang_s)
+                condition = state.hold_until(body) if state.hold_until else None
+                if condition is not None:
+                    deadline = time.monotonic() + HOLD_TIMEOUT_S
+                    while not condition() and time.monotonic() < deadline and not state.release.is_set():
+                        time.sleep(0.01)
                 delay = state.sleep_for(body) if state.sleep_for else state.sleep_s
                 if delay:
                     time.sleep(delay)
@@ -114,6 +123,7 @@ def make_handler(state: FakeServerState) -> type[JsonHandler]:
             finally:
                 with state.lock:
                     state.in_flight -= 1
+                    state.running.remove(body["messages"][0]["content"])
 
     return Handler
 
@@ -350,10 +360,22 @@ def test_live_session_refills_request_slots_without_waiting_for_a_wave(server: t
     from matrix_assets.llm.base import Job
 
     base_url, state = server
-    # The last two chains' first requests take long, so they are surely still running when the first second step
-    # goes out on the live session, however slowly a loaded machine schedules the threads.
-    slow = {"chain 4 step 0", "chain 5 step 0"}
-    state.sleep_for = lambda body: 2.0 if body["messages"][0]["content"] in slow else 0.1
+    # Ordered by events, not by sleeps, so a loaded machine cannot reorder it: chain 0's first request answers once
+    # all four slots' requests have reached the server; chains 1-3's first requests answer only once some chain's
+    # second request has arrived. A live session sends chain 0's second request into the slot chain 0 freed (after
+    # chains 4 and 5's quick first requests); a wave would wait for chains 1-3, which then answer only after
+    # HOLD_TIMEOUT_S, and no second request would find them running.
+    held = {f"chain {chain} step 0" for chain in (1, 2, 3)}
+
+    def hold_until(body: dict[str, Any]) -> Callable[[], bool] | None:
+        text = body["messages"][0]["content"]
+        if text == "chain 0 step 0":
+            return lambda: len(state.bodies) >= 4
+        if text in held:
+            return lambda: any(b["messages"][0]["content"].endswith("step 1") for b in list(state.bodies))
+        return None
+
+    state.hold_until = hold_until
     queue = [Job(chain * 10, [{"role": "user", "content": f"chain {chain} step 0"}], GenerationParams())
              for chain in range(6)]
     answered: list[int] = []
@@ -370,15 +392,17 @@ def test_live_session_refills_request_slots_without_waiting_for_a_wave(server: t
             queue.append(Job(job.id + 1, [{"role": "user", "content": f"chain {chain} step {step + 1}"}],
                              GenerationParams()))
 
+    started = time.monotonic()
     with _backend(base_url, max_concurrency=4) as backend:
         backend.serve(take, on_completion)
     assert sorted(answered) == sorted(chain * 10 + step for chain in range(6) for step in range(3))
     assert state.max_in_flight == 4
     sent = [body["messages"][0]["content"] for body in state.bodies]
     first_step_1 = next(i for i, text in enumerate(sent) if text.endswith("step 1"))
-    # When the first second step arrived, first steps of other chains were still running (in waves, the second
-    # wave would start only after the whole first one had finished, with nothing else in flight).
-    assert state.arrival_in_flight[first_step_1] > 1
+    assert sent[first_step_1] == "chain 0 step 1"
+    # When the first second step arrived, the held first steps of chains 1-3 were still running.
+    assert held <= set(state.running_at_arrival[first_step_1])
+    assert time.monotonic() - started < HOLD_TIMEOUT_S  # no request waited for the timeout
 
 
 def test_live_session_stops_on_a_permanent_failure_and_keeps_what_finished(server: tuple[str, FakeServerState]) -> None:
