@@ -146,6 +146,11 @@ class CountingBackend(ChatBackend):
         self.calls: list[CallRecord] = []
         self.score_requests = 0
         self.score_seconds = 0.0
+        self.session_scores = 0  # verdicts answered inside the live session (a backend that serves_scores)
+
+    @property
+    def serves_scores(self) -> bool:  # type: ignore[override]
+        return not self.one_at_a_time and self.inner.serves_scores
 
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         """A plain batched call (the simulation itself uses `serve`): timed and recorded like a session."""
@@ -176,7 +181,10 @@ class CountingBackend(ChatBackend):
         done: list[tuple[GenerationParams, Completion]] = []
 
         def record(job: Job, completion: Completion) -> None:
-            done.append((job.params, completion))
+            if job.candidates:  # a verdict: its prompt ran in the session's passes, it generated nothing
+                self.session_scores += 1
+            else:
+                done.append((job.params, completion))
             on_completion(job, completion)
 
         began = time.perf_counter()
@@ -297,6 +305,7 @@ class RunResult:
     decode: DecodeStats | None = None  # the backend's refill accounting of this run (None: another decoding)
     score_seconds: float = 0.0  # verdict requests (next-token log-probabilities), inside the session's time
     score_requests: int = 0
+    session_scores: int = 0  # verdicts whose prompts ran inside the session's passes (their time is in them)
 
     @property
     def prompt_tokens(self) -> int:
@@ -331,7 +340,7 @@ def simulate(label: str, backend, inputs: Sequence[SceneInput], settings: SceneS
     return RunResult(label, len(inputs), wall, counting.calls, transcripts, cached.stats.hits, cached.stats.requested,
                      prefix_cache.reused_tokens if prefix_cache is not None else 0,
                      decoded if decoded is not None and decoded.decode_steps else None, counting.score_seconds,
-                     counting.score_requests)
+                     counting.score_requests, counting.session_scores)
 
 
 def fresh_store(root: str, name: str) -> Store:
@@ -366,13 +375,17 @@ def split_rows(cold: RunResult, calls: Sequence[CallRecord], batch_size: int, ge
     raw_decode_tps = replay_tokens / (replay_s - raw_prefill) if replay_s > raw_prefill else 0.0
     decode_only = (d.decode_row_steps / d.decode_seconds) / raw_decode_tps if raw_decode_tps else 0.0
     joined_rows = d.joined_row_steps / d.joined_passes if d.joined_passes else 0.0
+    verdicts = (f"verdicts {cold.score_seconds:.1f} s ({cold.score_requests} prompts asked apart, no token "
+                f"generated)" if cold.score_requests else "")
+    if cold.session_scores:
+        verdicts += ("; " if verdicts else "") + (f"{cold.session_scores} verdict prompts ran inside those passes "
+                                                  "(no token generated)")
     return [
         ("(a) the session's time, split",
          f"decode steps {d.decode_seconds:.1f} s ({d.decode_steps} steps, mean {d.mean_rows:.1f} of {batch_size} "
          f"rows); decode steps that also prefilled joining prompts {d.joined_seconds:.1f} s ({d.joined_passes} "
          f"passes, mean {joined_rows:.1f} rows stepping, {d.joined_prompt_tokens} prompt tokens); prefill alone "
-         f"{gen_prefill:.1f} s (an empty batch's prompts); verdicts {cold.score_seconds:.1f} s "
-         f"({cold.score_requests} prompts, no token generated); the rest {rest:.1f} s "
+         f"{gen_prefill:.1f} s (an empty batch's prompts); {verdicts}; the rest {rest:.1f} s "
          f"({d.prefill_tokens} prompt tokens run in prefill passes, verdicts included)", "", ""),
         ("(a) the raw replay's time, split",
          f"prefill {raw_prefill:.1f} s (its prompts alone, timed apart), decoding {replay_s - raw_prefill:.1f} s", "",

@@ -440,3 +440,68 @@ def test_a_joined_pass_equals_a_decode_step_and_a_prefill(eos_prone_backend) -> 
         mine, theirs = joined_cache.lookup(job.prompt + [0]), separate_cache.lookup(job.prompt + [0])
         assert mine is not None and theirs is not None and mine[0] == theirs[0]
         assert torch.allclose(mine[1][-1][0], theirs[1][-1][0], atol=1e-5)
+
+
+def test_verdicts_run_in_the_live_session_and_share_the_cache(tmp_path: Path, eos_prone_backend,  # noqa: ANN001
+                                                              monkeypatch) -> None:  # noqa: ANN001
+    """Scripts whose verdicts (Score requests) come while other scripts' rows decode: the refill session runs each
+    verdict's prompt in a pass it takes anyway (a joined pass when rows are running) and reads the same
+    distribution `next_token_logprobs` gives; the texts equal padded decoding's; the verdicts go into the
+    generation cache under `next_token_logprobs`' keys, so a warm run asks the model for nothing."""
+    from matrix_assets.llm import refill
+    from matrix_assets.llm.scripts import Generate, Score, drive
+
+    params = GenerationParams(max_new_tokens=12)
+
+    def scripts(results: dict[int, list]) -> list:
+        def script(i: int):  # noqa: ANN202
+            first = yield [Generate(MANY[i], params)]
+            scene = [*MANY[i], {"role": "assistant", "content": first[0]}, {"role": "user", "content": "Did it work?"}]
+            second = yield [Score(scene, ("yes", "no"), "Answer:"), Generate(scene, params)]
+            results[i] = [first[0], second[0], second[1], scene]
+        return [script(i) for i in range(len(MANY))]
+
+    eos_prone_backend.decoding = "padded"
+    assert not eos_prone_backend.serves_scores
+    padded: dict[int, list] = {}
+    drive(eos_prone_backend, scripts(padded))
+
+    eos_prone_backend.decoding = "refill"
+    verdicts_joined = []
+    original = refill.joined_pass
+
+    def joined_pass(model, batch, jobs, *args, **kwargs):  # noqa: ANN001, ANN202
+        verdicts_joined.append(sum(job.wants_logits for job in jobs))
+        return original(model, batch, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(refill, "joined_pass", joined_pass)
+    store = Store(f"sqlite:///{tmp_path / 'cache.db'}")
+    cached = CachedBackend(eos_prone_backend, store)
+    assert cached.serves_scores
+    asked_apart: list[int] = []
+    monkeypatch.setattr(eos_prone_backend, "next_token_logprobs", lambda convs, *a, **k: asked_apart.append(1))
+    live: dict[int, list] = {}
+    stats = drive(cached, scripts(live))
+    monkeypatch.undo()
+
+    assert not asked_apart and stats.scores_unavailable == 0
+    assert sum(verdicts_joined) > 0, "some verdict should have joined a running batch"
+    assert [live[i][0] for i in range(len(MANY))] == [padded[i][0] for i in range(len(MANY))]
+    assert [live[i][2] for i in range(len(MANY))] == [padded[i][2] for i in range(len(MANY))]
+    for i in range(len(MANY)):
+        assert set(live[i][1]) == {"yes", "no"}
+        for candidate in ("yes", "no"):
+            assert live[i][1][candidate] == pytest.approx(padded[i][1][candidate], abs=1e-4)
+    assert cached.stats.generated == 2 * len(MANY) + len(MANY)  # every generation and verdict, once
+
+    # A warm run: every generation and verdict from the cache, nothing decoded.
+    warm_backend = CachedBackend(eos_prone_backend, store)
+    decoded: list[int] = []
+    monkeypatch.setattr(refill, "decode_live", lambda model, take, *a, **k: decoded.extend(take(8)))
+    warm: dict[int, list] = {}
+    drive(warm_backend, scripts(warm))
+    assert warm == live and warm_backend.stats.generated == 0 and not decoded
+    # Asked apart, the same verdicts are cache hits too (one key for both ways of asking).
+    apart = warm_backend.next_token_logprobs([live[i][3] for i in range(len(MANY))], ["yes", "no"],
+                                             assistant_prefix="Answer:")
+    assert apart == [live[i][1] for i in range(len(MANY))] and warm_backend.stats.generated == 0

@@ -57,6 +57,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached: bool = False
+    logprobs: dict[str, float] | None = None  # a score job's answer (see `Job.candidates`); text is then empty
 
 
 class BackendError(RuntimeError):
@@ -73,11 +74,15 @@ class LogprobsUnavailable(PermanentBackendError):
 
 @dataclass(frozen=True)
 class Job:
-    """One generation request of a live session (`ChatBackend.serve`); `id` is the caller's handle."""
+    """One request of a live session (`ChatBackend.serve`); `id` is the caller's handle. A job with `candidates`
+    is a score job, sent only to a backend that `serves_scores`: it generates nothing and is answered with the
+    candidates' next-token log-probabilities in `Completion.logprobs` (as `next_token_logprobs` computes them)."""
 
     id: int
     conversation: Conversation
     params: GenerationParams
+    candidates: tuple[str, ...] = ()
+    assistant_prefix: str = ""
 
 
 # take(limit) hands out up to `limit` queued jobs (None: all of them); [] means none is queued right now.
@@ -94,6 +99,9 @@ class ChatBackend(ABC):
     """
 
     model_id: str
+    # Whether `serve` answers score jobs itself, in the same session as the generations (the local refill engine
+    # runs a verdict's prompt in a pass the running rows take anyway); otherwise callers ask `next_token_logprobs`.
+    serves_scores: bool = False
 
     @abstractmethod
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:

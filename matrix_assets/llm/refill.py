@@ -39,11 +39,14 @@ from matrix_assets.llm.base import GenerationParams
 
 @dataclass
 class TokenJob:
-    """A tokenized request: `id` is the caller's handle, `prompt` the chat-templated token ids."""
+    """A tokenized request: `id` is the caller's handle, `prompt` the chat-templated token ids. A job that
+    `wants_logits` generates nothing: its prompt runs like any other (in a joined pass when rows are running) and
+    its next-token logits are handed to the session's `on_logits`, a verdict read off the model's distribution."""
 
     id: int
     prompt: list[int]
     params: GenerationParams
+    wants_logits: bool = False
 
 
 @dataclass
@@ -594,13 +597,16 @@ def decode_live(
     pad_token_id: int,
     prefix_cache: PrefixCache | None = None,
     stats: DecodeStats | None = None,
+    on_logits: Callable[[TokenJob, torch.Tensor], None] | None = None,
 ) -> None:
     """Decode jobs as they come: whenever fewer than `batch_size` rows run, `take(free_slots)` is asked for
     more; `on_done(job, new_token_ids)` (EOS excluded) is called the moment a row ends and may queue further
     jobs. Returns when `take` has nothing and no row is left. Each job's own `GenerationParams` apply to its
     row (max_new_tokens, repetition penalty, temperature, top_p); the first sampled job's seed seeds the
     sampling generator of the session. With a `prefix_cache`, a prompt that starts like an earlier one only
-    prefills what is new. `stats`, when given, adds up the time of the prefill passes and decode steps."""
+    prefills what is new. `stats`, when given, adds up the time of the prefill passes and decode steps.
+    A job that `wants_logits` gets `on_logits(job, next_token_logits)` once its prompt has run (it may queue
+    further jobs too) and takes no row."""
     batch = _Batch(model.get_output_embeddings().out_features)
     generator: torch.Generator | None = None
     joined = joins_passes(model)
@@ -619,10 +625,12 @@ def decode_live(
                 fresh = 0
             else:
                 cache, mask, logits = prefill(model, jobs, pad_token_id, prefix_cache, stats)
-            batch.join(jobs, cache, mask)
+            jobs, cache, mask, logits = _hand_out_logits(jobs, cache, mask, logits, on_logits)
+            if jobs:
+                batch.join(jobs, cache, mask)
+                rows = slice(len(batch) - len(jobs), len(batch))
+                batch.pending = torch.cat([batch.pending, _sample(logits, batch, rows, generator)])
             del cache  # its rows now live in the batch's cache
-            rows = slice(len(batch) - len(jobs), len(batch))
-            batch.pending = torch.cat([batch.pending, _sample(logits, batch, rows, generator)])
         elif batch.rows:
             fresh = 0
             rows = slice(0, len(batch))
@@ -655,6 +663,31 @@ def decode_live(
             batch.keep([r for r, row in enumerate(batch.rows) if id(row) not in finished])
             for row in done:
                 on_done(row.job, row.tokens)
+
+
+def _hand_out_logits(
+    jobs: list[TokenJob], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor,
+    on_logits: Callable[[TokenJob, torch.Tensor], None] | None,
+) -> tuple[list[TokenJob], DynamicCache, torch.Tensor, torch.Tensor]:
+    """Give the jobs that want logits theirs; the rest (and their rows of the prefilled cache) go on to decode."""
+    keep = [i for i, job in enumerate(jobs) if not job.wants_logits]
+    if len(keep) == len(jobs):
+        return jobs, cache, mask, logits
+    if on_logits is None:
+        raise ValueError("a job wants its next-token logits but the session has no on_logits")
+    for job, row in zip(jobs, logits):
+        if job.wants_logits:
+            on_logits(job, row)
+    index = torch.tensor(keep, dtype=torch.long)
+    mask = mask[index]
+    if keep:  # the kept rows, from the first column one of them uses (a longer verdict prompt padded the rest)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        for layer in _layers(cache):
+            _restack(layer, _row_runs(layer.keys, keep, start), _row_runs(layer.values, keep, start),
+                     mask.shape[1] - start)
+        mask = mask[:, start:]
+    return [jobs[i] for i in keep], cache, mask, logits[index]
 
 
 def generate_with_refill(

@@ -8,8 +8,10 @@ and says so in its own records). A script reads its verdict with `choice_probabi
 when the candidates hold under `MIN_CANDIDATE_MASS` of the distribution; `drive` counts those answers too.
 
 `drive` queues a script's next generations the moment its previous answers arrive, so no script waits for the
-others: with refill decoding the local batch stays full, and a remote server always has work in flight. Score
-requests are answered in batches whenever the backend asks for more work, so they never stall the session.
+others: with refill decoding the local batch stays full, and a remote server always has work in flight. A backend
+that `serves_scores` (local refill decoding) gets Score requests as score jobs in the same queue: a verdict's prompt
+then runs in a forward pass the running rows take anyway. Other backends' Score requests are answered in batches
+(`next_token_logprobs`) whenever the backend asks for more work, so they never stall the session.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class Score:
 
 
 Request = Generate | Score
+# A score job generates nothing; its params only travel with it (a cache key of a score names its candidates).
+SCORE_PARAMS = GenerationParams(max_new_tokens=1)
 Answer = str | dict[str, float] | None
 Script = Generator[list[Request], list[Answer], None]
 
@@ -69,6 +73,7 @@ def drive(
     missing: dict[int, int] = {}  # script -> answers still awaited
     job_ids = itertools.count()
     logprobs_available = True
+    scores_in_session = llm.serves_scores
 
     def advance(index: int, sent: list[Answer] | None) -> None:
         while True:
@@ -84,10 +89,14 @@ def drive(
         answers[index] = [None] * len(ask)
         missing[index] = len(ask)
         for position, request in enumerate(ask):
-            if isinstance(request, Score):
+            if isinstance(request, Score) and scores_in_session:
+                job = Job(next(job_ids), request.conversation, SCORE_PARAMS, request.candidates,
+                          request.assistant_prefix)
+            elif isinstance(request, Score):
                 scores.append((index, position, request))
                 continue
-            job = Job(next(job_ids), request.conversation, request.params)
+            else:
+                job = Job(next(job_ids), request.conversation, request.params)
             owners[job.id] = (index, position)
             queue.append(job)
 
@@ -128,7 +137,14 @@ def drive(
 
     def on_completion(job: Job, completion: Completion) -> None:
         index, position = owners.pop(job.id)
-        answer(index, position, completion.text)
+        if job.candidates:
+            if completion.logprobs is None:
+                stats.scores_unavailable += 1
+            elif candidate_mass(completion.logprobs) < MIN_CANDIDATE_MASS:
+                stats.scores_low_mass += 1
+            answer(index, position, completion.logprobs)
+        else:
+            answer(index, position, completion.text)
 
     for index in range(len(scripts)):
         advance(index, None)

@@ -204,7 +204,6 @@ class TransformersBackend(ChatBackend):
         log-probability of each candidate's first token, its spelling variants summed (`candidate_variants`)."""
         import torch
 
-        token_ids = [self._candidate_token_ids(c) for c in candidates]
         encoded = [self.encode(c, assistant_prefix) for c in conversations]
         results: list[dict[str, float]] = [{} for _ in encoded]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -212,13 +211,21 @@ class TransformersBackend(ChatBackend):
             rows = order[start : start + self.batch_size]
             with self._lock, torch.inference_mode():
                 logits = self._last_logits([encoded[i] for i in rows])
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
             for row, index in enumerate(rows):
-                results[index] = {
-                    candidate: float(torch.logsumexp(logprobs[row, ids], dim=0)) if ids else float("-inf")
-                    for candidate, ids in zip(candidates, token_ids)
-                }
+                results[index] = self._candidate_logprobs(logits[row], candidates)
         return results
+
+    @property
+    def serves_scores(self) -> bool:  # type: ignore[override]
+        return self.decoding == "refill"
+
+    def _candidate_logprobs(self, logits: Any, candidates: Sequence[str]) -> dict[str, float]:
+        """Each candidate's log-probability as the next token, its spellings' first tokens summed."""
+        import torch
+
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return {candidate: float(torch.logsumexp(logprobs[ids], dim=0)) if (ids := self._candidate_token_ids(candidate))
+                else float("-inf") for candidate in candidates}
 
     def _last_logits(self, prompts: list[list[int]]) -> Any:
         """The next-token logits after each prompt. With refill decoding the prompts go through its prefill, so a
@@ -294,15 +301,21 @@ class TransformersBackend(ChatBackend):
                 if free or not taken:
                     break
             jobs.update((job.id, job) for job in free)
-            return [TokenJob(job.id, self.encode(job.conversation), job.params) for job in free]
+            return [TokenJob(job.id, self.encode(job.conversation, job.assistant_prefix), job.params,
+                             wants_logits=bool(job.candidates)) for job in free]
 
         def done(job: TokenJob, tokens: list[int]) -> None:
             on_completion(jobs.pop(job.id), self._completion(job.prompt, tokens, job.params))
 
+        def scored(token_job: TokenJob, logits: Any) -> None:
+            job = jobs.pop(token_job.id)
+            on_completion(job, Completion("", len(token_job.prompt), 0,
+                                          logprobs=self._candidate_logprobs(logits, job.candidates)))
+
         with self._lock, torch.inference_mode():
             decode_live(self.model, take_tokenized, done, batch_size=self.batch_size,
                         eos_token_ids=self.eos_token_ids(), pad_token_id=self.tokenizer.pad_token_id,
-                        prefix_cache=self.prefix_cache, stats=self.decode_stats)
+                        prefix_cache=self.prefix_cache, stats=self.decode_stats, on_logits=scored)
 
     def _generate_structured(self, structured: Sequence[Job], on_completion: OnCompletion) -> None:
         groups: dict[GenerationParams, list[Job]] = {}

@@ -46,8 +46,20 @@ class CacheStats:
 ProgressCallback = Callable[[int, int], None]  # (done, total) over cache misses
 
 
-def _cached_completion(row: dict) -> Completion:
+def _cached_completion(row: dict, score: bool = False) -> Completion:
+    if score:  # a stored verdict distribution (see `next_token_logprobs`)
+        return Completion("", row["prompt_tokens"], 0, cached=True, logprobs=json.loads(row["completion"]))
     return Completion(row["completion"], row["prompt_tokens"], row["completion_tokens"], cached=True)
+
+
+def _score_params_json(candidates: Sequence[str], assistant_prefix: str) -> str:
+    return json.dumps({"next_token_logprobs": list(candidates), "assistant_prefix": assistant_prefix}, sort_keys=True)
+
+
+def _job_key(model_id: str, job: Job) -> str:
+    if job.candidates:
+        return logprobs_cache_key(model_id, job.candidates, job.assistant_prefix, job.conversation)
+    return cache_key(model_id, job.params, job.conversation)
 
 
 class CachedBackend(ChatBackend):
@@ -108,8 +120,7 @@ class CachedBackend(ChatBackend):
         keys = [logprobs_cache_key(self.model_id, candidates, assistant_prefix, c) for c in conversations]
         found, pending = self._lookup(keys, conversations)
         results = {k: json.loads(r["completion"]) for k, r in found.items()}
-        params_json = json.dumps({"next_token_logprobs": list(candidates), "assistant_prefix": assistant_prefix},
-                                 sort_keys=True)
+        params_json = _score_params_json(candidates, assistant_prefix)
         if self.progress and pending:
             self.progress(0, len(pending))
         for start in range(0, len(pending), self.chunk_size):
@@ -130,8 +141,12 @@ class CachedBackend(ChatBackend):
                 self.progress(min(start + len(chunk), len(pending)), len(pending))
         return [dict(results[k]) for k in keys]
 
+    @property
+    def serves_scores(self) -> bool:  # type: ignore[override]
+        return self.backend.serves_scores
+
     def serve(self, take: TakeJobs, on_completion: OnCompletion) -> None:
-        """A live session through the cache: a hit is answered at once (its caller may queue the next job right
+        """A live session through the cache (verdicts of score jobs too, under `next_token_logprobs`' keys): a hit is answered at once (its caller may queue the next job right
         away), misses go to the backend's own live session and each is committed the moment it finishes, and
         identical requests in flight are generated once."""
         waiting: dict[str, list[Job]] = {}  # cache key of a miss in flight -> the jobs that want its answer
@@ -143,7 +158,7 @@ class CachedBackend(ChatBackend):
                 jobs = take(None if limit is None else limit - len(misses))
                 if not jobs:
                     break
-                keys = [cache_key(self.model_id, job.params, job.conversation) for job in jobs]
+                keys = [_job_key(self.model_id, job) for job in jobs]
                 found = self.store.get_generations([k for k in keys if k not in waiting])
                 self.stats.requested += len(jobs)
                 for job, key in zip(jobs, keys):
@@ -151,7 +166,7 @@ class CachedBackend(ChatBackend):
                         waiting[key].append(job)
                     elif key in found:
                         self.stats.hits += 1
-                        on_completion(job, _cached_completion(found[key]))
+                        on_completion(job, _cached_completion(found[key], score=bool(job.candidates)))
                     else:
                         waiting[key], key_of[job.id] = [job], key
                         misses.append(job)
@@ -159,7 +174,11 @@ class CachedBackend(ChatBackend):
 
         def finished(job: Job, completion: Completion) -> None:
             key = key_of.pop(job.id)
-            commit(key, job.conversation, job.params, completion)
+            if not job.candidates:
+                commit(key, job.conversation, job.params, completion)
+            elif completion.logprobs is not None:  # a missing distribution is not stored: a re-run asks again
+                commit(key, job.conversation, job.params, completion,
+                       _score_params_json(job.candidates, job.assistant_prefix))
             for waiter in waiting.pop(key):
                 on_completion(waiter, completion)
 
@@ -191,16 +210,23 @@ class CachedBackend(ChatBackend):
             streaming([conv for _, conv in pending], params, on_result=on_result)
 
     @contextmanager
-    def _committing(self) -> Iterator[Callable[[str, Conversation, GenerationParams, Completion], None]]:
-        """`commit(key, conversation, params, completion)` stores one completion the moment a backend delivers it.
-        Each row gets the wall time since the previous one, so the rows add up to the call's time, which goes
-        into the stats even when the call fails half-way."""
+    def _committing(self) -> Iterator[Callable[..., None]]:
+        """`commit(key, conversation, params, completion, score_params_json=None)` stores one completion (or, with
+        `score_params_json`, one verdict distribution) the moment a backend delivers it. Each row gets the wall
+        time since the previous one, so the rows add up to the call's time, which goes into the stats even when
+        the call fails half-way."""
         began = last = time.perf_counter()
 
-        def commit(key: str, conversation: Conversation, params: GenerationParams, completion: Completion) -> None:
+        def commit(key: str, conversation: Conversation, params: GenerationParams, completion: Completion,
+                   score_params_json: str | None = None) -> None:
             nonlocal last
             now = time.perf_counter()
-            self._persist([(key, conversation)], [completion], params, now - last)
+            if score_params_json is not None:
+                self.store.save_generations([self._row(key, conversation, score_params_json,
+                                                       json.dumps(completion.logprobs, sort_keys=True),
+                                                       completion.prompt_tokens, 0, now - last)])
+            else:
+                self._persist([(key, conversation)], [completion], params, now - last)
             last = now
             self.stats.generated += 1
             self.stats.completion_tokens += completion.completion_tokens
