@@ -11,7 +11,7 @@ import pytest
 from matrix_assets.methods.base import RatedResponse
 from matrix_assets.methods.stable_alignment.data import RatedGroup
 from matrix_assets.training.sft import (
-    LoraSettings, SFTExample, StableAlignmentObjective, TrainSettings, train_lora,
+    LoraSettings, SFTExample, SFTObjective, StableAlignmentObjective, TrainSettings, train_lora,
 )
 
 GROUPS = [
@@ -154,14 +154,34 @@ def test_train_lora_accumulates_micro_batches_up_to_the_batch(tiny_model_dir: st
 def test_activation_checkpointing_trades_time_for_memory_not_the_result(tiny_model_dir: str, tmp_path: Path,
                                                                         monkeypatch) -> None:  # noqa: ANN001
     """auto recomputes activations where a forward pass may hold many tokens (a rated group of 3 x 512), not for one
-    512-token SFT example; the trainer gets the setting, and the trained adapter is the same with it on or off."""
+    512-token SFT example, nor for a group whose sequences are short (the data's own lengths decide, where the
+    objective counts them); the trainer gets the setting, and the trained adapter is the same with it on or off."""
     import torch
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
-    assert TrainSettings(max_length=512).checkpoints_activations(1) is False
-    assert TrainSettings(max_length=512).checkpoints_activations(StableAlignmentObjective().sequences_per_example)
-    assert TrainSettings(activation_checkpointing="off").checkpoints_activations(3) is False
-    assert TrainSettings(activation_checkpointing="on", max_length=16).checkpoints_activations(1)
+    from matrix_assets.training.rating_contrastive import GroupCollator, groups_to_rows
+
+    sa = StableAlignmentObjective()
+    assert TrainSettings(max_length=512).checkpoints_activations(sequences_per_example=1) is False
+    assert TrainSettings(max_length=512).checkpoints_activations(sequences_per_example=sa.sequences_per_example)
+    assert TrainSettings(max_length=512).checkpoints_activations(example_tokens=3 * 300) is False
+    assert TrainSettings(max_length=512, micro_batch_size=2).checkpoints_activations(example_tokens=3 * 300)
+    assert TrainSettings(activation_checkpointing="off").checkpoints_activations(example_tokens=5000) is False
+    assert TrainSettings(activation_checkpointing="on", max_length=16).checkpoints_activations(example_tokens=4)
+    # A group's count is what the collator puts in a forward pass when it draws the group's longest response.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    rows = groups_to_rows(GROUPS)
+    batch = GroupCollator(tokenizer, group_size=4, max_length=64)([rows[0]])  # all four responses drawn
+    assert StableAlignmentObjective(group_size=4).example_tokens(rows[:1], tokenizer, 64) == batch["input_ids"].numel()
+    assert sa.example_tokens(rows, tokenizer, 64) == 3 * batch["input_ids"].shape[1]
+    assert sa.example_tokens(rows, tokenizer, 8) == 3 * 8
+    sft = SFTObjective()
+    sft_rows = sft.rows(sft.examples([g for g in GROUPS]))
+    longest = max(len(tokenizer.apply_chat_template([*r["prompt"], *r["completion"]], tokenize=True,
+                                                    return_dict=True)["input_ids"]) for r in sft_rows)
+    assert sft.example_tokens(sft_rows, tokenizer, 512) == longest
     with pytest.raises(ValueError, match="activation_checkpointing"):
         TrainSettings(activation_checkpointing="sometimes").validate()
 
@@ -182,6 +202,11 @@ def test_activation_checkpointing_trades_time_for_memory_not_the_result(tiny_mod
                    train=TrainSettings(max_steps=2, batch_size=1, max_length=64, activation_checkpointing=mode))
         adapters.append(load_file(str(tmp_path / mode / "adapter" / "adapter_model.safetensors")))
     assert seen == [True, False]
+    # auto with max_length 512: these groups' sequences are short, so no recomputation (the worst case, 3 x 512,
+    # would have asked for it).
+    train_lora(tiny_model_dir, GROUPS, tmp_path / "auto", objective=StableAlignmentObjective(),
+               train=TrainSettings(max_steps=1, batch_size=1, max_length=512))
+    assert seen == [True, False, False]
     assert adapters[0].keys() == adapters[1].keys()
     for name in adapters[0]:
         assert torch.allclose(adapters[0][name], adapters[1][name], atol=1e-5), name

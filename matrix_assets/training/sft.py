@@ -89,13 +89,15 @@ class TrainSettings:
             raise ValueError(f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
                              f"not {self.activation_checkpointing!r}")
 
-    def checkpoints_activations(self, sequences_per_example: int = 1) -> bool:
-        """Whether training recomputes activations (see `activation_checkpointing`); `sequences_per_example`: how
-        many sequences one example puts in a forward pass (a rated group: its group size)."""
+    def checkpoints_activations(self, example_tokens: int | None = None, sequences_per_example: int = 1) -> bool:
+        """Whether training recomputes activations (see `activation_checkpointing`). A forward pass holds
+        `micro_batch_size` examples of at most `example_tokens` tokens each (padding included: a rated group's
+        sequences are padded to its longest); unknown, an example is taken to be `sequences_per_example` sequences
+        of `max_length` tokens."""
         if self.quantization == "4bit" or self.activation_checkpointing == "on":
             return True
-        tokens = self.micro_batch_size * sequences_per_example * self.max_length
-        return self.activation_checkpointing == "auto" and tokens > AUTO_CHECKPOINTING_TOKENS
+        per_example = sequences_per_example * self.max_length if example_tokens is None else example_tokens
+        return self.activation_checkpointing == "auto" and self.micro_batch_size * per_example > AUTO_CHECKPOINTING_TOKENS
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -144,7 +146,9 @@ class Objective(Protocol):
     trainer's dataset, and the trainer (TRL's shape: one config class and one trainer class per loss). `train_lora`,
     the checkpoint asset and the Pipes child call these and know no objective by name, so a method that brings a
     new loss brings it in its own folder (see tests/fixtures/plugin_methods). An objective whose example puts several
-    sequences in one forward pass says how many as `sequences_per_example` (optional, 1 when absent)."""
+    sequences in one forward pass says how many as `sequences_per_example` (optional, 1 when absent); one that can
+    count its examples' tokens says so with `example_tokens(rows, tokenizer, max_length)` (optional: the most tokens
+    one example puts in a forward pass, which decides activation checkpointing; without it, the worst case)."""
 
     name: str
 
@@ -187,6 +191,13 @@ class SFTObjective:
             raise TypeError("the SFT objective trains on SFTExample pairs")
         return to_conversational(examples)
 
+    def example_tokens(self, rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int) -> int:
+        """The longest (prompt, answer) sequence, as the trainer tokenizes it."""
+        from matrix_assets.training.rating_contrastive import tokenize_prompt_completion
+
+        return max(len(tokenize_prompt_completion(tokenizer, row["prompt"][0]["content"],
+                                                  row["completion"][0]["content"], max_length)[0]) for row in rows)
+
     def trainer(self, *, model: Any, args: dict[str, Any], train_dataset: Any, tokenizer: Any, peft_config: Any,
                 callbacks: list[Any]) -> Any:
         from trl import SFTConfig, SFTTrainer
@@ -214,6 +225,16 @@ class StableAlignmentObjective:
 
     def validate(self) -> None:
         check_rating_loss(self)
+
+    def example_tokens(self, rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int) -> int:
+        """The most a group puts in one forward pass: up to `group_size` of its responses, each padded to its
+        longest sequence."""
+        from matrix_assets.training.rating_contrastive import tokenize_prompt_completion
+
+        return max(min(len(row["responses"]), self.group_size)
+                   * max(len(tokenize_prompt_completion(tokenizer, row["prompt"], response, max_length)[0])
+                         for response in row["responses"])
+                   for row in rows)
 
     def examples(self, groups: Sequence[TrainingGroup]) -> list[TrainingGroup]:
         return list(groups)
@@ -336,7 +357,9 @@ def train_lora(
         bf16=bf16,
         fp16=False,
         # TRL defaults to checkpointing everywhere; here only where a forward pass holds many tokens (and QLoRA).
-        activation_checkpointing=train.checkpoints_activations(getattr(objective, "sequences_per_example", 1)),
+        activation_checkpointing=train.checkpoints_activations(
+            objective.example_tokens(rows, tokenizer, train.max_length) if hasattr(objective, "example_tokens") else None,
+            getattr(objective, "sequences_per_example", 1)),
         use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
         save_strategy="no",
