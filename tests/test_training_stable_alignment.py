@@ -165,8 +165,9 @@ def test_activation_checkpointing_trades_time_for_memory_not_the_result(tiny_mod
     sa = StableAlignmentObjective()
     assert TrainSettings(max_length=512).checkpoints_activations(sequences_per_example=1) is False
     assert TrainSettings(max_length=512).checkpoints_activations(sequences_per_example=sa.sequences_per_example)
-    assert TrainSettings(max_length=512).checkpoints_activations(example_tokens=3 * 300) is False
-    assert TrainSettings(max_length=512, micro_batch_size=2).checkpoints_activations(example_tokens=3 * 300)
+    assert TrainSettings(max_length=512).checkpoints_activations(example_tokens=3 * 150) is False
+    assert TrainSettings(max_length=512).checkpoints_activations(example_tokens=3 * 190)
+    assert TrainSettings(max_length=512, micro_batch_size=2).checkpoints_activations(example_tokens=300)
     assert TrainSettings(activation_checkpointing="off").checkpoints_activations(example_tokens=5000) is False
     assert TrainSettings(activation_checkpointing="on", max_length=16).checkpoints_activations(example_tokens=4)
     # A group's count is what the collator puts in a forward pass when it draws the group's longest response.
