@@ -505,3 +505,34 @@ def test_verdicts_run_in_the_live_session_and_share_the_cache(tmp_path: Path, eo
     apart = warm_backend.next_token_logprobs([live[i][3] for i in range(len(MANY))], ["yes", "no"],
                                              assistant_prefix="Answer:")
     assert apart == [live[i][1] for i in range(len(MANY))] and warm_backend.stats.generated == 0
+
+
+def test_prompts_sharing_a_head_in_one_pass_reuse_it(eos_prone_backend) -> None:  # noqa: ANN001
+    """Prompts taken together that start alike: the first computes the shared head, the others wait one pass and
+    reuse it from the prefix cache instead of computing it again in the same pass; the answers stay padded
+    decoding's."""
+    from matrix_assets.llm.refill import SHARED_HEAD_TOKENS, PrefixCache, TokenJob, defer_shared_heads
+
+    head = "the shared part of every prompt " * 12
+    conversations = [[{"role": "user", "content": head + ending}] for ending in ("one", "two and three", "four")]
+    params = GenerationParams(max_new_tokens=8)
+    eos_prone_backend.decoding = "padded"
+    padded = eos_prone_backend.generate(conversations, params)
+    eos_prone_backend.decoding = "refill"
+    eos_prone_backend.prefix_cache = PrefixCache(block=4)
+    refill = eos_prone_backend.generate(conversations, params)
+    assert [c.text for c in refill] == [c.text for c in padded]
+    shared = len(eos_prone_backend.encode(conversations[0])) - 8
+    assert shared > SHARED_HEAD_TOKENS
+    assert eos_prone_backend.prefix_cache.reused_tokens >= 2 * (shared - 4)  # both later prompts reused the head
+
+    # The rule itself: a short shared head (the chat template's) does not hold a prompt back, nor does one the
+    # cache already holds; the first prompt always runs.
+    jobs = [TokenJob(i, p, params) for i, p in enumerate([[1] * 100 + [2], [1] * 100 + [3], [1] * 10 + [4] * 90])]
+    now, later = defer_shared_heads(jobs, PrefixCache(block=4))
+    assert [j.id for j in now] == [0, 2] and [j.id for j in later] == [1]
+    assert defer_shared_heads(jobs, None) == (jobs, [])
+    cache = PrefixCache(block=4)
+    cache.store([1] * 100, [])
+    assert cache.cached_length([1] * 100 + [3]) == 100
+    assert defer_shared_heads(jobs, cache) == (jobs, [])

@@ -348,6 +348,14 @@ class PrefixCache:
             return length, [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
         return None
 
+    def cached_length(self, prompt: list[int]) -> int:
+        """How long a prefix of `prompt` `lookup` would find, without using it (no hit counted, no LRU move)."""
+        for key, length in reversed(self._prefix_hashes(prompt, len(prompt) - 1)):
+            found = self.index.get(key)
+            if found is not None and found[0] in self.entries and self.entries[found[0]][0][:length] == prompt[:length]:
+                return length
+        return 0
+
     def store(self, prompt: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Keep the KV of `prompt`'s block-aligned part (`layers`: one row, the prompt's positions only)."""
         length = (len(prompt) // self.block) * self.block
@@ -364,6 +372,38 @@ class PrefixCache:
             self.tokens -= len(tokens)
         if len(self.index) > 8 * max(1, self.max_tokens // self.block):  # drop keys of evicted entries
             self.index = {k: v for k, v in self.index.items() if v[0] in self.entries}
+
+
+# A prompt whose head, shared with another prompt of the same pass, is at least this many tokens longer than what the
+# prefix cache holds for it waits for the next pass, where that head is cached: computing it twice in one pass costs
+# more than the one decode step it waits (two requests of a scene step often start with the same memory and people).
+SHARED_HEAD_TOKENS = 64
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def defer_shared_heads(jobs: list[TokenJob], prefix_cache: PrefixCache | None
+                       ) -> tuple[list[TokenJob], list[TokenJob]]:
+    """The jobs to run in this pass, and those that wait for the next one (see `SHARED_HEAD_TOKENS`), in order. The
+    first job always runs, so a session never stalls."""
+    if prefix_cache is None or len(jobs) < 2:
+        return jobs, []
+    now: list[TokenJob] = []
+    later: list[TokenJob] = []
+    for job in jobs:
+        shared = max((_common_prefix(job.prompt, other.prompt) for other in now), default=0)
+        if now and shared - prefix_cache.cached_length(job.prompt) >= SHARED_HEAD_TOKENS:
+            later.append(job)
+        else:
+            now.append(job)
+    return now, later
 
 
 # What one more forward pass costs, in prompt tokens of prefill: on the project's CPU a pass over a single token
@@ -606,15 +646,21 @@ def decode_live(
     sampling generator of the session. With a `prefix_cache`, a prompt that starts like an earlier one only
     prefills what is new. `stats`, when given, adds up the time of the prefill passes and decode steps.
     A job that `wants_logits` gets `on_logits(job, next_token_logits)` once its prompt has run (it may queue
-    further jobs too) and takes no row."""
+    further jobs too) and takes no row. A taken prompt that shares a long uncached head with another of the same
+    pass waits one pass and reuses that head from the prefix cache (`defer_shared_heads`)."""
     batch = _Batch(model.get_output_embeddings().out_features)
     generator: torch.Generator | None = None
     joined = joins_passes(model)
+    waiting: list[TokenJob] = []  # taken, held back one pass to reuse a head another prompt computes (see below)
 
     while True:
-        jobs = take(batch_size - len(batch)) if len(batch) < batch_size else []
+        jobs: list[TokenJob] = []
+        if len(batch) < batch_size:
+            room = batch_size - len(batch) - len(waiting)
+            jobs, waiting = waiting + (take(room) if room > 0 else []), []
         if jobs:
             jobs.sort(key=lambda j: len(j.prompt))
+            jobs, waiting = defer_shared_heads(jobs, prefix_cache)
             if generator is None and any(j.params.temperature > 0 for j in jobs):
                 seed = next(j.params.seed for j in jobs if j.params.temperature > 0)
                 generator = torch.Generator().manual_seed(seed)
