@@ -202,9 +202,10 @@ def test_a_repetition_penalty_travels_as_vllms_extension(server: tuple[str, Fake
 
 def test_concurrency_is_bounded(server: tuple[str, FakeServerState]) -> None:
     base_url, state = server
-    # The first request answers only once four have reached the server: a client that sent one at a time would
-    # leave it waiting for HOLD_TIMEOUT_S (and its own read timeout would fail the test).
-    state.hold_until = lambda body: (lambda: len(state.bodies) >= 4) if body is state.bodies[0] else None
+    # The first four requests answer only once four have reached the server: a client that sent one at a time
+    # would leave the first waiting for HOLD_TIMEOUT_S (and its own read timeout would fail the test).
+    state.hold_until = lambda body: ((lambda: len(state.bodies) >= 4)
+                                     if any(body is first for first in state.bodies[:4]) else None)
     state.sleep_s = 0.05
     with _backend(base_url, max_concurrency=4) as backend:
         completions = backend.generate(_conversations(12), GenerationParams())

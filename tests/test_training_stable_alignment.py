@@ -170,13 +170,15 @@ def test_activation_checkpointing_trades_time_for_memory_not_the_result(tiny_mod
     assert TrainSettings(max_length=512, micro_batch_size=2).checkpoints_activations(example_tokens=300)
     assert TrainSettings(activation_checkpointing="off").checkpoints_activations(example_tokens=5000) is False
     assert TrainSettings(activation_checkpointing="on", max_length=16).checkpoints_activations(example_tokens=4)
-    # A group's count is what the collator puts in a forward pass when it draws the group's longest response.
+    # The count bounds what the collator puts in a forward pass: up to group_size rows, each as wide as the set's
+    # longest sequence (a micro-batch pads its rows to its longest, across groups).
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     rows = groups_to_rows(GROUPS)
     batch = GroupCollator(tokenizer, group_size=4, max_length=64)([rows[0]])  # all four responses drawn
     assert StableAlignmentObjective(group_size=4).example_tokens(rows[:1], tokenizer, 64) == batch["input_ids"].numel()
-    assert sa.example_tokens(rows, tokenizer, 64) == 3 * batch["input_ids"].shape[1]
+    every = GroupCollator(tokenizer, group_size=4, max_length=64)(rows)  # every group, padded together
+    assert sa.example_tokens(rows, tokenizer, 64) == 3 * every["input_ids"].shape[1]
     assert sa.example_tokens(rows, tokenizer, 8) == 3 * 8
     sft = SFTObjective()
     sft_rows = sft.rows(sft.examples([g for g in GROUPS]))

@@ -45,6 +45,10 @@ class Score:
     candidates: tuple[str, ...]
     assistant_prefix: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.candidates:
+            raise ValueError("a Score needs at least one candidate")
+
 
 Request = Generate | Score
 # A score job generates nothing; its params only travel with it (a cache key of a score names its candidates).

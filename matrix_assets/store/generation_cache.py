@@ -146,9 +146,10 @@ class CachedBackend(ChatBackend):
         return self.backend.serves_scores
 
     def serve(self, take: TakeJobs, on_completion: OnCompletion) -> None:
-        """A live session through the cache (verdicts of score jobs too, under `next_token_logprobs`' keys): a hit is answered at once (its caller may queue the next job right
+        """A live session through the cache: a hit is answered at once (its caller may queue the next job right
         away), misses go to the backend's own live session and each is committed the moment it finishes, and
-        identical requests in flight are generated once."""
+        identical requests in flight are generated once. Score jobs' verdicts are kept under the keys
+        `next_token_logprobs` uses."""
         waiting: dict[str, list[Job]] = {}  # cache key of a miss in flight -> the jobs that want its answer
         key_of: dict[int, str] = {}
 

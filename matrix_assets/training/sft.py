@@ -228,14 +228,13 @@ class StableAlignmentObjective:
         check_rating_loss(self)
 
     def example_tokens(self, rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int) -> int:
-        """The most a group puts in one forward pass: up to `group_size` of its responses, each padded to its
-        longest sequence."""
+        """What a group may put in one forward pass, at most: up to `group_size` sequences, each padded to the
+        longest of the set (the collator pads a micro-batch's rows to its longest, across its groups)."""
         from matrix_assets.training.rating_contrastive import tokenize_prompt_completion
 
-        return max(min(len(row["responses"]), self.group_size)
-                   * max(len(tokenize_prompt_completion(tokenizer, row["prompt"], response, max_length)[0])
-                         for response in row["responses"])
-                   for row in rows)
+        longest = max(len(tokenize_prompt_completion(tokenizer, row["prompt"], response, max_length)[0])
+                      for row in rows for response in row["responses"])
+        return min(max(len(row["responses"]) for row in rows), self.group_size) * longest
 
     def examples(self, groups: Sequence[TrainingGroup]) -> list[TrainingGroup]:
         return list(groups)
