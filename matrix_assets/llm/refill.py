@@ -279,15 +279,21 @@ class _Batch:
             self.mask = self.mask[:0]
         else:
             assert self.cache is not None
-            mask = self.mask[index]
-            used = mask.any(dim=0).nonzero()
-            start = int(used[0]) if len(used) else 0
-            for layer in _layers(self.cache):  # the kept rows, from the first column one of them uses, in one copy
-                _restack(layer, _row_runs(layer.keys, keep, start), _row_runs(layer.values, keep, start),
-                         mask.shape[1] - start)
-            self.mask = mask[:, start:]
+            self.mask = _keep_rows(self.cache, self.mask, keep)
         for name in ("seen", "penalty", "temperature", "top_p", "pending"):
             setattr(self, name, getattr(self, name)[index])
+
+
+def _keep_rows(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Keep the cache's rows `keep` (non-empty), from the first column one of them uses, in one copy per layer;
+    returns their mask."""
+    mask = mask[torch.tensor(keep, dtype=torch.long)]
+    used = mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    for layer in _layers(cache):
+        _restack(layer, _row_runs(layer.keys, keep, start), _row_runs(layer.values, keep, start),
+                 mask.shape[1] - start)
+    return mask[:, start:]
 
 
 def _sample(logits: torch.Tensor, batch: _Batch, rows: slice, generator: torch.Generator | None) -> torch.Tensor:
@@ -724,16 +730,10 @@ def _hand_out_logits(
     for job, row in zip(jobs, logits):
         if job.wants_logits:
             on_logits(job, row)
-    index = torch.tensor(keep, dtype=torch.long)
-    mask = mask[index]
-    if keep:  # the kept rows, from the first column one of them uses (a longer verdict prompt padded the rest)
-        used = mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        for layer in _layers(cache):
-            _restack(layer, _row_runs(layer.keys, keep, start), _row_runs(layer.values, keep, start),
-                     mask.shape[1] - start)
-        mask = mask[:, start:]
-    return [jobs[i] for i in keep], cache, mask, logits[index]
+    if not keep:
+        return [], cache, mask[:0], logits[:0]
+    # A longer verdict prompt left-padded the others: the kept rows lose those columns too.
+    return [jobs[i] for i in keep], cache, _keep_rows(cache, mask, keep), logits[torch.tensor(keep, dtype=torch.long)]
 
 
 def generate_with_refill(
